@@ -1,0 +1,3 @@
+"""evoprune: genetic-programming search for channel-pruning metrics."""
+
+__version__ = "0.1.0"

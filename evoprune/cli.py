@@ -1,0 +1,166 @@
+"""The `evoprune` command line. Commands are thin: parse options, call one service function.
+
+User mistakes (bad flags, unknown names, missing data) print one `error:` line and exit 2,
+never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import evoprune
+from evoprune.errors import EvopruneError
+
+app = typer.Typer(help="Evolve, store and apply channel-pruning metrics.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+data_app = typer.Typer(help="Data sets: list them, check that one loads.", no_args_is_help=True)
+models_app = typer.Typer(help="The model zoo.", no_args_is_help=True)
+tasks_app = typer.Typer(help="Tasks: data set + model + pretraining recipe.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(tasks_app, name="tasks")
+
+out = Console()
+
+try:  # typer >= 0.20 bundles its own click; older releases raise click's own exceptions
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
+
+DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="Where data sets live "
+                     "(else $EVOPRUNE_DATA_ROOT, else ./data).", show_default=False)]
+Download = Annotated[bool, typer.Option("--download", help="Allow torchvision to download a missing "
+                     "data set (needs a network; also $EVOPRUNE_DOWNLOAD=1).")]
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Pretrained-model cache "
+                     "(else $EVOPRUNE_CACHE, else ~/.cache/evoprune).", show_default=False)]
+TasksFile = Annotated[Optional[Path], typer.Option("--tasks-file", help="A TOML file of extra tasks "
+                      "(else $EVOPRUNE_TASKS).", show_default=False)]
+
+
+@app.command()
+def version():
+    """Print the evoprune version and the versions of the libraries it runs on."""
+    import deap
+    import ray
+    import torch
+
+    out.print(f"evoprune {evoprune.__version__} (torch {torch.__version__}, ray {ray.__version__}, "
+              f"deap {deap.__version__}, python {sys.version.split()[0]})")
+
+
+@data_app.command("list")
+def data_list(data_root: DataRoot = None):
+    """List the data sets and whether their files are under the data root."""
+    from evoprune.data import DATASETS, quick_status, resolve_data_root
+
+    root, origin = resolve_data_root(data_root)
+    t = Table(title=f"data sets (data root {root.resolve()}, from {origin})")
+    for col in ("name", "files", "expected at", "description"):
+        t.add_column(col)
+    for name, spec in DATASETS.items():
+        t.add_row(name, quick_status(name, root), spec.where, spec.description)
+    t.add_row("imagefolder:PATH", "-", "PATH/train/CLASS/*.jpg (+ PATH/val)", "ImageNet-style image tree")
+    out.print(t)
+
+
+@data_app.command("check")
+def data_check(name: Annotated[str, typer.Argument(help="digits, mnist, cifar10, cifar100, svhn or "
+                                                    "imagefolder:PATH")],
+               data_root: DataRoot = None, download: Download = False):
+    """Load a data set and report where we looked, what we found and the split sizes."""
+    from evoprune.data import load_dataset, resolve_data_root
+
+    root, origin = resolve_data_root(data_root)
+    out.print(f"looking under {root.resolve()} (data root from {origin})")
+    ds = load_dataset(name, root, download or None)
+    counts = ds.train.y.bincount(minlength=ds.num_classes)
+    out.print(f"[green]ok[/] {ds.name}: read from {ds.source}\n"
+              f"  classes {ds.num_classes}, input {'x'.join(map(str, ds.input_shape))}\n"
+              f"  train {len(ds.train)}  val {len(ds.val)}  test {len(ds.test)} "
+              f"(train per class {int(counts.min())}-{int(counts.max())})\n"
+              f"  fingerprint {ds.fingerprint()}")
+
+
+@models_app.command("list")
+def models_list():
+    """List the models of the zoo."""
+    from evoprune.models import MODELS
+
+    t = Table(title="models")
+    for col in ("name", "input", "description"):
+        t.add_column(col)
+    for spec in MODELS.values():
+        t.add_row(spec.name, f"{spec.input_size}x{spec.input_size}", spec.description)
+    out.print(t)
+
+
+@tasks_app.command("list")
+def tasks_list(tasks_file: TasksFile = None):
+    """List the tasks (built-in and from --tasks-file)."""
+    from evoprune.tasks import all_tasks
+
+    t = Table(title="tasks")
+    for col in ("name", "data set", "model", "epochs", "description"):
+        t.add_column(col)
+    for task in all_tasks(tasks_file).values():
+        t.add_row(task.name, task.dataset, task.model, str(task.recipe.epochs), task.description)
+    out.print(t)
+
+
+@app.command()
+def pretrain(task: Annotated[str, typer.Argument(help="Task name (see `evoprune tasks list`).")],
+             data_root: DataRoot = None, cache_dir: CacheDir = None, tasks_file: TasksFile = None,
+             device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+             download: Download = False,
+             force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False):
+    """Train a task's model (or load it from the cache) and report its accuracy."""
+    from evoprune.pretrain import pretrained, resolve_cache_dir
+    from evoprune.tasks import get_task
+
+    t = get_task(task, tasks_file)
+    p = pretrained(t, data_root=data_root, cache_dir=cache_dir, device=device, download=download or None,
+                   show_progress=True, force=force, console=out)
+    how = "loaded from cache" if p.cached else f"trained in {p.meta['seconds']:.1f} s on {p.meta['device']}"
+    out.print(f"{t.name}: {how}\n  val {p.meta['val_acc']:.2%}  test {p.meta['test_acc']:.2%}\n"
+              f"  checkpoint {p.path}  (cache {resolve_cache_dir(cache_dir).resolve()})")
+
+
+@app.command()
+def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Search config (TOML).")] = None,
+           resume: Annotated[Optional[int], typer.Option("--resume", help="Continue run RUN_ID.")] = None):
+    """Search for a pruning metric (the default search runs on the digits task)."""
+    raise EvopruneError("`evoprune evolve` is not implemented yet: the search engine is issue #4. "
+                        "Until then: `evoprune pretrain digits-cnn` prepares its task.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning user mistakes into one line and exit status 2."""
+    err = Console(stderr=True, soft_wrap=True)  # one error, one line
+    cmd = typer.main.get_command(app)
+    try:
+        rv = cmd.main(args=argv, prog_name="evoprune", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click_exc.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else str(e))
+        return 0
+    except click_exc.UsageError as e:
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        err.print(f"error: {e.format_message()}{where}", markup=False, highlight=False)
+        return 2
+    except EvopruneError as e:
+        err.print(f"error: {e}", markup=False, highlight=False)
+        return 2
+    except click_exc.Exit as e:
+        return e.exit_code
+    except (click_exc.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The pretraining cache: each task's trained weights, keyed by a hash of its recipe and data.
+
+Files in the cache directory (--cache-dir, $EVOPRUNE_CACHE, default ~/.cache/evoprune):
+  TASK-KEY.pt    the model's state dict (loaded with weights_only=True: no pickle code runs)
+  TASK-KEY.json  metadata: the sha256 of the .pt file, the task, accuracies, seconds
+Both are written to temporary names and renamed into place, the .json last, so a reader never
+sees half a checkpoint; a .pt whose hash does not match its .json is corrupt and is rebuilt.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from evoprune.data import DataSet, load_dataset
+from evoprune.models import build_model
+from evoprune.tasks import Task
+from evoprune.train import pick_device, train
+
+DEFAULT_CACHE = Path.home() / ".cache" / "evoprune"
+
+
+def resolve_cache_dir(flag: str | os.PathLike | None = None) -> Path:
+    return Path(flag or os.environ.get("EVOPRUNE_CACHE") or DEFAULT_CACHE)
+
+
+@dataclass
+class Pretrained:
+    task: Task
+    data: DataSet
+    model: nn.Module  # on the CPU, in eval mode
+    meta: dict
+    cached: bool  # True when loaded from the cache, False when trained now
+    path: Path
+
+
+class CorruptCache(Exception):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def new_model(task: Task, data: DataSet) -> nn.Module:
+    torch.manual_seed(task.recipe.seed)
+    return build_model(task.model, data.num_classes, data.input_shape[0], **task.model_kwargs)
+
+
+def _load(task: Task, data: DataSet, pt: Path, meta_path: Path) -> tuple[nn.Module, dict]:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCache(f"metadata {meta_path.name} unreadable ({e})") from None
+    if meta.get("sha256") != _sha256(pt):
+        raise CorruptCache(f"{pt.name} does not match its recorded sha256")
+    model = new_model(task, data)
+    try:
+        model.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise CorruptCache(f"{pt.name} does not load ({type(e).__name__})") from None
+    return model.eval(), meta
+
+
+def _save(model: nn.Module, meta: dict, pt: Path, meta_path: Path) -> None:
+    pt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pt.with_suffix(f".pt.tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    meta["sha256"] = _sha256(tmp)
+    os.replace(tmp, pt)
+    tmp_meta = meta_path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_meta, meta_path)
+
+
+@contextlib.contextmanager
+def epoch_progress(label: str, total: int, console: Console | None, show: bool):
+    """An `on_epoch` callback: a live bar on a terminal, one plain line per epoch in a log file."""
+    console = console or Console(stderr=True)
+    if not show:
+        yield None
+    elif not console.is_terminal:
+        yield lambda e, loss, val: console.print(f"{label} epoch {e}/{total}  loss {loss:.3f}  val {val:.2%}",
+                                                 highlight=False)
+    else:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]:.3f}  val {task.fields[val]:.2%}"),
+                      TimeElapsedColumn(), console=console) as prog:
+            bar = prog.add_task(label, total=total, loss=float("nan"), val=float("nan"))
+            yield lambda e, loss, val: prog.update(bar, completed=e, loss=loss, val=val)
+
+
+def pretrained(task: Task, *, data_root=None, cache_dir=None, device="auto", download=None,
+               show_progress: bool = False, force: bool = False, console: Console | None = None) -> Pretrained:
+    """The task's pretrained model: from the cache when present and intact, else trained now."""
+    data = load_dataset(task.dataset, data_root, download)
+    key = task.cache_key(data.fingerprint())
+    cache = resolve_cache_dir(cache_dir)
+    pt, meta_path = cache / f"{task.name}-{key}.pt", cache / f"{task.name}-{key}.json"
+    if pt.exists() and not force:
+        try:
+            model, meta = _load(task, data, pt, meta_path)
+            return Pretrained(task, data, model, meta, cached=True, path=pt)
+        except CorruptCache as e:
+            (console or Console(stderr=True)).print(f"[yellow]cache file corrupt: {e}; rebuilding[/]")
+    dev = pick_device(device)
+    model = new_model(task, data)
+    with epoch_progress(task.name, task.recipe.epochs, console, show_progress) as on_epoch:
+        result = train(model, data, task.recipe, device=dev, on_epoch=on_epoch)
+    model.cpu().eval()
+    meta = {"task": task.name, "key": key, "dataset": task.dataset, "data_source": data.source,
+            "data_fingerprint": data.fingerprint(), "model": task.model, "model_args": task.model_kwargs,
+            "recipe": asdict(task.recipe), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "torch": torch.__version__, **asdict(result)}
+    _save(model, meta, pt, meta_path)
+    return Pretrained(task, data, model, meta, cached=False, path=pt)

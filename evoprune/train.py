@@ -1,0 +1,121 @@
+"""Training and evaluation loops shared by pretraining, fine-tuning proxies and retraining."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evoprune.data import DataSet, Split, iterate
+from evoprune.tasks import Recipe
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from evoprune.errors import EvopruneError
+
+        raise EvopruneError("--device cuda asked for, but no CUDA device is visible")
+    return dev
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (same range as fp32, no loss scaling); nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, ds: DataSet, split: Split, *, device: torch.device | str = "cpu",
+             batch_size: int = 512, limit: int | None = None) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of `model` in eval mode on a split."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in iterate(ds, split, batch_size=batch_size, device=device, limit=limit):
+        with autocast(device):
+            out = model(x)
+        correct += int((out.argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def lr_at(step: int, total: int, recipe: Recipe) -> float:
+    """The learning rate at `step` of `total` under the recipe's schedule."""
+    t = step / max(total, 1)
+    if recipe.schedule == "step":
+        return recipe.lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
+    if recipe.schedule == "cosine":
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * t))
+    if t < recipe.warmup:  # onecycle: linear rise, then cosine to zero
+        return recipe.lr * (0.1 + 0.9 * t / recipe.warmup)
+    return recipe.lr * 0.5 * (1 + math.cos(math.pi * (t - recipe.warmup) / (1 - recipe.warmup)))
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; weight decay on conv/linear weights only (not BN, not biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0)
+
+
+@dataclass
+class TrainResult:
+    val_acc: float
+    test_acc: float
+    final_loss: float
+    seconds: float
+    epochs: int
+    device: str
+
+
+def train(model: nn.Module, ds: DataSet, recipe: Recipe, *, device: torch.device,
+          on_epoch: Callable[[int, float, float], None] | None = None) -> TrainResult:
+    """Train `model` on the train split by `recipe`; val accuracy each epoch, test at the end.
+
+    `on_epoch(epoch, smoothed_loss, val_acc)` is called after each epoch (progress display).
+    """
+    t0 = time.perf_counter()
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, recipe)
+    augment = recipe.augment or ds.augment
+    steps_per_epoch = max(1, len(ds.train) // recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    step, loss_avg, val = 0, float("nan"), float("nan")
+    for epoch in range(recipe.epochs):
+        model.train()
+        for x, y in iterate(ds, ds.train, batch_size=recipe.batch_size, shuffle=True, augment=augment,
+                            seed=recipe.seed * 100003 + epoch, device=device, drop_last=True):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, recipe)
+            with autocast(device):
+                loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            lv = float(loss.detach())
+            loss_avg = lv if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * lv
+        val = accuracy(model, ds, ds.val, device=device)
+        if on_epoch:
+            on_epoch(epoch + 1, loss_avg, val)
+    if recipe.epochs == 0:
+        val = accuracy(model, ds, ds.val, device=device)
+    test = accuracy(model, ds, ds.test, device=device)
+    model.to(memory_format=torch.contiguous_format)
+    return TrainResult(val_acc=val, test_acc=test, final_loss=loss_avg, seconds=time.perf_counter() - t0,
+                       epochs=recipe.epochs, device=str(device))

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real data under ../shared/data, a pretrained digits model, one Ray session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "cifar-10-batches-py").is_dir():
+        pytest.skip(f"real data subsets not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One pretraining cache for the whole session: each task is trained at most once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def digits_pretrained(cache_dir):
+    from evoprune.pretrain import pretrained
+    from evoprune.tasks import get_task
+
+    return pretrained(get_task("digits-cnn"), cache_dir=cache_dir, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """No test reads the user's own data root, cache or task file."""
+    for var in ("EVOPRUNE_DATA_ROOT", "EVOPRUNE_CACHE", "EVOPRUNE_TASKS", "EVOPRUNE_DOWNLOAD"):
+        monkeypatch.delenv(var, raising=False)
