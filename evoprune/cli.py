@@ -24,8 +24,10 @@ tasks_app = typer.Typer(help="Tasks: data set + model + pretraining recipe.", no
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(tasks_app, name="tasks")
+primitives_app = typer.Typer(help="The search space: statistics, operators, baseline metrics.", no_args_is_help=True)
+app.add_typer(primitives_app, name="primitives")
 
-out = Console()
+out = Console(soft_wrap=True)  # long formulas stay on one line when piped
 
 try:  # typer >= 0.20 bundles its own click; older releases raise click's own exceptions
     from typer._click import exceptions as click_exc
@@ -112,6 +114,62 @@ def tasks_list(tasks_file: TasksFile = None):
     out.print(t)
 
 
+@primitives_app.command("list")
+def primitives_list():
+    """List the statistics (terminals), the operators and the baseline metrics."""
+    from evoprune.primitives.baselines import BASELINES
+    from evoprune.primitives.ops import OPS
+    from evoprune.primitives.stats import STATS
+
+    t = Table(title="statistics (one value per output filter)")
+    for col in ("name", "cost", "shape", "description"):
+        t.add_column(col)
+    for s in STATS.values():
+        shape = "[K, C_out]" if s.per_class else "[C_out] (per layer)" if s.layer_level else "[C_out]"
+        t.add_row(s.name, s.cost.name.lower(), shape, s.description)
+    out.print(t)
+    t = Table(title="operators")
+    for col in ("name", "arity", "meaning"):
+        t.add_column(col)
+    for o in OPS.values():
+        t.add_row(o.name, str(o.arity), o.description)
+    out.print(t)
+    t = Table(title="baseline metrics (use as baseline:NAME)")
+    for col in ("name", "expression", "description"):
+        t.add_column(col)
+    for b in BASELINES.values():
+        t.add_row(b.name, b.expression, b.description)
+    out.print(t)
+    out.print("Constants are plain numbers (0.05, -1e-3). Per-class statistics [K, C_out] make the whole "
+              "expression per class; the scores are then averaged over classes.")
+
+
+@primitives_app.command("check")
+def primitives_check(expression: Annotated[str, typer.Argument(help="An expression, e.g. "
+                                                                 "'div(w_l1, add(bn_abs_gamma, 0.1))', "
+                                                                 "or baseline:NAME.")]):
+    """Parse an expression: its simplified form, LaTeX and the statistics it needs."""
+    from evoprune.primitives.baselines import get_baseline
+    from evoprune.primitives.expr import canonical, canonical_hash, parse, strip_monotone, to_latex
+    from evoprune.primitives.stats import STATS
+
+    if expression.startswith("baseline:"):
+        expression = get_baseline(expression.split(":", 1)[1]).expression
+    node = parse(expression)
+    core, rev = strip_monotone(node)
+    out.print(f"expression   {node}\n"
+              f"simplified   {canonical(node)}\n"
+              f"latex        {to_latex(node)}\n"
+              f"hash         {canonical_hash(node)}\n"
+              f"size/depth   {node.size} / {node.depth}", highlight=False, markup=False)
+    if core != node:
+        out.print(f"ranks like   {'reverse of ' if rev else ''}{core}", highlight=False, markup=False)
+    needs = node.stats()
+    cost = max((STATS[s].cost for s in needs), default=None)
+    out.print(f"statistics   {', '.join(needs) or '(none: a constant cannot rank filters)'}"
+              + (f"  (needs: {cost.name.lower()})" if cost is not None else ""), highlight=False, markup=False)
+
+
 @app.command()
 def pretrain(task: Annotated[str, typer.Argument(help="Task name (see `evoprune tasks list`).")],
              data_root: DataRoot = None, cache_dir: CacheDir = None, tasks_file: TasksFile = None,
@@ -155,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except EvopruneError as e:
         err.print(f"error: {e}", markup=False, highlight=False)
         return 2
-    except click_exc.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except (click_exc.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         return 130
 

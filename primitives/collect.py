@@ -1,0 +1,230 @@
+"""Collect statistics from a model and a batch of images into a StatTable.
+
+Only what is asked is computed: weights-only statistics need no data; activation statistics
+need one forward pass (hooks on each layer's BN, or the layer itself without one); gradient
+statistics add one backward pass of the cross-entropy loss. The model stays in eval mode
+(BN uses its running statistics), so the result depends only on the images given.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from evoprune.errors import EvopruneError
+from evoprune.primitives.layers import LayerInfo, discover
+from evoprune.primitives.stats import STATS, Activations, Cost, LayerData
+
+PFP_CHUNK = 1 << 22  # elements per grouped-conv chunk when splitting contributions by channel
+
+
+@dataclass
+class StatTable:
+    """stat name -> layer name -> Tensor[C_out] (or [K, C_out]), for the prunable layers in order."""
+
+    layers: list[str]
+    widths: list[int]
+    values: dict[str, dict[str, Tensor]]
+    meta: dict = field(default_factory=dict)
+    _padded: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.values)
+
+    def layer(self, name: str) -> dict[str, Tensor]:
+        return {s: v[name] for s, v in self.values.items()}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(next(iter(self.values.values())).values())).dtype
+
+    @property
+    def mask(self) -> Tensor:
+        """[L, C_max] True where a filter exists (layers have different widths)."""
+        if "__mask__" not in self._padded:
+            cmax = max(self.widths)
+            self._padded["__mask__"] = torch.arange(cmax)[None, :] < torch.tensor(self.widths)[:, None]
+        return self._padded["__mask__"]
+
+    def padded(self, stat: str) -> Tensor:
+        """One statistic for all layers at once: [L, C_max], or [K, L, C_max] per class; padding = 1."""
+        if stat not in self._padded:
+            rows = [self.values[stat][name] for name in self.layers]
+            cmax = max(self.widths)
+            out = torch.ones(*rows[0].shape[:-1], len(rows), cmax, dtype=rows[0].dtype)
+            for i, r in enumerate(rows):
+                out[..., i, : r.shape[-1]] = r
+            self._padded[stat] = out
+        return self._padded[stat]
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"layers": self.layers, "widths": self.widths, "values": self.values, "meta": self.meta}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StatTable":
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(d["layers"], d["widths"], d["values"], d.get("meta", {}))
+
+
+def check_names(names: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(names))
+    if unknown := [n for n in names if n not in STATS]:
+        raise EvopruneError(f"unknown statistics {unknown}; see `evoprune primitives list`")
+    return names
+
+
+@contextlib.contextmanager
+def _no_inplace_relu(model: nn.Module):
+    """Gradient hooks on BN outputs must not see them overwritten by an in-place ReLU."""
+    flipped = [m for m in model.modules() if isinstance(m, nn.ReLU) and m.inplace]
+    for m in flipped:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.inplace = True
+
+
+def collect_stats(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], names: Iterable[str] | None = None,
+                  *, max_images: int = 256, pfp_images: int = 64, spectral_tol: float = 0.1,
+                  device: str | torch.device = "cpu") -> StatTable:
+    """Compute statistics `names` (all when None) for every prunable layer of `model`.
+
+    `batches` yields (x [B, C, H, W], y [B]) already normalized; at most `max_images` are used.
+    """
+    names = check_names(names if names is not None else STATS)
+    cost = max((STATS[n].cost for n in names), default=Cost.WEIGHTS)
+    device = torch.device(device)
+    model = model.to(device)
+    it: Iterator = iter(batches)
+    first = next(it, None)
+    if first is None:
+        raise EvopruneError("collect_stats: no images given")
+    example = first[0][:2].to(device)
+    infos = discover(model, example)
+    modules = dict(model.named_modules())
+    total_macs = sum(i.macs for i in infos)
+    data = {i.name: LayerData(i, len(infos), total_macs, [modules[c] for c in i.consumers], spectral_tol)
+            for i in infos}
+    if cost >= Cost.FORWARD:
+        _run_batches(model, infos, data, itertools.chain([first], it), names, cost, max_images, pfp_images, device)
+    values = {n: {} for n in names}
+    for name, d in data.items():
+        for s in names:
+            v = STATS[s].fn(d).detach().float().cpu()
+            if v.shape[-1] != d.info.out_channels:
+                raise AssertionError(f"statistic {s} on {name}: shape {tuple(v.shape)}")
+            values[s][name] = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    meta = {"images": data[infos[0].name].act.n_images if cost >= Cost.FORWARD else 0,
+            "spectral_tol": spectral_tol}
+    return StatTable([i.name for i in infos], [i.out_channels for i in infos], values, meta)
+
+
+def _run_batches(model, infos: list[LayerInfo], data: dict[str, LayerData], batches, names, cost,
+                 max_images, pfp_images, device) -> None:
+    want_grad = cost >= Cost.GRADIENT
+    want_pfp = "pfp_sens" in names
+    modules = dict(model.named_modules())
+    pfp_inputs: dict[str, list[Tensor]] = {}
+    hooks = []
+
+    def act_hook(layer: str):
+        def hook(mod, inp, out):
+            a = F.relu(out.detach())
+            data[layer].act.add(a)
+            if want_grad and out.requires_grad:
+                def on_grad(g, a=a):
+                    prod = (a * g).reshape(a.shape[0], a.shape[1], -1).mean(2).abs().sum(0)
+                    acc = data[layer].act
+                    acc.taylor = prod if acc.taylor is None else acc.taylor + prod
+                out.register_hook(on_grad)
+        return hook
+
+    def input_hook(consumer: str):
+        def hook(mod, inp):
+            have = sum(len(t) for t in pfp_inputs.setdefault(consumer, []))
+            if have < pfp_images:
+                pfp_inputs[consumer].append(inp[0].detach()[: pfp_images - have])
+        return hook
+
+    for info in infos:
+        data[info.name].act = Activations()
+        hooks.append((info.bn or info.module).register_forward_hook(act_hook(info.name)))
+        if want_pfp:
+            for c in info.consumers:
+                if c not in pfp_inputs:
+                    pfp_inputs[c] = []
+                    hooks.append(modules[c].register_forward_pre_hook(input_hook(c)))
+    labels, n_batches, seen = [], 0, 0
+    was_training = model.training
+    model.eval()
+    if want_grad:
+        model.zero_grad(set_to_none=True)
+    try:
+        with _no_inplace_relu(model) if want_grad else contextlib.nullcontext(), torch.set_grad_enabled(want_grad):
+            for x, y in batches:
+                if seen >= max_images:
+                    break
+                x, y = x[: max_images - seen].to(device), y[: max_images - seen].to(device)
+                out = model(x)
+                if want_grad:
+                    F.cross_entropy(out, y).backward()
+                labels.append(y.cpu())
+                seen += len(y)
+                n_batches += 1
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    y_all = torch.cat(labels)
+    for info in infos:
+        d = data[info.name]
+        d.labels = y_all
+        d.act.responses = [r.cpu() for r in d.act.responses]
+        for attr in ("s1", "s2", "zeros", "amax", "taylor"):
+            if getattr(d.act, attr) is not None:
+                setattr(d.act, attr, getattr(d.act, attr).cpu())
+        if want_grad:
+            d.grad_w = info.module.weight.grad.detach().flatten(1).float().cpu() / n_batches
+        if want_pfp:
+            d.pfp = torch.stack([pfp_sensitivity(modules[c], torch.cat(pfp_inputs[c]), info.out_channels)
+                                 for c in info.consumers]).amax(0).cpu()
+    if want_grad:
+        model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def pfp_sensitivity(consumer: nn.Module, x: Tensor, channels: int) -> Tensor:
+    """PFP (Liebenwein et al. 2020): for each input channel c of `consumer`, the largest share
+    of any pre-activation that c contributes, w+_{i,c} a_c(x,p) / sum_k w+_{i,k} a_k(x,p), over
+    images x, outputs i and positions p; the same for w-, and the max of both. [channels]"""
+    w = consumer.weight.detach().float()
+    x = x.float()
+    best = torch.zeros(channels, device=x.device)
+    for part in (w.clamp_min(0), (-w).clamp_min(0)):
+        if isinstance(consumer, nn.Conv2d):
+            den = F.conv2d(x, part, None, consumer.stride, consumer.padding, consumer.dilation)
+            n, o = den.shape[:2]
+            step = max(1, PFP_CHUNK // max(den.numel(), 1))
+            for j in range(0, channels, step):
+                k = min(step, channels - j)
+                wk = part[:, j: j + k].transpose(0, 1).reshape(k * o, 1, *part.shape[2:])
+                num = F.conv2d(x[:, j: j + k], wk, None, consumer.stride, consumer.padding, consumer.dilation,
+                               groups=k).view(n, k, o, *den.shape[2:])
+                ratio = torch.where(den[:, None] > 1e-12, num / den[:, None].clamp_min(1e-12), 0.0)
+                best[j: j + k] = torch.maximum(best[j: j + k], ratio.transpose(0, 1).reshape(k, -1).amax(1))
+        else:
+            xv = x.reshape(len(x), channels, -1)
+            num = torch.einsum("nck,ock->nco", xv, part.view(part.shape[0], channels, -1))
+            den = num.sum(1, keepdim=True)
+            ratio = torch.where(den > 1e-12, num / den.clamp_min(1e-12), 0.0)
+            best = torch.maximum(best, ratio.amax((0, 2)))
+    return best

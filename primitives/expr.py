@@ -1,0 +1,338 @@
+"""The expression language: one string form (DEAP's prefix form), our own parser, printers.
+
+    expr   := NUMBER | STAT | OP "(" expr ("," expr)* ")"
+
+`parse` accepts only whitelisted names (statistics and operators of the given arity) and
+finite numbers; it never evaluates anything. A tree prints back to the same grammar, to sympy
+(protected operators keep their exact semantics), to LaTeX and to torch source, and evaluates
+vectorized over a StatTable: all layers at once, padded to [L, C_max].
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sympy
+import torch
+from torch import Tensor
+
+from evoprune.errors import EvopruneError
+from evoprune.primitives.ops import OPS
+from evoprune.primitives.stats import STATS
+
+MAX_LENGTH = 20_000  # characters
+MAX_DEPTH = 64
+
+
+class ExpressionError(EvopruneError):
+    """A malformed expression; `position` is the 0-based character offset of the problem."""
+
+    def __init__(self, message: str, position: int, text: str = ""):
+        self.position, self.text, self.reason = position, text, message
+        super().__init__(f"position {position}: {message}")
+
+    def caret(self) -> str:
+        return f"{self.text}\n{' ' * self.position}^"
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str  # operator or statistic name; "" for a constant
+    args: tuple["Node", ...] = ()
+    value: float = 0.0  # constants only
+
+    @property
+    def is_const(self) -> bool:
+        return self.name == ""
+
+    def __str__(self) -> str:
+        if self.is_const:
+            return repr(float(self.value))
+        if not self.args:
+            return self.name
+        return f"{self.name}({', '.join(map(str, self.args))})"
+
+    def walk(self):
+        yield self
+        for a in self.args:
+            yield from a.walk()
+
+    @property
+    def size(self) -> int:
+        return sum(1 for _ in self.walk())
+
+    @property
+    def depth(self) -> int:
+        return 1 + max((a.depth for a in self.args), default=0)
+
+    def stats(self) -> list[str]:
+        """The statistics this expression reads, in first-use order."""
+        return list(dict.fromkeys(n.name for n in self.walk() if n.name in STATS))
+
+
+def const(v: float) -> Node:
+    return Node("", (), float(v))
+
+
+# --------------------------------------------------------------------------- parsing
+_TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+                    r"|(?P<punct>[(),]))")
+
+
+def _tokens(text: str):
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            if text[pos:].strip() == "":
+                return
+            bad = pos + len(text[pos:]) - len(text[pos:].lstrip())
+            raise ExpressionError(f"unexpected character {text[bad]!r}", bad, text)
+        kind = m.lastgroup
+        yield kind, m.group(kind), m.start(kind)
+        pos = m.end()
+
+
+def parse(text: str) -> Node:
+    """Parse one expression; raise ExpressionError (never another exception) on bad input."""
+    if not isinstance(text, str):
+        raise ExpressionError("an expression must be a string", 0, "")
+    if len(text) > MAX_LENGTH:
+        raise ExpressionError(f"expression longer than {MAX_LENGTH} characters", MAX_LENGTH, text[:80])
+    toks = list(_tokens(text))
+    if not toks:
+        raise ExpressionError("empty expression", 0, text)
+    node, i = _parse_at(toks, 0, text, 1)
+    if i != len(toks):
+        raise ExpressionError(f"unexpected {toks[i][1]!r} after a complete expression", toks[i][2], text)
+    return node
+
+
+def _parse_at(toks, i, text, depth) -> tuple[Node, int]:
+    if depth > MAX_DEPTH:
+        raise ExpressionError(f"nested deeper than {MAX_DEPTH}", toks[i][2], text)
+    if i >= len(toks):
+        raise ExpressionError("expression ends too early", len(text), text)
+    kind, val, pos = toks[i]
+    if kind == "num":
+        v = float(val)
+        if v != v or abs(v) == float("inf"):
+            raise ExpressionError(f"number out of range: {val}", pos, text)
+        return const(v), i + 1
+    if kind == "punct":
+        raise ExpressionError(f"expected a name or a number, found {val!r}", pos, text)
+    if val in STATS:
+        if i + 1 < len(toks) and toks[i + 1][1] == "(":
+            raise ExpressionError(f"{val!r} is a statistic, not an operator", toks[i + 1][2], text)
+        return Node(val), i + 1
+    if val not in OPS:
+        raise ExpressionError(f"unknown name {val!r} (see `evoprune primitives list`)", pos, text)
+    op = OPS[val]
+    if i + 1 >= len(toks) or toks[i + 1][1] != "(":
+        raise ExpressionError(f"operator {val!r} needs {op.arity} argument(s) in parentheses", pos + len(val), text)
+    args, j = [], i + 2
+    while True:
+        arg, j = _parse_at(toks, j, text, depth + 1)
+        args.append(arg)
+        if j >= len(toks):
+            raise ExpressionError(f"missing ')' for {val!r}", len(text), text)
+        if toks[j][1] == ")":
+            break
+        if toks[j][1] != ",":
+            raise ExpressionError(f"expected ',' or ')', found {toks[j][1]!r}", toks[j][2], text)
+        j += 1
+    if len(args) != op.arity:
+        raise ExpressionError(f"{val!r} takes {op.arity} argument(s), got {len(args)}", pos, text)
+    return Node(val, tuple(args)), j + 1
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate(node: Node, table) -> Tensor:
+    """Scores of every filter of every layer: [L, C_max] (padding where table.mask is False).
+
+    Class-conditional statistics give [K, L, C_max]; the result is then averaged over classes.
+    (ETPF summed; the mean differs by the constant K, so rankings are the same, and a part of
+    the formula that does not depend on the class keeps its value, which keeps the sympy form
+    exact when simplification removes a class-conditional term.)
+    """
+    out = _eval(node, table)
+    if out.dim() == 3:
+        out = out.mean(0)
+    return out.expand(table.mask.shape).clone() if out.shape != table.mask.shape else out
+
+
+def _eval(node: Node, table):
+    if node.is_const:
+        return torch.tensor(node.value, dtype=table.dtype)
+    if node.name in STATS:
+        return table.padded(node.name)
+    op = OPS[node.name]
+    args = [_eval(a, table) for a in node.args]
+    if op.normalizer:
+        x = args[0].expand(table.mask.shape) if args[0].dim() < 2 else args[0]
+        return op.torch(x, table.mask)
+    return op.torch(*args)
+
+
+def scores_by_layer(scores: Tensor, table) -> dict[str, Tensor]:
+    return {name: scores[i, :w].clone() for i, (name, w) in enumerate(zip(table.layers, table.widths))}
+
+
+@dataclass(frozen=True)
+class Validity:
+    ok: bool
+    reason: str = ""
+    constant_layers: tuple[str, ...] = ()
+
+
+def check_scores(scores: Tensor, table) -> Validity:
+    """NaN/inf anywhere, or scores that cannot rank filters (constant in every layer): invalid."""
+    m = table.mask
+    if not torch.isfinite(scores[m]).all():
+        return Validity(False, "non-finite scores")
+    lo = torch.where(m, scores, torch.inf).amin(1)
+    hi = torch.where(m, scores, -torch.inf).amax(1)
+    flat = (hi - lo) <= 1e-12 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+    const_layers = tuple(n for n, f, w in zip(table.layers, flat.tolist(), table.widths) if f and w > 1)
+    if len(const_layers) == sum(w > 1 for w in table.widths):
+        return Validity(False, "constant scores: ranks no filters", const_layers)
+    return Validity(True, "", const_layers)
+
+
+def rank_signature(scores: Tensor, table, scope: str = "layer") -> str:
+    """A hash of the filter ordering: equal signatures => equal masks for every pruning ratio
+    (per layer when scope="layer", across layers for a global ranking when scope="global")."""
+    h = hashlib.sha256(scope.encode())
+    if scope == "global":
+        h.update(torch.argsort(scores[table.mask], stable=True).numpy().tobytes())
+    else:
+        for i, w in enumerate(table.widths):
+            h.update(torch.argsort(scores[i, :w], stable=True).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- sympy, LaTeX
+@lru_cache(maxsize=None)
+def symbol(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, real=True, nonnegative=True) if STATS[name].nonneg else sympy.Symbol(name, real=True)
+
+
+def to_sympy(node: Node) -> sympy.Expr:
+    """The exact formula: constants become the rationals their shortest decimal spells
+    (0.05 -> 1/20), so that 2.0*x - x simplifies to x."""
+    if node.is_const:
+        return sympy.Rational(repr(node.value))
+    if node.name in STATS:
+        return symbol(node.name)
+    return OPS[node.name].sympy(*(to_sympy(a) for a in node.args))
+
+
+@lru_cache(maxsize=65536)
+def _canonical(text: str) -> str:
+    expr = to_sympy(parse(text))
+    try:
+        expr = sympy.simplify(expr)
+    except Exception:  # sympy gives up on some Min/Max/Abs combinations; keep the plain form
+        pass
+    return sympy.sstr(expr, order="lex")
+
+
+def canonical(node: Node) -> str:
+    """A sympy-simplified canonical string: equal for expressions equal as formulas."""
+    return _canonical(str(node))
+
+
+def canonical_hash(node: Node) -> str:
+    return hashlib.sha256(canonical(node).encode()).hexdigest()[:16]
+
+
+LATEX_NAMES = {"cls_mean_in": r"\mu_P", "cls_mean_out": r"\mu_Q", "cls_var_in": r"\sigma^2_P",
+               "cls_var_out": r"\sigma^2_Q", "cls_n_in": "n_P", "cls_n_out": "n_Q"}
+
+
+def to_latex(node: Node, simplify: bool = True) -> str:
+    """LaTeX of the (simplified) formula; class-conditional moments as ETPF writes them
+    (P: images of class k, Q: the rest), other statistics by name."""
+    expr = sympy.sympify(canonical(node), locals=_sympy_locals()) if simplify else to_sympy(node)
+    expr = expr.xreplace({r: sympy.Float(r, 6) for r in expr.atoms(sympy.Rational) if not r.is_Integer})
+    names = {symbol(n): LATEX_NAMES.get(n, r"\mathrm{" + n.replace("_", r"\_") + "}") for n in node.stats()}
+    return sympy.latex(expr, symbol_names=names)
+
+
+@lru_cache(maxsize=1)
+def _sympy_locals() -> dict:
+    from evoprune.primitives import ops
+
+    names = {n: symbol(n) for n in STATS}
+    return {**names, "pdiv": ops.pdiv, "zscore": ops.zscore, "rank": ops.rank, "meannorm": ops.meannorm}
+
+
+# --------------------------------------------------------------------------- torch source
+_RUNTIME_NAME = {"add": "add", "sub": "sub", "mul": "mul", "div": "pdiv", "abs": "pabs", "sqrt": "psqrt",
+                 "log": "plog", "square": "square", "neg": "neg", "min": "pmin", "max": "pmax",
+                 "zscore": "zscore", "rank": "rank", "mnorm": "mnorm"}
+
+
+def to_torch_source(node: Node, stats_var: str = "S") -> str:
+    """A Python expression over `S[stat]` tensors calling the functions of primitives/runtime.py."""
+    if node.is_const:
+        return f"torch.tensor({node.value!r})"
+    if node.name in STATS:
+        return f"{stats_var}[{node.name!r}]"
+    assert OPS[node.name].torch.__name__ == _RUNTIME_NAME[node.name]
+    return f"{_RUNTIME_NAME[node.name]}({', '.join(to_torch_source(a, stats_var) for a in node.args)})"
+
+
+# --------------------------------------------------------------------------- ranking structure
+def is_nonneg(node: Node) -> bool:
+    if node.is_const:
+        return node.value >= 0
+    if node.name in STATS:
+        return STATS[node.name].nonneg
+    if node.name in ("abs", "sqrt", "square", "rank"):
+        return True
+    if node.name in ("add", "mul", "div", "min"):
+        return all(is_nonneg(a) for a in node.args)
+    if node.name == "max":
+        return any(is_nonneg(a) for a in node.args)
+    return False
+
+
+def is_per_class(node: Node) -> bool:
+    return any(n.name in STATS and STATS[n.name].per_class for n in node.walk())
+
+
+def strip_monotone(node: Node) -> tuple[Node, bool]:
+    """Peel order-preserving (or reversing) wrappers off the root: within a layer the filters
+    rank as the core ranks them, reversed when the flag is True. Used to skip re-evaluating
+    e.g. sqrt(w_l2) or zscore(mul(w_l1, 2.0)) once w_l2 or w_l1 has been scored."""
+    reversed_ = False
+    while True:
+        op = OPS.get(node.name)
+        # scores of per-class terms are averaged over classes after evaluation, so only affine
+        # wrappers (constants added or multiplied) commute with that sum
+        if op and op.arity == 1 and not is_per_class(node.args[0]):
+            a = node.args[0]
+            if op.monotone == "inc" or (op.monotone == "inc+" and is_nonneg(a)):
+                node = a
+                continue
+            if op.monotone == "dec":
+                node, reversed_ = a, not reversed_
+                continue
+        if op and op.arity == 2:
+            a, b = node.args
+            if node.name in ("add", "sub") and b.is_const:
+                node = a
+                continue
+            if node.name == "add" and a.is_const:
+                node = b
+                continue
+            if node.name in ("mul", "div") and b.is_const and abs(b.value) >= 1e-6:
+                node, reversed_ = a, reversed_ ^ (b.value < 0)
+                continue
+            if node.name == "mul" and a.is_const and a.value != 0:
+                node, reversed_ = b, reversed_ ^ (a.value < 0)
+                continue
+        return node, reversed_

@@ -1,0 +1,131 @@
+"""Which layers have prunable filters, and how they connect.
+
+One forward pass with hooks finds, for every conv (groups = 1) and hidden linear layer:
+its batch norm (the BN whose input *is* the layer's output), the layers that consume its
+channels (found by walking the autograd graph back from each layer's input until another
+layer's output is met: this sees through ReLUs, pools, flatten and residual additions), and
+its FLOPs. The model's output layer (nothing consumes it) is not prunable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+WEIGHTED = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    module: nn.Module
+    index: int  # execution order among prunable layers
+    out_channels: int
+    bn: nn.BatchNorm2d | nn.BatchNorm1d | None = None
+    consumers: list[str] = field(default_factory=list)  # layers whose inputs carry our channels
+    macs: int = 0  # multiply-accumulates for one input image
+
+    def filters(self) -> Tensor:
+        """The layer's filters flattened: [C_out, fan_in] (detached)."""
+        return self.module.weight.detach().flatten(1)
+
+
+def _prunable(m: nn.Module) -> bool:
+    return isinstance(m, WEIGHTED) and (not isinstance(m, nn.Conv2d) or m.groups == 1)
+
+
+@torch.enable_grad()
+def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
+    """Prunable layers of `model` in execution order, traced on `example` [N, C, H, W]."""
+    names = {m: n for n, m in model.named_modules()}
+    order: list[nn.Module] = []
+    outputs: dict[nn.Module, Tensor] = {}
+    inputs: dict[nn.Module, Tensor] = {}
+    bn_of: dict[nn.Module, nn.Module] = {}
+    by_output_id: dict[int, nn.Module] = {}
+    hooks = []
+
+    def on_weighted(m, inp, out):
+        if m not in outputs:  # a module called twice keeps its first call
+            order.append(m)
+            outputs[m], inputs[m] = out, inp[0]
+            by_output_id[id(out)] = m
+
+    def on_bn(m, inp, out):
+        producer = by_output_id.get(id(inp[0]))
+        if producer is not None and outputs.get(producer) is inp[0] and producer not in bn_of:
+            bn_of[producer] = m
+
+    for m in model.modules():
+        if isinstance(m, WEIGHTED):
+            hooks.append(m.register_forward_hook(on_weighted))
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            hooks.append(m.register_forward_hook(on_bn))
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+    node_owner = {outputs[m].grad_fn: m for m in order if outputs[m].grad_fn is not None}
+    consumers: dict[nn.Module, list[nn.Module]] = {m: [] for m in order}
+    for m in order:
+        for producer in _producers(inputs[m], node_owner):
+            if feeds_channelwise(producer, m):
+                consumers[producer].append(m)
+    n_img = example.shape[0]
+    infos = []
+    for m in order:
+        if not _prunable(m) or not consumers[m]:
+            continue
+        infos.append(LayerInfo(name=names[m], module=m, index=len(infos), out_channels=_out_width(m),
+                               bn=bn_of.get(m), consumers=[names[c] for c in consumers[m]],
+                               macs=_macs(m, outputs[m], n_img)))
+    return infos
+
+
+def _producers(x: Tensor, node_owner: dict) -> list[nn.Module]:
+    """Layers whose outputs reach `x` through non-weighted operations (BFS on the autograd graph)."""
+    found, seen, frontier = [], set(), [x.grad_fn] if x.grad_fn is not None else []
+    while frontier:
+        node = frontier.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in node_owner:
+            found.append(node_owner[node])
+            continue
+        frontier.extend(nf for nf, _ in node.next_functions)
+    return found
+
+
+def _out_width(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def _in_width(m: nn.Module) -> int:
+    return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+
+
+def feeds_channelwise(producer: nn.Module, consumer: nn.Module) -> bool:
+    """Whether the producer's channels are the consumer's inputs one-to-one (a conv), or as
+    equal contiguous blocks (a linear layer after a flatten); not through a pad or a concat."""
+    c, w = _out_width(producer), _in_width(consumer)
+    return w == c or (isinstance(consumer, nn.Linear) and w % c == 0)
+
+
+def _macs(m: nn.Module, out: Tensor, n_img: int) -> int:
+    per_out = m.weight[0].numel()  # (C_in / groups) * kh * kw, or in_features
+    return int(out.numel() // n_img * per_out)
+
+
+def consumer_slices(consumer: nn.Module, channels: int) -> Tensor:
+    """The consumer's weights grouped by our channels: [C_out_of_consumer, channels, k]."""
+    w = consumer.weight.detach()
+    if isinstance(consumer, nn.Conv2d):
+        return w.flatten(2)  # [O, C, kh*kw]
+    return w.reshape(w.shape[0], channels, -1)  # a flatten puts channel c's features contiguously
