@@ -21,7 +21,9 @@ from evoprune.errors import EvopruneError
 from evoprune.primitives.layers import LayerInfo, discover
 from evoprune.primitives.stats import STATS, Activations, Cost, LayerData
 
-PFP_CHUNK = 1 << 22  # elements per grouped-conv chunk when splitting contributions by channel
+PFP_CHUNK = 1 << 22  # contribution terms per matmul chunk (memory)
+PFP_BUDGET = 1 << 25  # contribution terms per layer; past it, evenly strided positions are used
+# (exact for CIFAR-size models at 64 images; ResNet-50 at 224x224 would need ~2.7e9 per image)
 
 
 @dataclass
@@ -205,26 +207,63 @@ def _run_batches(model, infos: list[LayerInfo], data: dict[str, LayerData], batc
 def pfp_sensitivity(consumer: nn.Module, x: Tensor, channels: int) -> Tensor:
     """PFP (Liebenwein et al. 2020): for each input channel c of `consumer`, the largest share
     of any pre-activation that c contributes, w+_{i,c} a_c(x,p) / sum_k w+_{i,k} a_k(x,p), over
-    images x, outputs i and positions p; the same for w-, and the max of both. [channels]"""
-    w = consumer.weight.detach().float()
-    x = x.float()
+    images x, outputs i and positions p; the same for w-, and the max of both. [channels]
+    In a grouped conv a channel competes only within its group (depthwise: always 1)."""
+    w, x = consumer.weight.detach().float(), x.float()
+    if isinstance(consumer, nn.Linear):
+        return _pfp_linear(x, w, channels)
+    conv = dict(stride=consumer.stride, padding=consumer.padding, dilation=consumer.dilation)
+    g = consumer.groups
+    cin, cout = channels // g, w.shape[0] // g
+    return torch.cat([_pfp_conv(x[:, i * cin:(i + 1) * cin], w[i * cout:(i + 1) * cout], conv) for i in range(g)])
+
+
+def _max_share(num: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den > 1e-12, num / den.clamp_min(1e-12), 0.0)
+
+
+def _pfp_conv(x: Tensor, w: Tensor, conv: dict) -> Tensor:
+    """Per-channel contributions as one batched matmul per chunk of channels:
+    [c, O, k] @ [c, k, N*P] over unfolded patches (a 1-channel grouped conv is slow on CPUs)."""
+    n, channels = x.shape[:2]
+    ksize = w.shape[2:]
+    patches = F.unfold(x, ksize, conv["dilation"], conv["padding"], conv["stride"])  # [N, C*k, P]
+    kk, p = w.shape[2] * w.shape[3], patches.shape[-1]
+    patches = patches.view(n, channels, kk, p).permute(1, 2, 0, 3).reshape(channels, kk, n * p)
+    o = w.shape[0]
+    stride = -(-(n * p * channels * o) // PFP_BUDGET)  # ceil: 1 keeps every position
+    cols = torch.arange(0, n * p, stride, device=x.device)
+    patches = patches[:, :, cols]
     best = torch.zeros(channels, device=x.device)
     for part in (w.clamp_min(0), (-w).clamp_min(0)):
-        if isinstance(consumer, nn.Conv2d):
-            den = F.conv2d(x, part, None, consumer.stride, consumer.padding, consumer.dilation)
-            n, o = den.shape[:2]
-            step = max(1, PFP_CHUNK // max(den.numel(), 1))
-            for j in range(0, channels, step):
-                k = min(step, channels - j)
-                wk = part[:, j: j + k].transpose(0, 1).reshape(k * o, 1, *part.shape[2:])
-                num = F.conv2d(x[:, j: j + k], wk, None, consumer.stride, consumer.padding, consumer.dilation,
-                               groups=k).view(n, k, o, *den.shape[2:])
-                ratio = torch.where(den[:, None] > 1e-12, num / den[:, None].clamp_min(1e-12), 0.0)
-                best[j: j + k] = torch.maximum(best[j: j + k], ratio.transpose(0, 1).reshape(k, -1).amax(1))
-        else:
-            xv = x.reshape(len(x), channels, -1)
-            num = torch.einsum("nck,ock->nco", xv, part.view(part.shape[0], channels, -1))
-            den = num.sum(1, keepdim=True)
-            ratio = torch.where(den > 1e-12, num / den.clamp_min(1e-12), 0.0)
-            best = torch.maximum(best, ratio.amax((0, 2)))
+        wc = part.flatten(2).transpose(0, 1)  # [C, O, k]
+        den = F.conv2d(x, part, None, **conv)  # [N, O, H', W'], a normal conv
+        den = den.transpose(0, 1).reshape(o, -1)[:, cols]  # [O, N*P], the patches' order
+        step = max(1, PFP_CHUNK // max(den.numel(), 1))
+        for j in range(0, channels, step):
+            num = torch.bmm(wc[j: j + step], patches[j: j + step])  # [c, O, N*P]
+            share = _max_share(num, den[None]).flatten(1).amax(1)
+            best[j: j + step] = torch.maximum(best[j: j + step], share)
     return best
+
+
+def _pfp_linear(x: Tensor, w: Tensor, channels: int) -> Tensor:
+    xv = x.reshape(len(x), channels, -1)  # a flatten puts each channel's features together
+    best = torch.zeros(channels, device=x.device)
+    for part in (w.clamp_min(0), (-w).clamp_min(0)):
+        num = torch.einsum("nck,ock->nco", xv, part.view(part.shape[0], channels, -1))
+        best = torch.maximum(best, _max_share(num, num.sum(1, keepdim=True)).amax((0, 2)))
+    return best
+
+
+def task_stats(pre, names: Iterable[str] | None = None, *, n_images: int = 256, seed: int = 0,
+               device: str | torch.device = "cpu", batch_size: int = 256, **kw) -> StatTable:
+    """Statistics of a pretrained task's model over `n_images` training images (a seeded draw,
+    no augmentation; validation images stay for fitness)."""
+    from evoprune.data import iterate
+
+    batches = iterate(pre.data, pre.data.train, batch_size=batch_size, shuffle=True, seed=seed,
+                      device=device, limit=n_images)
+    table = collect_stats(pre.model, batches, names, max_images=n_images, device=device, **kw)
+    table.meta.update(task=pre.task.name, seed=seed)
+    return table

@@ -15,7 +15,7 @@ from evoprune.primitives.expr import Node, parse
 from evoprune.primitives.ops import OPS
 from evoprune.primitives.stats import STATS
 
-EPHEMERAL = "evoprune_const"  # DEAP keeps ephemeral classes in one global namespace: a distinctive name
+EPHEMERAL = "evoprune_const"
 
 
 class Vec:
@@ -42,7 +42,7 @@ def build_pset(stats: Iterable[str] | None = None, ops: Iterable[str] | None = N
 
 
 def _ephemeral_class(pset: gp.PrimitiveSetTyped):
-    return next((t for t in pset.terminals[Vec] if isinstance(t, type) and issubclass(t, gp.Ephemeral)), None)
+    return next((t for t in pset.terminals[Vec] if isinstance(t, gp.MetaEphemeral)), None)
 
 
 def to_deap(node: Node, pset: gp.PrimitiveSetTyped) -> gp.PrimitiveTree:
@@ -53,8 +53,8 @@ def to_deap(node: Node, pset: gp.PrimitiveSetTyped) -> gp.PrimitiveTree:
         if n.is_const:
             if eph is None:
                 raise ValueError("this primitive set has no constants")
-            e = eph.__new__(eph)  # Ephemeral.__init__ would draw a random value
-            gp.Terminal.__init__(e, n.value, False, Vec)
+            e = eph.__new__(eph)  # its __init__ would draw a random value (and move the RNG)
+            e.value = n.value
             out.append(e)
         elif n.name in pset.mapping:
             out.append(pset.mapping[n.name])

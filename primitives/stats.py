@@ -95,7 +95,8 @@ class LayerData:
 
     @cached_property
     def w(self) -> Tensor:
-        return self.info.filters().float()
+        """[C_out, fan_in] on the CPU: statistics are cheap next to the passes that feed them."""
+        return self.info.filters().float().cpu()
 
     @cached_property
     def gram(self) -> Tensor:
@@ -125,7 +126,7 @@ class LayerData:
         bn = self.info.bn
         if bn is None or getattr(bn, attr, None) is None:
             return torch.full((self.info.out_channels,), default)
-        return getattr(bn, attr).detach().float().clone()
+        return getattr(bn, attr).detach().float().cpu().clone()
 
     def need_act(self) -> Activations:
         if self.act is None or self.act.n_images == 0:
@@ -150,7 +151,7 @@ statistic("w_std", "standard deviation of the filter's weights", Cost.WEIGHTS, n
 def _w_out(d: LayerData) -> Tensor:
     sq = torch.zeros(d.info.out_channels)
     for m in d.consumers:
-        sq += consumer_slices(m, d.info.out_channels).float().pow(2).sum((0, 2))
+        sq += consumer_slices(m, d.info.out_channels).float().cpu().pow(2).sum((0, 2))
     return sq.sqrt()
 
 
