@@ -189,11 +189,35 @@ def pretrain(task: Annotated[str, typer.Argument(help="Task name (see `evoprune 
 
 
 @app.command()
-def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Search config (TOML).")] = None,
-           resume: Annotated[Optional[int], typer.Option("--resume", help="Continue run RUN_ID.")] = None):
+def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Search config (TOML); "
+                                                          "defaults: the digits task, 8 generations x 32.")] = None,
+           resume: Annotated[Optional[int], typer.Option("--resume", help="Continue run RUN_ID from its last "
+                                                         "completed generation.")] = None,
+           db: Annotated[Optional[str], typer.Option("--db", help="Database URL or SQLite path (else "
+                                                     "$EVOPRUNE_DB, else the config, else ./evoprune.db).")] = None,
+           workers: Annotated[Optional[int], typer.Option("--workers", help="Ray actors (0: in this "
+                                                          "process).")] = None,
+           generations: Annotated[Optional[int], typer.Option("--generations", help="Override "
+                                                              "[search] generations.")] = None,
+           data_root: DataRoot = None, cache_dir: CacheDir = None,
+           device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None):
     """Search for a pruning metric (the default search runs on the digits task)."""
-    raise EvopruneError("`evoprune evolve` is not implemented yet: the search engine is issue #4. "
-                        "Until then: `evoprune pretrain digits-cnn` prepares its task.")
+    from dataclasses import replace
+
+    from evoprune.evolve.config import load_config
+    from evoprune.evolve.progress import SearchDisplay
+    from evoprune.evolve.service import run_search
+
+    cfg = load_config(config)
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
+                 dict(workers=workers, data_root=data_root, cache_dir=cache_dir, device=device).items()
+                 if v is not None}
+    cfg = replace(cfg, run=replace(cfg.run, **overrides))
+    if generations is not None:
+        cfg = replace(cfg, search=replace(cfg.search, generations=generations))
+    with SearchDisplay(out, cfg) as display:
+        result = run_search(cfg, db_url=db, resume=resume, on_progress=display.update)
+    display.summary(result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,3 +35,13 @@ def _isolated_env(monkeypatch, tmp_path):
     """No test reads the user's own data root, cache or task file."""
     for var in ("EVOPRUNE_DATA_ROOT", "EVOPRUNE_CACHE", "EVOPRUNE_TASKS", "EVOPRUNE_DOWNLOAD"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting one costs ~6-9 s)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

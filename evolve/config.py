@@ -1,0 +1,156 @@
+"""Search configuration: typed, frozen, validated once, stored with the run.
+
+A config file is TOML with up to three tables, every key optional:
+
+    [search]   the GP engine (SearchConfig)
+    [proxy]    how a candidate is scored (evoprune.workers.proxy.ProxyConfig)
+    [run]      where it runs and what it writes (RunConfig)
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from evoprune.errors import EvopruneError
+from evoprune.primitives.baselines import BASELINES
+from evoprune.primitives.ops import OPS
+from evoprune.primitives.stats import STATS
+from evoprune.workers.proxy import ProxyConfig
+
+DEFAULT_SEEDS = ("l1", "l2", "bn_scale", "fpgm", "taylor", "apoz", "pfp", "fisher", "symdiv", "etpf_a")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    population: int = 32  # individuals per generation
+    generations: int = 8  # generations after the initial one
+    seed: int = 0  # the run's random stream (DEAP uses Python's random)
+    init_min_depth: int = 1  # ramped half-and-half: tree depths of the initial population
+    init_max_depth: int = 4
+    max_height: int = 8  # bloat control: offspring taller than this are replaced by a parent
+    max_size: int = 40  # bloat control: offspring with more nodes than this likewise
+    tournament: int = 3  # tournament size of selection
+    elites: int = 2  # best individuals copied unchanged into the next generation
+    p_crossover: float = 0.6  # share of offspring made by subtree crossover
+    p_mutation: float = 0.35  # share made by mutation (the rest are copies)
+    mutation_weights: tuple[float, float, float, float] = (0.4, 0.2, 0.2, 0.2)  # uniform subtree, node
+    #                                   replacement, shrink, ephemeral-constant tweak
+    parsimony: float = 0.002  # selection fitness = fitness - parsimony * size
+    hall_of_fame: int = 10  # best distinct formulas kept
+    seeds: tuple[str, ...] = DEFAULT_SEEDS  # baseline metrics put into the initial population
+    stats: tuple[str, ...] = ()  # statistics the search may use (empty: all)
+    ops: tuple[str, ...] = ()  # operators it may use (empty: all)
+
+    def __post_init__(self):
+        checks = [
+            (self.population >= 4, "population must be >= 4"),
+            (self.generations >= 0, "generations must be >= 0"),
+            (1 <= self.init_min_depth <= self.init_max_depth, "need 1 <= init_min_depth <= init_max_depth"),
+            (self.max_height >= self.init_max_depth + 1, "max_height must exceed init_max_depth"),
+            (self.max_size >= 3, "max_size must be >= 3"),
+            (2 <= self.tournament <= self.population, "tournament must be in [2, population]"),
+            (0 <= self.elites < self.population, "elites must be in [0, population)"),
+            (0 <= self.p_crossover and 0 <= self.p_mutation and self.p_crossover + self.p_mutation <= 1,
+             "p_crossover + p_mutation must be in [0, 1]"),
+            (len(self.mutation_weights) == 4 and all(w >= 0 for w in self.mutation_weights)
+             and sum(self.mutation_weights) > 0, "mutation_weights: four non-negative numbers"),
+            (self.parsimony >= 0, "parsimony must be >= 0"),
+            (self.hall_of_fame >= 1, "hall_of_fame must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise EvopruneError(f"[search] {msg}")
+        for kind, names, known in (("seeds", self.seeds, BASELINES), ("stats", self.stats, STATS),
+                                   ("ops", self.ops, OPS)):
+            if bad := [n for n in names if n not in known]:
+                raise EvopruneError(f"[search] {kind}: unknown {bad}; known: {', '.join(known)}")
+
+    @property
+    def stat_names(self) -> list[str]:
+        return list(self.stats or STATS)
+
+    @property
+    def op_names(self) -> list[str]:
+        return list(self.ops or OPS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    db: str = "sqlite:///evoprune.db"  # SQLAlchemy URL (or $EVOPRUNE_DB); SQLite file in the working directory
+    workers: int = 0  # Ray actors; 0 = evaluate in this process
+    gpus_per_worker: float = 0.0  # e.g. 0.25 puts four actors on one GPU
+    device: str = "auto"  # auto, cpu, cuda
+    data_root: str = ""  # else --data-root / $EVOPRUNE_DATA_ROOT / ./data
+    cache_dir: str = ""  # pretrained-model cache, else $EVOPRUNE_CACHE / ~/.cache/evoprune
+    tasks_file: str = ""  # extra task definitions
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise EvopruneError("[run] workers must be >= 0")
+        if not 0 <= self.gpus_per_worker <= 8:
+            raise EvopruneError("[run] gpus_per_worker must be in [0, 8]")
+
+
+@dataclass(frozen=True)
+class Config:
+    search: SearchConfig = field(default_factory=SearchConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_json(self) -> str:
+        return json.dumps({"search": asdict(self.search), "proxy": asdict(self.proxy), "run": asdict(self.run)},
+                          sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "Config":
+        if not isinstance(d, dict):
+            raise EvopruneError(f"{source}: expected tables [search], [proxy], [run]")
+        if extra := set(d) - {"search", "proxy", "run"}:
+            raise EvopruneError(f"{source}: unknown tables {sorted(extra)} (allowed: search, proxy, run)")
+        try:
+            return cls(search=_build(SearchConfig, d.get("search", {}), "search"),
+                       proxy=_build(ProxyConfig, d.get("proxy", {}), "proxy"),
+                       run=_build(RunConfig, d.get("run", {}), "run"))
+        except EvopruneError as e:
+            raise EvopruneError(f"{source}: {e}") from None
+
+
+def _build(cls, d: dict, table: str):
+    if not isinstance(d, dict):
+        raise EvopruneError(f"[{table}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    if extra := set(d) - set(known):
+        raise EvopruneError(f"[{table}] unknown keys {sorted(extra)} (allowed: {sorted(known)})")
+    vals = {}
+    for k, v in d.items():
+        default = known[k].default
+        if isinstance(default, tuple):
+            if not isinstance(v, (list, tuple)):
+                raise EvopruneError(f"[{table}] {k} must be a list")
+            v = tuple(v)
+        elif isinstance(default, bool) or isinstance(default, str):
+            if not isinstance(v, type(default)):
+                raise EvopruneError(f"[{table}] {k} must be a {type(default).__name__}")
+        elif isinstance(default, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(default, int)
+                                                                           and not isinstance(v, int)):
+                raise EvopruneError(f"[{table}] {k} must be a {type(default).__name__}, got {v!r}")
+        vals[k] = v
+    return cls(**vals)
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise EvopruneError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise EvopruneError(f"config file {p} is not valid TOML: {e}") from None
+    return Config.from_dict(d, str(p))

@@ -1,0 +1,91 @@
+"""The live display of a search and its closing summary (rich)."""
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from evoprune.evolve.config import Config
+
+
+class SearchDisplay:
+    """Generation, evaluations/s, cache hits, best fitness and formula, refreshed live on a
+    terminal; one line per generation otherwise (logs, CI, `ray submit`)."""
+
+    def __init__(self, console: Console, cfg: Config):
+        self.console, self.cfg = console, cfg
+        self.t0 = time.perf_counter()
+        self.status, self.gen, self.best, self.best_expr = "starting", -1, 0.0, ""
+        self.done = self.total = self.evals = self.hits = 0
+        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=True) \
+            if console.is_terminal else None
+
+    def __enter__(self):
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.live.__exit__(*exc)
+
+    def _render(self):
+        t = Table.grid(padding=(0, 2))
+        rate = self.evals / max(time.perf_counter() - self.t0, 1e-9)
+        t.add_row(f"[bold]{self.status}[/]",
+                  f"generation {max(self.gen, 0)}/{self.cfg.search.generations}",
+                  f"batch {self.done}/{self.total}", f"{rate:.2f} eval/s", f"cache hits {self.hits}",
+                  f"best {self.best:.4f}")
+        t.add_row("", f"[dim]{self.best_expr[:110]}[/]")
+        return t
+
+    def update(self, kind: str, info: dict) -> None:
+        if kind == "status":
+            self.status = info["text"]
+            if not self.live:
+                self.console.print(info["text"], highlight=False)
+        elif kind == "evaluation":
+            self.evals += 1
+            self.done, self.total = info["done"], info["total"]
+            self.gen = info["generation"]
+        elif kind == "generation":
+            r = info["report"]
+            self.gen, self.hits = r.index, r.counters["canonical_hits"] + r.counters["mask_hits"]
+            if r.best >= self.best:
+                self.best, self.best_expr = r.best, r.best_expression
+            if not self.live:
+                self.console.print(f"generation {r.index}/{self.cfg.search.generations}  best {r.best:.4f}  "
+                                   f"mean {r.mean:.4f}  proxy runs {r.evaluations}  cache hits {r.cache_hits}  "
+                                   f"{r.seconds:.1f} s  {r.best_expression}", highlight=False, markup=False)
+        if self.live:
+            self.live.update(self._render())
+
+    def summary(self, result) -> None:
+        c = self.console
+        tasks = list(self.cfg.proxy.tasks)
+        t = Table(title=f"run {result.run_id}: top formulas (full proxy, validation accuracy)")
+        for col in ("ID", "fitness", *tasks, "kept FLOPs", "size", "formula (simplified)"):
+            t.add_column(col)
+        for f in result.finalists:
+            r = f.record
+            t.add_row(str(f.candidate_id), f"{r.fitness:.4f}", *[f"{r.tasks[k].accuracy:.4f}" for k in tasks],
+                      f"{statistics_mean([x.kept_flops for x in r.tasks.values()]):.2f}", str(f.size), f.canonical)
+        c.print(t)
+        if result.baselines:
+            b = result.baselines[0]
+            c.print(f"best baseline on the same proxy: {b.baseline} ({b.expression}) fitness {b.record.fitness:.4f}; "
+                    f"{len(result.baselines)} baselines were seeded", highlight=False)
+        k = result.counters
+        c.print(f"proxy runs {k['evaluations']} ({k['full']} full fine-tunes, {k['screened_only']} candidates only "
+                f"screened); cache hits: {k['canonical_hits']} same formula, {k['mask_hits']} same masks; "
+                f"{k['invalid']} invalid", highlight=False)
+        if result.finalists:
+            c.print(f"inspect the best: evoprune primitives check '{result.finalists[0].expression}'", highlight=False,
+                    markup=False)
+
+
+def statistics_mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0

@@ -1,0 +1,203 @@
+"""The search: recovering a hidden formula, a Ray worker killed mid-run, a driver killed and
+resumed, malformed configs."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from evoprune.cli import main
+from evoprune.db import store
+from evoprune.errors import EvopruneError
+from evoprune.evolve.config import Config, ProxyConfig, SearchConfig, load_config
+from evoprune.evolve.engine import Search
+from evoprune.primitives.expr import check_scores, evaluate, parse, scores_by_layer
+from evoprune.primitives.stats import STATS
+from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
+from evoprune.workers.proxy import FitnessRecord, TaskContext, TaskResult
+
+TINY_PROXY = ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128)
+
+
+@pytest.fixture(scope="module")
+def digits_ctx(digits_pretrained, cache_dir):
+    return {"digits-cnn": TaskContext("digits-cnn", TINY_PROXY, list(STATS), cache_dir=cache_dir)}
+
+
+class HiddenFormulaFitness:
+    """An evaluator whose optimum is known: fitness = mean over layers of the Spearman
+    correlation between the candidate's scores and a hidden formula's, on the real statistics
+    of the pretrained digits CNN, mapped to [0, 1]."""
+
+    def __init__(self, ctx: TaskContext, hidden: str):
+        self.table = ctx.table
+        self.target = scores_by_layer(evaluate(parse(hidden), self.table), self.table)
+
+    def correlation(self, expression: str) -> float:
+        scores = evaluate(parse(expression), self.table)
+        if not check_scores(scores, self.table).ok:
+            return -1.0
+        got = scores_by_layer(scores, self.table)
+        rs = [spearmanr(got[k].numpy(), self.target[k].numpy()).statistic for k in self.target]
+        return float(sum(0.0 if r != r else r for r in rs) / len(rs))
+
+    def run(self, jobs):
+        for job in jobs:
+            f = (self.correlation(job.expression) + 1) / 2
+            yield job, FitnessRecord(job.expression, job.stage, f, True,
+                                     tasks={"digits-cnn": TaskResult(f, 1.0, 1.0, 0.0, "")})
+
+    def close(self):
+        pass
+
+
+def test_engine_recovers_a_hidden_formula(digits_ctx, tmp_path):
+    hidden = "mul(w_l2, bn_abs_gamma)"
+    cfg = Config(search=SearchConfig(population=40, generations=12, seed=1, seeds=(), parsimony=0.001,
+                                     stats=("w_l1", "w_l2", "bn_abs_gamma", "bn_beta", "act_mean", "w_std"),
+                                     ops=("add", "sub", "mul", "div", "sqrt", "square")),
+                 proxy=replace(TINY_PROXY, ratio=0.5, screen=False))
+    fitness = HiddenFormulaFitness(digits_ctx["digits-cnn"], hidden)
+    engine = store.connect(f"sqlite:///{tmp_path / 'r.db'}")
+    search = Search(cfg, fitness, digits_ctx, engine)
+    pop = search.run()
+    best = max(pop, key=lambda i: (i.raw, -len(i)))
+    assert fitness.correlation(str(best)) > 0.999, str(best)
+    assert search.history[-1].best > 0.9995 and search.history[0].best < search.history[-1].best
+
+
+def test_ray_worker_killed_mid_run_loses_and_repeats_nothing(ray_session, digits_ctx, cache_dir, tmp_path):
+    cfg = Config(search=SearchConfig(population=10, generations=1, seed=0, seeds=("l1", "bn_scale", "fpgm")),
+                 proxy=TINY_PROXY)
+    spec = WorkerSpec(proxy=cfg.proxy, stats=tuple(STATS), cache_dir=str(cache_dir))
+    evaluator = RayEvaluator(spec, workers=2)
+    victims = evaluator.pids()
+    killed = []
+
+    def kill_one(kind, info):
+        if kind == "evaluation" and not killed:
+            os.kill(victims[0], signal.SIGKILL)  # a real worker process, killed while others are in flight
+            killed.append(victims[0])
+
+    engine = store.connect(f"sqlite:///{tmp_path / 'ray.db'}")
+    search = Search(cfg, evaluator, digits_ctx, engine, kill_one)
+    pop = search.run()
+    evaluator.close()
+    assert killed and evaluator.restarts >= 1
+    assert all(ind.fitness.valid for ind in pop)
+    cands = store.candidates(engine, search.run_id)
+    for c in cands:
+        stages = [(e.task, e.stage) for e in c.evaluations]
+        assert len(stages) == len(set(stages)), c.expression  # each stage counted once
+        if c.valid:
+            assert c.evaluations, c.expression  # none lost
+    assert not any("worker died" in c.reason for c in cands)
+
+
+CONFIG = """
+[search]
+population = 8
+generations = {generations}
+seed = 3
+seeds = ["l1", "bn_scale"]
+
+[proxy]
+tasks = ["digits-cnn"]
+finetune_steps = 20
+recalibrate_images = 128
+stat_images = 128
+"""
+
+
+def _evolve(args, cache_dir, **kw):
+    return subprocess.Popen([sys.executable, "-m", "evoprune.cli", "evolve", "--cache-dir", str(cache_dir),
+                             "--device", "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kw)
+
+
+def _final_population(db):
+    with sqlite3.connect(db) as c:
+        (pop,) = c.execute('SELECT population FROM generations ORDER BY run_id, "index" DESC LIMIT 1').fetchone()
+        status = c.execute("SELECT status FROM runs").fetchone()[0]
+    return pop, status
+
+
+def test_driver_killed_between_generations_resumes_to_the_same_population(digits_pretrained, cache_dir, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG.format(generations=4))
+    straight = _evolve(["--config", str(cfg), "--db", str(tmp_path / "a.db")], cache_dir)
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+    want, status = _final_population(tmp_path / "a.db")
+    assert status == "finished"
+
+    db = tmp_path / "b.db"
+    victim = _evolve(["--config", str(cfg), "--db", str(db)], cache_dir)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as c:
+                    n = c.execute("SELECT count(*) FROM generations").fetchone()[0]
+            except sqlite3.OperationalError:
+                n = 0
+            if n >= 2:
+                break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    with sqlite3.connect(db) as c:
+        done = c.execute('SELECT max("index") FROM generations').fetchone()[0]
+        assert c.execute("SELECT status FROM runs").fetchone()[0] == "running"  # killed, not finished
+    assert done < 4
+    resumed = _evolve(["--resume", "1", "--db", str(db)], cache_dir)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    got, status = _final_population(db)
+    assert status == "finished" and got == want
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[search]\npopulaton = 10\n", "unknown keys ['populaton']"),
+    ("[search]\npopulation = 'ten'\n", "population must be a int"),
+    ("[search]\npopulation = 2\n", "population must be >= 4"),
+    ("[proxy]\nratio = 1.5\n", "ratio must be in (0, 1)"),
+    ("[proxy]\ntasks = 'digits-cnn'\n", "tasks must be a list"),
+    ("[proxy]\nallocator = 'best'\n", "allocator must be one of"),
+    ("[search]\nseeds = ['l7']\n", "seeds: unknown ['l7']"),
+    ("[serach]\n", "unknown tables ['serach']"),
+    ("[search\n", "not valid TOML"),
+])
+def test_malformed_config_is_refused_with_one_clear_line(text, words, tmp_path, capsys):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(EvopruneError, match=None) as e:
+        load_config(f)
+    assert words in str(e.value) and str(f) in str(e.value)
+    rc = main(["evolve", "--config", str(f), "--db", str(tmp_path / "x.db")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and words in err
+    assert not (tmp_path / "x.db").exists()  # nothing was started
+
+
+def test_missing_config_and_unknown_run(tmp_path, capsys):
+    assert main(["evolve", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    store.connect(f"sqlite:///{tmp_path / 'e.db'}")
+    assert main(["evolve", "--resume", "7", "--db", str(tmp_path / "e.db")]) == 2
+    assert "no run with ID 7" in capsys.readouterr().err
+
+
+def test_default_search_from_the_cli(digits_pretrained, cache_dir, tmp_path, capsys):
+    rc = main(["evolve", "--generations", "1", "--db", str(tmp_path / "d.db"), "--cache-dir", str(cache_dir)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "top formulas" in out and "best baseline on the same proxy" in out and "generation 1/1" in out

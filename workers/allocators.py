@@ -1,0 +1,93 @@
+"""Allocators: turn per-layer scores into keep masks (True = keep the filter).
+
+    uniform  every layer loses the same share of its filters (the default)
+    global   one ranking over all filters of all layers (scores must be comparable)
+    flops    the uniform share that removes at least a target fraction of the FLOPs
+
+Every layer keeps at least one filter. Ties keep the filter that comes first (stable sort),
+so equal scores give the same mask on every machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import Tensor
+
+from evoprune.errors import EvopruneError
+
+ALLOCATORS = ("uniform", "global", "flops")
+
+
+def _keep_top(scores: Tensor, keep: int) -> Tensor:
+    order = torch.argsort(-scores, stable=True)
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask
+
+
+def uniform(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
+    """Prune `ratio` of each layer's filters (rounded down: keep ceil((1 - ratio) * C), >= 1)."""
+    return {name: _keep_top(s, max(1, math.ceil((1 - ratio) * len(s) - 1e-9))) for name, s in scores.items()}
+
+
+def global_(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
+    """Prune the `ratio` lowest-scoring filters of the whole model; each layer keeps >= 1."""
+    names = list(scores)
+    flat = torch.cat([scores[n] for n in names])
+    keep = _keep_top(flat, max(len(names), math.ceil((1 - ratio) * len(flat) - 1e-9)))
+    masks, i = {}, 0
+    for n in names:
+        m = keep[i: i + len(scores[n])].clone()
+        if not m.any():
+            m[int(torch.argmax(scores[n]))] = True
+        masks[n] = m
+        i += len(scores[n])
+    return masks
+
+
+def kept_share(masks: dict[str, Tensor], cost: dict[str, int], inputs_from: dict[str, str]) -> float:
+    """Share of the prunable layers' cost (MACs or parameters) left: a layer's cost scales with
+    its kept filters and with the kept filters of the layer feeding it (when exactly one does)."""
+    left = 0.0
+    for n, m in masks.items():
+        share = m.float().mean().item()
+        src = inputs_from.get(n)
+        if src in masks:
+            share *= masks[src].float().mean().item()
+        left += cost[n] * share
+    return left / max(sum(cost[n] for n in masks), 1)
+
+
+def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int],
+          inputs_from: dict[str, str]) -> dict[str, Tensor]:
+    """The smallest uniform ratio whose masks remove at least `reduction` of the MACs (bisection)."""
+    lo, hi = 0.0, 0.99
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if 1 - kept_share(uniform(scores, mid), macs, inputs_from) >= reduction:
+            hi = mid
+        else:
+            lo = mid
+    return uniform(scores, hi)
+
+
+def allocate(kind: str, scores: dict[str, Tensor], *, ratio: float = 0.5, flops_reduction: float = 0.5,
+             macs: dict[str, int] | None = None, inputs_from: dict[str, str] | None = None) -> dict[str, Tensor]:
+    if kind == "uniform":
+        return uniform(scores, ratio)
+    if kind == "global":
+        return global_(scores, ratio)
+    if kind == "flops":
+        return flops(scores, flops_reduction, macs or {}, inputs_from or {})
+    raise EvopruneError(f"unknown allocator {kind!r}; known: {', '.join(ALLOCATORS)}")
+
+
+def mask_hash(masks: dict[str, Tensor]) -> str:
+    """Identical masks on the same task give identical fitness (common random numbers)."""
+    h = hashlib.sha256()
+    for n in sorted(masks):
+        h.update(n.encode())
+        h.update(masks[n].numpy().tobytes())
+    return h.hexdigest()[:16]
