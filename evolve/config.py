@@ -9,12 +9,11 @@ A config file is TOML with up to three tables, every key optional:
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from evoprune.errors import EvopruneError
+from evoprune.errors import EvopruneError, read_toml
 from evoprune.primitives.baselines import BASELINES
 from evoprune.primitives.ops import OPS
 from evoprune.primitives.stats import STATS
@@ -145,12 +144,4 @@ def _build(cls, d: dict, table: str):
 def load_config(path: str | Path | None) -> Config:
     if path is None:
         return Config()
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            d = tomllib.load(f)
-    except FileNotFoundError:
-        raise EvopruneError(f"config file not found: {p}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise EvopruneError(f"config file {p} is not valid TOML: {e}") from None
-    return Config.from_dict(d, str(p))
+    return Config.from_dict(read_toml(path, "config file"), str(path))

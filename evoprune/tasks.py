@@ -8,13 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from evoprune.errors import EvopruneError, UnknownName
+from evoprune.errors import EvopruneError, UnknownName, read_toml
 from evoprune.models import MODELS
 
 TRAIN_CODE_VERSION = 1  # bump when the training loop changes what a recipe produces: old caches miss
@@ -97,13 +96,7 @@ def _task_from_table(name: str, t: dict[str, Any], source: str) -> Task:
 
 
 def read_tasks_file(path: Path) -> dict[str, Task]:
-    try:
-        with open(path, "rb") as f:
-            tables = tomllib.load(f)
-    except FileNotFoundError:
-        raise EvopruneError(f"tasks file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise EvopruneError(f"tasks file {path} is not valid TOML: {e}") from None
+    tables = read_toml(path, "tasks file")
     return {name: _task_from_table(name, t, str(path)) for name, t in tables.items()}
 
 
