@@ -79,7 +79,7 @@ class SearchConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     db: str = "sqlite:///evoprune.db"  # SQLAlchemy URL (or $EVOPRUNE_DB); SQLite file in the working directory
-    workers: int = 0  # Ray actors; 0 = evaluate in this process
+    workers: int = 0  # Ray actors; 0 = evaluate in this process; -1 = every GPU (or CPU) the cluster has
     gpus_per_worker: float = 0.0  # e.g. 0.25 puts four actors on one GPU
     device: str = "auto"  # auto, cpu, cuda
     data_root: str = ""  # else --data-root / $EVOPRUNE_DATA_ROOT / ./data
@@ -87,8 +87,8 @@ class RunConfig:
     tasks_file: str = ""  # extra task definitions
 
     def __post_init__(self):
-        if self.workers < 0:
-            raise EvopruneError("[run] workers must be >= 0")
+        if self.workers < -1:
+            raise EvopruneError("[run] workers must be >= 0, or -1 for all the cluster offers")
         if not 0 <= self.gpus_per_worker <= 8:
             raise EvopruneError("[run] gpus_per_worker must be in [0, 8]")
 

@@ -84,6 +84,8 @@ class Search:
         self.counters = Counters()
         self.run_id: int | None = None
         self.history: list[GenerationReport] = []
+        # the best distinct formulas seen (by canonical form); rebuilt from the database on resume
+        self.hall_of_fame = tools.HallOfFame(s.hall_of_fame, similar=lambda a, b: self._same(a, b))
 
     # ------------------------------------------------------------------ setup
     def _toolbox(self) -> base.Toolbox:
@@ -138,6 +140,9 @@ class Search:
             node = parse(text)
             self.canon[text] = (canonical(node), canonical_hash(node))
         return self.canon[text]
+
+    def _same(self, a, b) -> bool:
+        return self._canonical(str(a))[1] == self._canonical(str(b))[1]
 
     def _masks_key(self, node: Node) -> tuple[tuple | None, str]:
         keys = []
@@ -291,8 +296,9 @@ class Search:
         for ind in pop:
             if not ind.fitness.valid:
                 self._assign(ind)
+        self.hall_of_fame.update(pop)
         raws = [ind.raw for ind in pop]
-        best = max(pop, key=lambda i: (i.raw, -len(i)))
+        best = self.hall_of_fame[0]
         canon = {self._canonical(str(i))[1] for i in pop}
         stats = dict(best=max(raws), mean=statistics.fmean(raws), median=statistics.median(raws),
                      size_mean=statistics.fmean(len(i) for i in pop), diversity=len(canon) / len(pop),
@@ -316,6 +322,11 @@ class Search:
             self.canon[cand.expression] = (cand.canonical, cand.canonical_hash)
             if rec.valid:
                 self.by_masks[tuple(rec.tasks[t].mask for t in self.contexts)] = rec
+        for cand in sorted(store.candidates(self.db, run_id), key=lambda c: (-c.fitness, c.size, c.id)):
+            if cand.valid and len(self.hall_of_fame) < self.hall_of_fame.maxsize:
+                ind = self._from_expression(cand.expression)
+                self._assign(ind)
+                self.hall_of_fame.update([ind])
         pop = []
         for text, raw in last.population:
             ind = self._from_expression(text)

@@ -14,8 +14,8 @@ class SearchDisplay:
     """Generation, evaluations/s, cache hits, best fitness and formula, refreshed live on a
     terminal; one line per generation otherwise (logs, CI, `ray submit`)."""
 
-    def __init__(self, console: Console, cfg: Config):
-        self.console, self.cfg = console, cfg
+    def __init__(self, console: Console, cfg: Config, db: str | None = None):
+        self.console, self.cfg, self.db = console, cfg, db
         self.t0 = time.perf_counter()
         self.status, self.gen, self.best, self.best_expr = "starting", -1, 0.0, ""
         self.done = self.total = self.evals = self.hits = 0
@@ -82,8 +82,10 @@ class SearchDisplay:
                 f"screened); cache hits: {k['canonical_hits']} same formula, {k['mask_hits']} same masks; "
                 f"{k['invalid']} invalid", highlight=False)
         if result.finalists:
-            c.print(f"inspect the best: evoprune primitives check '{result.finalists[0].expression}'", highlight=False,
-                    markup=False)
+            db = f" --db {self.db}" if self.db else ""
+            c.print(f"details: evoprune metrics show {result.finalists[0].candidate_id}{db}    "
+                    f"all: evoprune metrics top --run {result.run_id}{db}    "
+                    f"keep one: evoprune metrics promote ID NAME{db}", highlight=False, markup=False)
 
 
 def statistics_mean(xs) -> float:

@@ -38,6 +38,23 @@ def _spec(cfg: Config, device: str) -> WorkerSpec:
                       cache_dir=r.cache_dir or None, tasks_file=r.tasks_file or None, device=device)
 
 
+def _workers(requested: int, gpus_per_worker: float) -> tuple[int, float]:
+    """-1: one actor per GPU share the cluster offers (gpus_per_worker, default 1), else one per
+    CPU left after the driver's."""
+    if requested > 0:
+        return requested, gpus_per_worker
+    import ray
+
+    from evoprune.workers.evaluator import init_ray
+
+    init_ray()
+    res = ray.cluster_resources()
+    if res.get("GPU", 0) > 0:
+        share = gpus_per_worker or 1.0
+        return max(1, int(res["GPU"] / share + 1e-9)), share
+    return max(1, int(res.get("CPU", 2)) - 1), 0.0
+
+
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,
                on_progress: Callable[[str, dict], None] | None = None) -> SearchResult:
     engine = store.connect(db_url or cfg.run.db)
@@ -50,8 +67,9 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
     driver_spec = _spec(cfg, "cpu" if cfg.run.workers else device)
     contexts = driver_spec.contexts()  # the driver computes masks (for the mask cache) on the CPU
     if cfg.run.workers:
-        evaluator = RayEvaluator(_spec(cfg, device if cfg.run.gpus_per_worker else "cpu"), cfg.run.workers,
-                                 cfg.run.gpus_per_worker)
+        n, gpus = _workers(cfg.run.workers, cfg.run.gpus_per_worker)
+        on_progress("status", {"text": f"{n} Ray workers, {gpus:g} GPU each"})
+        evaluator = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu"), n, gpus)
     else:
         evaluator = InProcessEvaluator(driver_spec, contexts)
     try:

@@ -24,10 +24,13 @@ tasks_app = typer.Typer(help="Tasks: data set + model + pretraining recipe.", no
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(tasks_app, name="tasks")
+metrics_app = typer.Typer(help="Query the formulas a search found.", no_args_is_help=True)
+app.add_typer(metrics_app, name="metrics")
 primitives_app = typer.Typer(help="The search space: statistics, operators, baseline metrics.", no_args_is_help=True)
 app.add_typer(primitives_app, name="primitives")
 
-out = Console(soft_wrap=True)  # long formulas stay on one line when piped
+# long formulas stay on one line when piped; tables get room for formulas in logs and pipes
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 try:  # typer >= 0.20 bundles its own click; older releases raise click's own exceptions
     from typer._click import exceptions as click_exc
@@ -40,6 +43,10 @@ Download = Annotated[bool, typer.Option("--download", help="Allow torchvision to
                      "data set (needs a network; also $EVOPRUNE_DOWNLOAD=1).")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Pretrained-model cache "
                      "(else $EVOPRUNE_CACHE, else ~/.cache/evoprune).", show_default=False)]
+Db = Annotated[Optional[str], typer.Option("--db", help="Database URL or SQLite path (else $EVOPRUNE_DB, "
+                                         "else ./evoprune.db).", show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Csv = Annotated[bool, typer.Option("--csv", help="Print CSV.")]
 TasksFile = Annotated[Optional[Path], typer.Option("--tasks-file", help="A TOML file of extra tasks "
                       "(else $EVOPRUNE_TASKS).", show_default=False)]
 
@@ -195,8 +202,9 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
                                                          "completed generation.")] = None,
            db: Annotated[Optional[str], typer.Option("--db", help="Database URL or SQLite path (else "
                                                      "$EVOPRUNE_DB, else the config, else ./evoprune.db).")] = None,
-           workers: Annotated[Optional[int], typer.Option("--workers", help="Ray actors (0: in this "
-                                                          "process).")] = None,
+           workers: Annotated[Optional[str], typer.Option("--workers", help="Ray actors: N, or auto for "
+                                                          "every GPU (else CPU) of the cluster; 0 evaluates "
+                                                          "in this process.")] = None,
            generations: Annotated[Optional[int], typer.Option("--generations", help="Override "
                                                               "[search] generations.")] = None,
            data_root: DataRoot = None, cache_dir: CacheDir = None,
@@ -209,15 +217,139 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
     from evoprune.evolve.service import run_search
 
     cfg = load_config(config)
+    if workers is not None:
+        if workers != "auto" and not workers.isdigit():
+            raise EvopruneError(f"--workers takes a number or 'auto', got {workers!r}")
+        workers = -1 if workers == "auto" else int(workers)
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
                  dict(workers=workers, data_root=data_root, cache_dir=cache_dir, device=device).items()
                  if v is not None}
     cfg = replace(cfg, run=replace(cfg.run, **overrides))
     if generations is not None:
         cfg = replace(cfg, search=replace(cfg.search, generations=generations))
-    with SearchDisplay(out, cfg) as display:
+    with SearchDisplay(out, cfg, db) as display:
         result = run_search(cfg, db_url=db, resume=resume, on_progress=display.update)
     display.summary(result)
+
+
+def emit(rows: list[dict], title: str, as_json: bool = False, as_csv: bool = False,
+         columns: list[str] | None = None) -> None:
+    """Rows as a table, or as JSON / CSV for scripts."""
+    import csv
+    import json
+
+    if as_json and as_csv:
+        raise EvopruneError("--json and --csv exclude each other")
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    elif as_csv:
+        w = csv.DictWriter(sys.stdout, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        t = Table(title=title)
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[_cell(r.get(c)) for c in cols])
+        out.print(t)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _db(db: str | None):
+    from evoprune.db.store import connect
+
+    return connect(db, create=False)
+
+
+@app.command()
+def runs(db: Db = None, as_json: Json = False, as_csv: Csv = False):
+    """List the search runs in the database."""
+    from evoprune.db import queries
+
+    emit(queries.runs(_db(db)), "runs", as_json, as_csv)
+
+
+_TOP_COLS = ["id", "run", "fitness", "stage", "size", "kept_flops", "baseline", "canonical"]
+
+
+@metrics_app.command("top")
+def metrics_top(run: Annotated[Optional[int], typer.Option("--run", help="Only this run.")] = None,
+                task: Annotated[Optional[str], typer.Option("--task", help="Rank by this task's accuracy.")] = None,
+                limit: Annotated[int, typer.Option("--limit", min=1)] = 10,
+                db: Db = None, as_json: Json = False, as_csv: Csv = False):
+    """The best formulas (fully evaluated first), by fitness or by one task's accuracy."""
+    from evoprune.db import queries
+
+    rows = queries.top(_db(db), run, task, limit)
+    acc = sorted({k for r in rows for k in r if k.startswith("acc:")})
+    emit(rows, "top formulas", as_json, as_csv, columns=None if (as_json or as_csv) else _TOP_COLS[:3] + acc
+         + _TOP_COLS[3:])
+
+
+@metrics_app.command("show")
+def metrics_show(candidate_id: Annotated[int, typer.Argument(help="Candidate ID (see `evoprune metrics top`).")],
+                 db: Db = None, as_json: Json = False):
+    """One formula: raw, simplified, LaTeX, per-task results, lineage."""
+    import json
+
+    from evoprune.db import queries
+    from evoprune.primitives.expr import parse, to_latex
+
+    row = queries.candidate(_db(db), candidate_id)
+    row["latex"] = to_latex(parse(row["expression"]))
+    if as_json:
+        print(json.dumps(row, indent=2, default=str))
+        return
+    out.print(f"candidate {row['id']} of run {row['run']} (born in generation {row['birth_generation']})\n"
+              f"expression  {row['expression']}\nsimplified  {row['canonical']}\nlatex       {row['latex']}\n"
+              f"fitness     {row['fitness']:.4f} ({row['stage'] or 'not evaluated'}), size {row['size']}, "
+              f"depth {row['depth']}" + ("" if row["valid"] else f"\ninvalid     {row['reason']}"),
+              highlight=False, markup=False)
+    emit(row["evaluations"], "evaluations")
+    if row["lineage"]:
+        emit(row["lineage"], "lineage (ancestors in this run)")
+
+
+@metrics_app.command("pareto")
+def metrics_pareto(run: Annotated[int, typer.Argument(help="Run ID.")], db: Db = None, as_json: Json = False,
+                   as_csv: Csv = False):
+    """The run's Pareto front of fitness against formula size."""
+    from evoprune.db import queries
+
+    emit(queries.pareto(_db(db), run), f"run {run}: Pareto front (fitness vs size)", as_json, as_csv,
+         columns=None if (as_json or as_csv) else ["id", "fitness", "size", "stage", "canonical"])
+
+
+@metrics_app.command("compare")
+def metrics_compare(ids: Annotated[list[int], typer.Argument(help="Candidate IDs.")], db: Db = None,
+                    as_json: Json = False, as_csv: Csv = False):
+    """Formulas side by side, with the baselines seeded into the same runs."""
+    from evoprune.db import queries
+
+    engine = _db(db)
+    rows = [queries.candidate(engine, i) for i in ids]
+    for run in sorted({r["run"] for r in rows}):
+        rows += [r for r in queries.top(engine, run=run, limit=10**6) if r["baseline"] and r["id"] not in ids]
+    acc = sorted({k for r in rows for k in r if k.startswith("acc:")})
+    emit(rows, "comparison", as_json, as_csv, columns=None if (as_json or as_csv) else _TOP_COLS[:3] + acc
+         + _TOP_COLS[3:])
+
+
+@metrics_app.command("promote")
+def metrics_promote(candidate_id: Annotated[int, typer.Argument(help="Candidate ID.")],
+                    name: Annotated[str, typer.Argument(help="A name to use the formula by.")], db: Db = None):
+    """Give a formula a name for reuse."""
+    from evoprune.db import queries
+
+    m = queries.promote(_db(db), candidate_id, name)
+    out.print(f"metric {m['name']!r} = {m['expression']} (candidate {m['candidate']})", highlight=False, markup=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,13 @@ _EPS = sympy.Rational(1, round(1 / EPS))  # exact in sympy
 # --------------------------------------------------------------------------- sympy functions
 class pdiv(sympy.Function):
     """Protected division: a / b with |b| kept >= EPS. Opaque to simplification unless b is a
-    number far from zero, where it is exactly a / b."""
+    constant, where it is exactly a / b (or a / +-EPS for a constant nearer zero than EPS)."""
 
     @classmethod
     def eval(cls, a, b):
-        if b.is_Number and abs(float(b)) >= EPS:
-            return a / b
+        if b.is_number:  # a constant denominator: the protection is decided now, exactly
+            bv = float(b.evalf())
+            return a / b if abs(bv) >= EPS else a / (-_EPS if bv < 0 else _EPS)
 
     def _eval_is_nonnegative(self):
         a, b = self.args
@@ -39,7 +40,7 @@ class pdiv(sympy.Function):
 
 
 class _Normalizer(sympy.Function):
-    """A per-layer normalizer: opaque to simplification; of a number it has a number's value."""
+    """A per-layer normalizer: opaque to simplification; of a constant it has a constant's value."""
 
     nargs = 1
     tex = ""
@@ -47,7 +48,7 @@ class _Normalizer(sympy.Function):
 
     @classmethod
     def eval(cls, x):
-        if x.is_Number:
+        if x.is_number:  # any closed-form constant (2, 1/20, sqrt(2)): every filter scores the same
             return cls.of_number(x)
 
     def _latex(self, printer):
@@ -77,13 +78,15 @@ def _np_pdiv(a, b):
 
 
 def _np_zscore(x):
-    x = np.asarray(x, dtype=np.float64)
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))  # a scalar is a layer of equal scores
     mu = x.mean(-1, keepdims=True)
-    return (x - mu) / (np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True)) + EPS)
+    d = x - mu
+    d = np.where(np.abs(d) <= 16 * np.finfo(x.dtype).eps * np.abs(mu), 0.0, d)  # as the runtime does
+    return d / (np.sqrt((d ** 2).mean(-1, keepdims=True)) + EPS)
 
 
 def _np_rank(x):
-    x = np.asarray(x, dtype=np.float64)
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     srt = np.sort(x, axis=-1)
     flat_s, flat_x = srt.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1])
     r = np.stack([(np.searchsorted(s, v, "left") + np.searchsorted(s, v, "right") - 1) / 2
@@ -92,7 +95,7 @@ def _np_rank(x):
 
 
 def _np_mnorm(x):
-    x = np.asarray(x, dtype=np.float64)
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     return x / (np.abs(x).mean(-1, keepdims=True) + EPS)
 
 

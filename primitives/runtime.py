@@ -81,8 +81,12 @@ def zscore(x, mask=None):
     """Per layer: (x - mean) / (std + EPS), population std."""
     x, m = _c(x), _valid(x, mask)  # clamped first: a mean of values near float max would overflow
     mu = _layer_mean(x, m)
-    sd = torch.sqrt(_layer_mean((x - mu) ** 2, m))
-    return _c(torch.where(m, (x - mu) / (sd + EPS), 0.0))
+    d = x - mu
+    # a deviation within rounding of the mean is none: a constant layer scores exactly 0, not
+    # its rounding error divided by EPS
+    d = torch.where(d.abs() <= 16 * torch.finfo(x.dtype).eps * mu.abs(), 0.0, d)
+    sd = torch.sqrt(_layer_mean(d ** 2, m))
+    return _c(torch.where(m, d / (sd + EPS), 0.0))
 
 
 def rank(x, mask=None):

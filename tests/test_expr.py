@@ -20,7 +20,10 @@ from evoprune.primitives.ops import LAMBDIFY_MODULES, OPS
 from evoprune.primitives.stats import STATS
 
 STAT_NAMES = sorted(STATS)
-finite_consts = st.floats(-20, 20, allow_nan=False, allow_infinity=False).map(lambda v: float(f"{v:.4g}"))
+# constants as the search makes them (three significant digits, 1e-3..10) and a margin around:
+# 0 or |v| >= 1e-4 (a 1e-130 underflows to 0 in float32 and is no constant anyone writes)
+finite_consts = st.floats(-20, 20, allow_nan=False, allow_infinity=False).map(
+    lambda v: float(f"{v:.4g}")).filter(lambda v: v == 0 or abs(v) >= 1e-4)
 
 
 def trees(max_leaves: int = 12):

@@ -201,3 +201,9 @@ def test_default_search_from_the_cli(digits_pretrained, cache_dir, tmp_path, cap
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "top formulas" in out and "best baseline on the same proxy" in out and "generation 1/1" in out
+
+
+def test_bad_workers_flag(tmp_path, capsys):
+    assert main(["evolve", "--workers", "many", "--db", str(tmp_path / "w.db")]) == 2
+    err = capsys.readouterr().err
+    assert "--workers takes a number or 'auto'" in err and err.count("\n") == 1

@@ -1,0 +1,131 @@
+"""Read-side queries behind `evoprune runs` and `evoprune metrics ...`: plain dicts out, so the
+CLI can print them as a table, JSON or CSV."""
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from evoprune.db.models import Candidate, Evaluation, Generation, Metric, Run
+from evoprune.errors import EvopruneError
+
+
+def runs(engine: Engine) -> list[dict]:
+    with Session(engine) as s:
+        gens = dict(s.execute(select(Generation.run_id, func.max(Generation.index)).group_by(Generation.run_id)).all())
+        best = dict(s.execute(select(Candidate.run_id, func.max(Candidate.fitness))
+                              .where(Candidate.valid, Candidate.stage == "full").group_by(Candidate.run_id)).all())
+        count = dict(s.execute(select(Candidate.run_id, func.count()).group_by(Candidate.run_id)).all())
+        out = []
+        for r in s.scalars(select(Run).order_by(Run.id)):
+            out.append({"id": r.id, "status": r.status.value, "started": r.started.isoformat(timespec="seconds"),
+                        "ended": r.ended.isoformat(timespec="seconds") if r.ended else "",
+                        "seed": r.seed, "tasks": ",".join(r.config.get("proxy", {}).get("tasks", [])),
+                        "generations": gens.get(r.id, -1) + 1, "candidates": count.get(r.id, 0),
+                        "best_fitness": best.get(r.id)})
+        return out
+
+
+def _cand_row(c: Candidate) -> dict:
+    tasks = {e.task: e for e in c.evaluations if e.stage == c.stage}
+    return {"id": c.id, "run": c.run_id, "fitness": c.fitness, "stage": c.stage, "size": c.size,
+            "baseline": c.is_baseline, "canonical": c.canonical, "expression": c.expression,
+            **{f"acc:{t}": e.accuracy for t, e in sorted(tasks.items())},
+            "kept_flops": min((e.kept_flops for e in tasks.values()), default=None)}
+
+
+def top(engine: Engine, run: int | None = None, task: str | None = None, limit: int = 10) -> list[dict]:
+    """Best valid formulas (fully evaluated ones first), optionally of one run, ranked by the
+    fitness or by one task's validation accuracy."""
+    with Session(engine) as s:
+        q = select(Candidate).where(Candidate.valid).options(selectinload(Candidate.evaluations))
+        if run is not None:
+            _require_run(s, run)
+            q = q.where(Candidate.run_id == run)
+        if task is None:
+            q = q.order_by((Candidate.stage == "full").desc(), Candidate.fitness.desc(), Candidate.size, Candidate.id)
+            return [_cand_row(c) for c in s.scalars(q.limit(limit))]
+        q = q.join(Evaluation).where(Evaluation.task == task, Evaluation.stage == Candidate.stage)
+        q = q.order_by((Candidate.stage == "full").desc(), Evaluation.accuracy.desc(), Candidate.size, Candidate.id)
+        rows = [_cand_row(c) for c in s.scalars(q.limit(limit)).unique()]
+        if not rows:
+            raise EvopruneError(f"no candidate was evaluated on task {task!r}")
+        return rows
+
+
+def candidate(engine: Engine, cid: int) -> dict:
+    """One candidate with its evaluations and its lineage (parents, as far as they are stored)."""
+    with Session(engine) as s:
+        c = s.get(Candidate, cid)
+        if c is None:
+            raise EvopruneError(f"no candidate with ID {cid} in {engine.url}")
+        row = _cand_row(c)
+        row.update(parents=c.parents, birth_generation=c.birth_generation, depth=c.depth, valid=c.valid,
+                   reason=c.reason, evaluations=[{"task": e.task, "stage": e.stage, "accuracy": e.accuracy,
+                                                  "kept_flops": e.kept_flops, "kept_params": e.kept_params,
+                                                  "seconds": e.seconds, "worker": e.worker}
+                                                 for e in c.evaluations])
+        row["lineage"] = _lineage(s, c)
+        return row
+
+
+def _lineage(s: Session, c: Candidate, depth: int = 4) -> list[dict]:
+    """Ancestors found in the same run, breadth first, a few generations back."""
+    out, frontier, seen = [], list(c.parents), set()
+    for level in range(1, depth + 1):
+        nxt = []
+        for expr in frontier:
+            if expr in seen:
+                continue
+            seen.add(expr)
+            p = s.scalars(select(Candidate).where(Candidate.run_id == c.run_id, Candidate.expression == expr)).first()
+            if p is not None:
+                out.append({"level": level, "id": p.id, "fitness": p.fitness, "expression": p.expression})
+                nxt.extend(p.parents)
+        frontier = nxt
+    return out
+
+
+def pareto(engine: Engine, run: int) -> list[dict]:
+    """The non-dominated formulas of a run: no other is both fitter and no larger."""
+    with Session(engine) as s:
+        _require_run(s, run)
+        cands = s.scalars(select(Candidate).where(Candidate.run_id == run, Candidate.valid)
+                          .options(selectinload(Candidate.evaluations))
+                          .order_by(Candidate.size, Candidate.fitness.desc(), Candidate.id)).all()
+        front, best = [], float("-inf")
+        for c in cands:  # by size ascending: keep each one fitter than every smaller one
+            if c.fitness > best:
+                front.append(_cand_row(c))
+                best = c.fitness
+        return front
+
+
+def promote(engine: Engine, cid: int, name: str) -> dict:
+    if not name or not name.replace("-", "_").replace(".", "_").isidentifier():
+        raise EvopruneError(f"metric name {name!r}: use letters, digits, '_', '-' or '.'")
+    try:
+        with Session(engine) as s, s.begin():
+            c = s.get(Candidate, cid)
+            if c is None:
+                raise EvopruneError(f"no candidate with ID {cid} in {engine.url}")
+            m = Metric(name=name, expression=c.expression, candidate_id=c.id)
+            s.add(m)
+            s.flush()
+            return {"id": m.id, "name": name, "candidate": cid, "expression": c.expression}
+    except IntegrityError:
+        raise EvopruneError(f"a metric named {name!r} already exists") from None
+
+
+def metric_by_name(engine: Engine, name: str) -> dict:
+    with Session(engine) as s:
+        m = s.scalars(select(Metric).where(Metric.name == name)).first()
+        if m is None:
+            raise EvopruneError(f"no metric named {name!r} (promote one with `evoprune metrics promote ID NAME`)")
+        return {"id": m.id, "name": m.name, "expression": m.expression, "candidate": m.candidate_id}
+
+
+def _require_run(s: Session, run: int) -> None:
+    if s.get(Run, run) is None:
+        raise EvopruneError(f"no run with ID {run}")

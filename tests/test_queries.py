@@ -1,0 +1,120 @@
+"""Queries over a real search's database: runs, top, show, pareto, compare, promote; a reader
+while a writer inserts; clear errors for unknown IDs and files that are not databases."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+
+import pytest
+
+from evoprune.cli import main
+from evoprune.db import queries, store
+from evoprune.evolve.config import Config, ProxyConfig, SearchConfig
+from evoprune.evolve.service import run_search
+
+
+@pytest.fixture(scope="module")
+def searched(digits_pretrained, cache_dir, tmp_path_factory):
+    db = tmp_path_factory.mktemp("q") / "q.db"
+    cfg = Config(search=SearchConfig(population=8, generations=1, seed=0, seeds=("l1", "bn_scale", "fpgm")),
+                 proxy=ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128))
+    cfg = Config(search=cfg.search, proxy=cfg.proxy, run=type(cfg.run)(cache_dir=str(cache_dir), device="cpu"))
+    result = run_search(cfg, db_url=f"sqlite:///{db}")
+    return db, result
+
+
+def run(capsys, *args):
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_runs_and_top_in_three_formats(searched, capsys):
+    db, result = searched
+    rc, out, _ = run(capsys, "runs", "--db", str(db), "--json")
+    runs = json.loads(out)
+    assert rc == 0 and runs[0]["id"] == result.run_id and runs[0]["status"] == "finished"
+    assert runs[0]["generations"] == 2 and runs[0]["tasks"] == "digits-cnn"
+    rc, out, _ = run(capsys, "metrics", "top", "--db", str(db), "--csv", "--limit", "3")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rc == 0 and len(rows) == 3
+    fits = [float(r["fitness"]) for r in rows]
+    assert fits == sorted(fits, reverse=True) and rows[0]["stage"] == "full"
+    rc, out, _ = run(capsys, "metrics", "top", "--db", str(db), "--task", "digits-cnn")
+    assert rc == 0 and "acc:digits-cnn" in out
+
+
+def test_show_pareto_compare_promote(searched, capsys):
+    db, result = searched
+    best = result.finalists[0]
+    rc, out, _ = run(capsys, "metrics", "show", str(best.candidate_id), "--db", str(db), "--json")
+    row = json.loads(out)
+    assert rc == 0 and row["expression"] == best.expression and row["latex"]
+    assert row["evaluations"] and all(e["task"] == "digits-cnn" for e in row["evaluations"])
+    rc, out, _ = run(capsys, "metrics", "pareto", str(result.run_id), "--db", str(db), "--json")
+    front = json.loads(out)
+    sizes, fits = [r["size"] for r in front], [r["fitness"] for r in front]
+    assert sizes == sorted(sizes) and fits == sorted(fits) and len(set(fits)) == len(fits)
+    rc, out, _ = run(capsys, "metrics", "compare", str(best.candidate_id), "--db", str(db), "--json")
+    rows = json.loads(out)
+    assert rc == 0 and rows[0]["id"] == best.candidate_id and {"l1", "bn_scale", "fpgm"} <= {r["baseline"] for r in rows}
+    rc, out, _ = run(capsys, "metrics", "promote", str(best.candidate_id), "my-metric", "--db", str(db))
+    assert rc == 0 and queries.metric_by_name(store.connect(f"sqlite:///{db}"), "my-metric")["expression"] == \
+        best.expression
+    rc, _, err = run(capsys, "metrics", "promote", str(best.candidate_id), "my-metric", "--db", str(db))
+    assert rc == 2 and "already exists" in err
+
+
+def test_unknown_ids_and_foreign_files(searched, tmp_path, capsys):
+    db, _ = searched
+    for args, words in [(("metrics", "show", "99999"), "no candidate with ID 99999"),
+                        (("metrics", "pareto", "42"), "no run with ID 42"),
+                        (("metrics", "top", "--run", "42"), "no run with ID 42"),
+                        (("metrics", "top", "--task", "nope"), "no candidate was evaluated on task 'nope'")]:
+        rc, _, err = run(capsys, *args, "--db", str(db))
+        assert rc == 2 and words in err and err.count("\n") == 1, args
+    text = tmp_path / "notes.db"
+    text.write_text("not a database\n" * 100)
+    rc, _, err = run(capsys, "runs", "--db", str(text))
+    assert rc == 2 and "is not an evoprune database" in err
+    assert text.read_text() == "not a database\n" * 100  # left untouched
+    rc, _, err = run(capsys, "runs", "--db", str(tmp_path / "missing.db"))
+    assert rc == 2 and "no database at" in err and not (tmp_path / "missing.db").exists()
+
+
+def test_reader_never_sees_database_is_locked(tmp_path):
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    writer_engine, reader_engine = store.connect(url), store.connect(url)
+    run_id = store.create_run(writer_engine, {"proxy": {"tasks": ["t"]}}, 0, "test")
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def write():
+        try:
+            for i in range(150):
+                rec = {"stage": "full", "fitness": i / 150, "valid": True, "reason": "", "worker": "w",
+                       "tasks": {"t": {"accuracy": i / 150, "kept_flops": 0.5, "kept_params": 0.5, "seconds": 0.1,
+                                       "mask": f"{i}"}}}
+                store.record_candidates(writer_engine, run_id, [store.CandidateRow(
+                    f"add(w_l1, {i}.0)", f"w_l1 + {i}", f"h{i}", 3, 2, [], 0, rec)])
+        except Exception as e:  # pragma: no cover - the assertion below reports it
+            errors.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    reads = 0
+    while not done.is_set():
+        try:
+            queries.top(reader_engine, run_id, limit=5)
+            queries.runs(reader_engine)
+            reads += 1
+        except Exception as e:
+            errors.append(e)
+            break
+    t.join()
+    assert not errors, errors
+    assert reads > 5 and len(queries.top(reader_engine, run_id, limit=1000)) == 150
