@@ -352,6 +352,24 @@ def metrics_promote(candidate_id: Annotated[int, typer.Argument(help="Candidate 
     out.print(f"metric {m['name']!r} = {m['expression']} (candidate {m['candidate']})", highlight=False, markup=False)
 
 
+@app.command()
+def export(ref: Annotated[str, typer.Argument(help="A candidate ID, a promoted metric's NAME, or baseline:NAME.")],
+           fmt: Annotated[str, typer.Option("--format", "-f", help="python | torch-pruning | sympy | latex")] = "python",
+           output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write to FILE (else stdout).")] = None,
+           max_images: Annotated[int, typer.Option("--max-images", min=1, help="Images the statistics use.")] = 256,
+           db: Db = None):
+    """Export a metric as a standalone Python module (needs only torch), a Torch-Pruning
+    importance, a sympy expression or LaTeX."""
+    from evoprune.export import export as make, resolve
+
+    code = make(resolve(ref, db), fmt, max_images)
+    if output is None:
+        sys.stdout.write(code)
+        return
+    output.write_text(code)
+    out.print(f"wrote {fmt} export of {ref} to {output}", highlight=False, markup=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning user mistakes into one line and exit status 2."""
     err = Console(stderr=True, soft_wrap=True)  # one error, one line

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from evoprune.errors import EvopruneError
+from evoprune.primitives import runtime as rt
 from evoprune.primitives.ops import OPS
 from evoprune.primitives.stats import STATS
 
@@ -157,10 +158,7 @@ def evaluate(node: Node, table) -> Tensor:
     the formula that does not depend on the class keeps its value, which keeps the sympy form
     exact when simplification removes a class-conditional term.)
     """
-    out = _eval(node, table)
-    if out.dim() == 3:
-        out = out.mean(0)
-    return out.expand(table.mask.shape).clone() if out.shape != table.mask.shape else out
+    return rt.finish(_eval(node, table), table.mask)
 
 
 def _eval(node: Node, table):
@@ -171,8 +169,7 @@ def _eval(node: Node, table):
     op = OPS[node.name]
     args = [_eval(a, table) for a in node.args]
     if op.normalizer:
-        x = args[0].expand(table.mask.shape) if args[0].dim() < 2 else args[0]
-        return op.torch(x, table.mask)
+        return op.torch(rt.full(args[0], table.mask), table.mask)
     return op.torch(*args)
 
 
@@ -275,14 +272,20 @@ _RUNTIME_NAME = {"add": "add", "sub": "sub", "mul": "mul", "div": "pdiv", "abs":
                  "zscore": "zscore", "rank": "rank", "mnorm": "mnorm"}
 
 
-def to_torch_source(node: Node, stats_var: str = "S") -> str:
-    """A Python expression over `S[stat]` tensors calling the functions of primitives/runtime.py."""
+def to_torch_source(node: Node, stats_var: str = "S", padded: bool = False) -> str:
+    """A Python expression calling the functions of primitives/runtime.py: over `S[stat]`
+    (one layer's tensors), or with padded=True over `T.padded(stat)` and the mask `T.mask` of a
+    StatTable `T`, which is exactly what `evaluate` computes."""
     if node.is_const:
-        return f"torch.tensor({node.value!r})"
+        return f"torch.tensor({node.value!r}, dtype=T.dtype)" if padded else f"torch.tensor({node.value!r})"
     if node.name in STATS:
-        return f"{stats_var}[{node.name!r}]"
+        return f"T.padded({node.name!r})" if padded else f"{stats_var}[{node.name!r}]"
     assert OPS[node.name].torch.__name__ == _RUNTIME_NAME[node.name]
-    return f"{_RUNTIME_NAME[node.name]}({', '.join(to_torch_source(a, stats_var) for a in node.args)})"
+    args = [to_torch_source(a, stats_var, padded) for a in node.args]
+    if padded and OPS[node.name].normalizer:
+        a = args[0]
+        args = [f"full({a}, T.mask)", "T.mask"]
+    return f"{_RUNTIME_NAME[node.name]}({', '.join(args)})"
 
 
 # --------------------------------------------------------------------------- ranking structure

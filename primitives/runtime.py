@@ -106,3 +106,15 @@ def mnorm(x, mask=None):
     """Per layer: x / (mean |x| + EPS)."""
     x, m = _c(x), _valid(x, mask)
     return _c(torch.where(m, x / (_layer_mean(torch.abs(x), m) + EPS), 0.0))
+
+
+def full(x, mask):
+    """A normalizer's argument over every layer: a constant or a per-class-free [L, C] stays."""
+    return x.expand(mask.shape) if x.dim() < 2 else x
+
+
+def finish(x, mask):
+    """The scores [L, C_max]: per-class results [K, L, C_max] are averaged over classes."""
+    if x.dim() == 3:
+        x = x.mean(0)
+    return x.expand(mask.shape).clone() if x.shape != mask.shape else x

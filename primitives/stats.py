@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from evoprune.primitives.layers import LayerInfo, consumer_slices, discover
 
-EPS = 1e-12
+NORM_FLOOR = 1e-12  # smallest norm divided by (cosines, spectral tolerance)
 
 
 class Cost(enum.IntEnum):
@@ -104,7 +104,7 @@ class LayerData:
 
     @cached_property
     def cos(self) -> Tensor:
-        n = self.w.norm(dim=1).clamp_min(EPS)
+        n = self.w.norm(dim=1).clamp_min(NORM_FLOOR)
         c = (self.gram / (n[:, None] * n[None, :])).abs()
         return c.fill_diagonal_(0.0)
 
@@ -114,7 +114,7 @@ class LayerData:
         ||sigma[r:]||_2 < tau * ||sigma||_2 (Tucker-DLRT's truncation rule)."""
         u, s, vh = torch.linalg.svd(self.w, full_matrices=False)
         tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s ** 2, [0]), 0), [0]))  # tail[r] = ||s[r:]||
-        ok = torch.nonzero(tail < self.spectral_tol * tail[0].clamp_min(EPS)).flatten()
+        ok = torch.nonzero(tail < self.spectral_tol * tail[0].clamp_min(NORM_FLOOR)).flatten()
         r = int(ok[0]) if len(ok) else len(s)
         return u, vh, max(r, 1)
 

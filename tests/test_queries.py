@@ -118,3 +118,21 @@ def test_reader_never_sees_database_is_locked(tmp_path):
     t.join()
     assert not errors, errors
     assert reads > 5 and len(queries.top(reader_engine, run_id, limit=1000)) == 150
+
+
+def test_export_by_id_name_and_baseline(searched, tmp_path, capsys):
+    db, result = searched
+    best = result.finalists[0]
+    rc, out, _ = run(capsys, "export", str(best.candidate_id), "--db", str(db), "-f", "sympy")
+    assert rc == 0 and out.strip() == best.canonical
+    run(capsys, "metrics", "promote", str(best.candidate_id), "exported", "--db", str(db))
+    target = tmp_path / "exported.py"
+    rc, out, _ = run(capsys, "export", "exported", "--db", str(db), "-o", str(target))
+    assert rc == 0 and "EXPRESSION = " in target.read_text() and "import evoprune" not in target.read_text()
+    rc, out, _ = run(capsys, "export", "baseline:fisher", "-f", "latex")
+    assert rc == 0 and r"\mu_P" in out
+    for args, words in [(("export", "424242", "--db", str(db)), "no candidate with ID 424242"),
+                        (("export", "baseline:l7"), "unknown baseline 'l7'"),
+                        (("export", "baseline:l1", "-f", "onnx"), "unknown format 'onnx'")]:
+        rc, _, err = run(capsys, *args)
+        assert rc == 2 and words in err, args

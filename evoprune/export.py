@@ -1,0 +1,185 @@
+"""`evoprune export`: a metric as a standalone Python module, a Torch-Pruning importance,
+a sympy expression or LaTeX.
+
+The Python module carries evoprune's own statistic collector and operator runtime (their
+source, with the package's imports taken out by `ast`), so it needs only torch, and computes
+scores exactly as the search did. The formula part is generated from the parsed tree.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from dataclasses import dataclass
+
+from evoprune import __version__
+from evoprune.errors import EvopruneError
+from evoprune.primitives import collect, layers, runtime, stats
+from evoprune.primitives.expr import Node, canonical, parse, to_latex, to_sympy, to_torch_source
+
+FORMATS = ("python", "torch-pruning", "sympy", "latex")
+_LIBRARY = (runtime, layers, stats, collect)  # in dependency order
+_LEAVE_OUT = {"task_stats"}  # needs evoprune's data sets
+
+
+@dataclass
+class MetricSource:
+    name: str  # a label for the docstring
+    expression: str
+    origin: str  # where it came from, for the docstring
+
+
+def resolve(ref: str, db: str | None = None) -> MetricSource:
+    """ID (a candidate), NAME (a promoted metric) or baseline:NAME."""
+    from evoprune.primitives.baselines import get_baseline
+
+    if ref.startswith("baseline:"):
+        b = get_baseline(ref.split(":", 1)[1])
+        return MetricSource(b.name, b.expression, f"baseline {b.name}: {b.description}")
+    from evoprune.db import queries
+    from evoprune.db.store import connect
+
+    engine = connect(db, create=False)
+    if ref.isdigit():
+        c = queries.candidate(engine, int(ref))
+        return MetricSource(f"candidate_{ref}", c["expression"], f"candidate {ref} of run {c['run']} "
+                                                                 f"(fitness {c['fitness']:.4f}, {c['stage']})")
+    m = queries.metric_by_name(engine, ref)
+    return MetricSource(ref, m["expression"], f"promoted metric {ref!r} (candidate {m['candidate']})")
+
+
+def _library_source() -> str:
+    """The runtime and the collector, without evoprune imports, as one torch-only block."""
+    parts, defined = [], {}
+    for mod in _LIBRARY:
+        tree = ast.parse(inspect.getsource(mod))
+        body = []
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("evoprune", "__future__"):
+                continue
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in _LEAVE_OUT:
+                continue
+            body.append(node)
+            for name in _top_level_names(node):
+                if name in defined and defined[name] != mod.__name__:  # one namespace: a clash changes results
+                    raise RuntimeError(f"export: {name!r} is defined in both {defined[name]} and {mod.__name__}")
+                defined[name] = mod.__name__
+        tree.body = body
+        parts.append(f"# ---- from evoprune.{mod.__name__.split('.', 1)[1]} ----\n{ast.unparse(tree)}")
+    return "\n\n\n".join(parts)
+
+
+def _top_level_names(node: ast.stmt) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return [t.id for t in targets if isinstance(t, ast.Name)]
+    return []
+
+
+_HEADER = '''r"""evoprune metric {name}: {canonical}
+
+{origin}; exported by evoprune {version}.
+Prefix form: {expression}
+LaTeX: {latex}
+
+Needs only torch. Higher scores keep the filter:
+
+    import {module}
+    scores = {module}.score(model, loader)  # {{layer name: Tensor[C_out]}}
+
+`loader` yields (images, labels) batches, normalized as the model expects (labels are used
+by class-conditional and gradient statistics); {max_images} images are used by default.
+Statistics: {stats}.
+"""
+from __future__ import annotations
+
+
+class EvopruneError(Exception):
+    pass
+
+'''
+
+_FOOTER = '''
+
+EXPRESSION = {expression!r}
+STATISTICS = {stats!r}
+MAX_IMAGES = {max_images}
+
+
+def scores_of(T):
+    """The formula over a StatTable: [L, C_max], as the search evaluated it."""
+    return finish({padded}, T.mask)
+
+
+def score(model, loader, *, max_images=MAX_IMAGES, device="cpu"):
+    """{{layer name: Tensor[C_out]}} for every prunable layer of `model`."""
+    T = collect_stats(model, loader, STATISTICS, max_images=max_images, device=device)
+    s = scores_of(T)
+    return {{name: s[i, :w].clone() for i, (name, w) in enumerate(zip(T.layers, T.widths))}}
+'''
+
+_TORCH_PRUNING = '''
+
+import torch_pruning as tp
+
+
+class EvopruneImportance(tp.importance.Importance):
+    """This metric as a Torch-Pruning importance:
+
+        imp = EvopruneImportance(model, loader)
+        pruner = tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=0.5)
+        pruner.step()
+
+    Scores are computed from `loader` on first use and again whenever a layer changes shape
+    (iterative pruning). A layer the metric does not cover (a depthwise conv, the output
+    layer) falls back to the L2 norm of its filters.
+    """
+
+    def __init__(self, model, loader, max_images=MAX_IMAGES, device="cpu"):
+        self.model, self.loader, self.max_images, self.device = model, loader, max_images, device
+        self._key, self._by_module = None, {{}}
+
+    def _scores(self):
+        key = tuple((n, tuple(p.shape)) for n, p in self.model.named_parameters())
+        if key != self._key:
+            modules = dict(self.model.named_modules())
+            self._by_module = {{modules[n]: s for n, s in score(self.model, self.loader, max_images=self.max_images,
+                                                              device=self.device).items()}}
+            self._key = key
+        return self._by_module
+
+    def __call__(self, group):
+        dep, idxs = group[0].dep, group[0].idxs
+        module = dep.target.module
+        s = self._scores().get(module)
+        if s is None:
+            w = module.weight.detach()
+            s = (w.transpose(0, 1) if getattr(module, "transposed", False) else w).flatten(1).norm(dim=1)
+        return s[torch.as_tensor(idxs, dtype=torch.long)].to(module.weight.device)
+'''
+
+
+def python_module(src: MetricSource, max_images: int = 256, torch_pruning: bool = False) -> str:
+    node: Node = parse(src.expression)  # never pasted: parsed, then printed from the tree
+    module = src.name.replace("-", "_").replace(".", "_")
+    head = _HEADER.format(name=src.name, canonical=canonical(node), origin=src.origin, version=__version__,
+                          expression=str(node), latex=to_latex(node), module=module, max_images=max_images,
+                          stats=", ".join(node.stats()) or "none")
+    foot = _FOOTER.format(expression=str(node), stats=node.stats(), max_images=max_images,
+                          padded=to_torch_source(node, padded=True))
+    code = head + _library_source() + foot + (_TORCH_PRUNING.format() if torch_pruning else "")
+    compile(code, f"<export {src.name}>", "exec")  # syntax check only; nothing is run
+    return code
+
+
+def export(src: MetricSource, fmt: str, max_images: int = 256) -> str:
+    if fmt not in FORMATS:
+        raise EvopruneError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    node = parse(src.expression)
+    if fmt == "sympy":
+        return f"{canonical(node)}\n"
+    if fmt == "latex":
+        return f"{to_latex(node)}\n"
+    return python_module(src, max_images, torch_pruning=fmt == "torch-pruning")

@@ -1,0 +1,88 @@
+"""Exports: the Python module in a fresh interpreter without evoprune reproduces the engine's
+scores exactly; the Torch-Pruning importance drives a physical prune of a CIFAR ResNet-20."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from evoprune.data import iterate, load_dataset
+from evoprune.export import MetricSource, export
+from evoprune.models import build_model
+from evoprune.primitives.baselines import BASELINES
+from evoprune.primitives.collect import collect_stats
+from evoprune.primitives.expr import evaluate, parse, scores_by_layer
+
+FORMULAS = {
+    "evolved": "div(w_l1, add(zscore(act_mean), 3.0))",
+    "classwise": BASELINES["etpf_b"].expression,
+    "gradients": "mul(rank(taylor_w), sqrt(taylor_act))",
+    "pfp": "add(pfp_sens, mul(0.1, mnorm(w_out_l2)))",
+    "spectral": "max(spec_leverage, neg(log(spec_residual)))",
+}
+
+
+def test_python_export_runs_without_evoprune_and_matches_the_engine(digits_pretrained, tmp_path):
+    pre = digits_pretrained
+    model = nn.Sequential(OrderedDict(features=pre.model.features, pool=pre.model.pool, flatten=nn.Flatten(),
+                                      fc=pre.model.fc)).eval()  # torch classes only: loads without evoprune
+    x, y = next(iterate(pre.data, pre.data.train, batch_size=128, shuffle=True, seed=5))
+    torch.save(model, tmp_path / "model.pt")
+    torch.save((x, y), tmp_path / "batch.pt")
+    for name, expr in FORMULAS.items():
+        (tmp_path / f"m_{name}.py").write_text(export(MetricSource(name, expr, "test"), "python", max_images=128))
+    script = textwrap.dedent(f"""
+        import sys, importlib
+        sys.modules["evoprune"] = None  # any import of evoprune now fails
+        sys.path.insert(0, {str(tmp_path)!r})
+        import torch
+        model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)
+        x, y = torch.load({str(tmp_path / 'batch.pt')!r})
+        out = {{n: importlib.import_module("m_" + n).score(model, [(x, y)]) for n in {list(FORMULAS)!r}}}
+        torch.save(out, {str(tmp_path / 'scores.pt')!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "scores.pt")
+    for name, expr in FORMULAS.items():
+        node = parse(expr)
+        table = collect_stats(model, [(x, y)], node.stats(), max_images=128)
+        want = scores_by_layer(evaluate(node, table), table)
+        assert list(got[name]) == list(want) == ["features.0", "features.3", "features.7", "features.10"]
+        for layer in want:
+            assert torch.equal(got[name][layer], want[layer]), (name, layer)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_torch_pruning_export_prunes_a_cifar_resnet20(shortcut, shared_data, tmp_path):
+    path = tmp_path / f"imp_{shortcut}.py"
+    path.write_text(export(MetricSource("evolved", FORMULAS["evolved"], "test"), "torch-pruning", max_images=64))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # as `import` would: its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    ds = load_dataset("cifar10", shared_data)
+    x, y = next(iterate(ds, ds.train, batch_size=64))
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3, shortcut=shortcut).eval()
+    before = sum(p.numel() for p in model.parameters())
+    imp = mod.EvopruneImportance(model, [(x, y)])
+    ignored = [model.fc]
+    if shortcut == "A":  # Torch-Pruning cannot follow channels through a zero-padding shortcut:
+        # prune only the convs inside blocks, as TPP's scripts do
+        ignored += [model.conv1] + [b.conv2 for layer in (model.layer1, model.layer2, model.layer3) for b in layer]
+    pruner = tp.pruner.MetaPruner(model, x[:2], importance=imp, pruning_ratio=0.5, ignored_layers=ignored)
+    pruner.step()
+    after = sum(p.numel() for p in model.parameters())
+    assert after < (0.75 if shortcut == "A" else 0.5) * before
+    assert model.layer1[0].conv1.out_channels == 8 and model.layer3[0].conv1.out_channels == 32
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (64, 10) and torch.isfinite(out).all()
