@@ -32,7 +32,8 @@ def _cand_row(c: Candidate) -> dict:
     return {"id": c.id, "run": c.run_id, "fitness": c.fitness, "stage": c.stage, "size": c.size,
             "baseline": c.is_baseline, "canonical": c.canonical, "expression": c.expression,
             **{f"acc:{t}": e.accuracy for t, e in sorted(tasks.items())},
-            "kept_flops": min((e.kept_flops for e in tasks.values()), default=None)}
+            "kept_flops": min((e.kept_flops for e in tasks.values()), default=None),
+            "masks": ",".join(f"{t}:{e.mask}" for t, e in sorted(tasks.items()))}  # equal: same filters pruned
 
 
 def top(engine: Engine, run: int | None = None, task: str | None = None, limit: int = 10) -> list[dict]:
@@ -88,10 +89,12 @@ def _lineage(s: Session, c: Candidate, depth: int = 4) -> list[dict]:
 
 
 def pareto(engine: Engine, run: int) -> list[dict]:
-    """The non-dominated formulas of a run: no other is both fitter and no larger."""
+    """The non-dominated fully evaluated formulas of a run: no other is both fitter and no
+    larger (screened-only fitness is accuracy without fine-tuning: not comparable)."""
     with Session(engine) as s:
         _require_run(s, run)
-        cands = s.scalars(select(Candidate).where(Candidate.run_id == run, Candidate.valid)
+        cands = s.scalars(select(Candidate).where(Candidate.run_id == run, Candidate.valid,
+                                                  Candidate.stage == "full")
                           .options(selectinload(Candidate.evaluations))
                           .order_by(Candidate.size, Candidate.fitness.desc(), Candidate.id)).all()
         front, best = [], float("-inf")

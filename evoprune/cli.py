@@ -370,6 +370,18 @@ def export(ref: Annotated[str, typer.Argument(help="A candidate ID, a promoted m
     out.print(f"wrote {fmt} export of {ref} to {output}", highlight=False, markup=False)
 
 
+@app.command()
+def report(run: Annotated[int, typer.Argument(help="Run ID.")],
+           output: Annotated[Path, typer.Option("-o", "--output", help="Directory for index.html and the PNGs.")]
+           = Path("report"),
+           db: Db = None):
+    """An HTML page with plots of a run: fitness curves, Pareto front, top formulas."""
+    from evoprune.report import build_report
+
+    page = build_report(_db(db), run, output)
+    out.print(f"wrote {page}", highlight=False, markup=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning user mistakes into one line and exit status 2."""
     err = Console(stderr=True, soft_wrap=True)  # one error, one line

@@ -253,7 +253,9 @@ def to_latex(node: Node, simplify: bool = True) -> str:
     """LaTeX of the (simplified) formula; class-conditional moments as ETPF writes them
     (P: images of class k, Q: the rest), other statistics by name."""
     expr = sympy.sympify(canonical(node), locals=_sympy_locals()) if simplify else to_sympy(node)
-    expr = expr.xreplace({r: sympy.Float(r, 6) for r in expr.atoms(sympy.Rational) if not r.is_Integer})
+    exponents = {p.exp for p in expr.atoms(sympy.Pow)}  # sqrt stays sqrt, not x^0.5
+    expr = expr.xreplace({r: sympy.Float(r, 6) for r in expr.atoms(sympy.Rational)
+                          if not r.is_Integer and r not in exponents})
     names = {symbol(n): LATEX_NAMES.get(n, r"\mathrm{" + n.replace("_", r"\_") + "}") for n in node.stats()}
     return sympy.latex(expr, symbol_names=names)
 
