@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_HEAD = "0002"  # the newest Alembic revision (db/migrations/versions); create_all builds this schema
 
 intpk = Annotated[int, mapped_column(primary_key=True)]
 expression = Annotated[str, mapped_column(Text)]
@@ -51,6 +51,7 @@ class Run(Base):
     started: Mapped[datetime] = mapped_column(default=utcnow)
     ended: Mapped[Optional[datetime]]
     note: Mapped[str] = mapped_column(Text, default="")
+    host: Mapped[str] = mapped_column(String(255), default="", server_default="")  # the driver's machine
     generations: Mapped[list["Generation"]] = relationship(back_populates="run", order_by="Generation.index")
 
 
@@ -100,6 +101,7 @@ class Evaluation(Base):
     """One candidate on one task at one proxy stage."""
 
     __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_task_stage", "task", "stage"),)
     id: Mapped[intpk]
     candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"), index=True)
     task: Mapped[str] = mapped_column(String(128))

@@ -12,8 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session
 
-from evoprune.db.models import (SCHEMA_VERSION, Base, Candidate, Evaluation, Generation, Meta, Run, RunStatus,
-                                utcnow)
+from evoprune.db.models import Base, Candidate, Evaluation, Generation, Meta, Run, RunStatus, utcnow
 from evoprune.errors import EvopruneError
 
 DEFAULT_URL = "sqlite:///evoprune.db"
@@ -55,22 +54,43 @@ def connect(url: str | None = None, *, create: bool = True) -> Engine:
     return engine
 
 
+def _alembic(conn):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
 def _ensure_schema(engine: Engine) -> None:
+    """A new database gets the newest schema; an older one is upgraded in place (Alembic).
+    One made before migrations existed (no alembic_version) is the first schema, 0001."""
+    from alembic import command
+
     names = set(inspect(engine).get_table_names())
-    if names and "runs" in names and "evoprune_meta" not in names:
-        raise EvopruneError(f"{engine.url} holds tables that are not evoprune's")
-    if names and "runs" not in names and "evoprune_meta" not in names:
+    if names and "evoprune_meta" not in names:
         raise EvopruneError(f"{engine.url} is a database of something else (tables: {sorted(names)[:5]})")
-    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        cfg = _alembic(conn)
+        if not names:
+            Base.metadata.create_all(conn)
+            command.stamp(cfg, "head")
+        else:
+            if "alembic_version" not in names:
+                command.stamp(cfg, "0001")
+            command.upgrade(cfg, "head")
     with Session(engine) as s, s.begin():
-        if s.get(Meta, "schema_version") is None:
-            s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+        if s.get(Meta, "created_by") is None:
+            s.add(Meta(key="created_by", value="evoprune"))
 
 
 # --------------------------------------------------------------------------- runs
 def create_run(engine: Engine, config: dict, seed: int, code_version: str) -> int:
+    import socket
+
     with Session(engine) as s, s.begin():
-        run = Run(config=config, seed=seed, code_version=code_version)
+        run = Run(config=config, seed=seed, code_version=code_version, host=socket.gethostname())
         s.add(run)
         s.flush()
         return run.id
