@@ -91,3 +91,16 @@ def mask_hash(masks: dict[str, Tensor]) -> str:
         h.update(n.encode())
         h.update(masks[n].numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def mask_targets(model, masks: dict[str, Tensor], bn_of: dict[str, str | None]) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, keep mask) for everything pruning a filter must zero: the filter, its bias,
+    and its BN scale and shift (`bn_of` names each layer's BN module, or None)."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, keep in masks.items():
+        layer, bn = modules[name], modules[bn_of[name]] if bn_of.get(name) else None
+        for p in (layer.weight, layer.bias, bn.weight if bn is not None else None, bn.bias if bn is not None else None):
+            if p is not None:
+                out.append((p, keep.to(p.device)))
+    return out

@@ -30,7 +30,7 @@ from evoprune.primitives.collect import StatTable, task_stats
 from evoprune.primitives.expr import Node, check_scores, evaluate, parse, scores_by_layer
 from evoprune.primitives.layers import discover
 from evoprune.tasks import get_task
-from evoprune.workers.allocators import ALLOCATORS, allocate, kept_share, mask_hash
+from evoprune.workers.allocators import ALLOCATORS, allocate, kept_share, mask_hash, mask_targets
 
 STAGES = ("screen", "full")
 
@@ -140,7 +140,8 @@ class TaskContext:
             for c in i.consumers:
                 producers.setdefault(c, []).append(i.name)
         self.inputs_from = {c: p[0] for c, p in producers.items() if len(p) == 1}
-        self._names = {m: n for n, m in modules.items()}
+        names = {m: n for n, m in modules.items()}
+        self.bn_of = {i.name: names[i.bn] if i.bn is not None else None for i in infos}
 
     # ------------------------------------------------------------------ masks
     def masks(self, node: Node) -> tuple[dict[str, Tensor] | None, str]:
@@ -172,17 +173,9 @@ class TaskContext:
 
     def _zeroer(self, model: nn.Module, masks: dict[str, Tensor]):
         """A function that (re)sets the pruned filters, their biases and BN scale/shift to 0."""
-        mods = dict(model.named_modules())
-        bn_names = {n: (self._names[bn] if bn is not None else None) for n, (_, bn) in self.layers.items()}
-        params, factors = [], []
-        for name, keep in masks.items():
-            k = keep.to(self.device, torch.float32)
-            layer, bn = mods[name], mods[bn_names[name]] if bn_names[name] else None
-            for p in (layer.weight, layer.bias, bn.weight if bn is not None else None,
-                      bn.bias if bn is not None else None):
-                if p is not None:
-                    params.append(p)
-                    factors.append(k.view(-1, *[1] * (p.dim() - 1)).to(p.dtype))
+        targets = mask_targets(model, masks, self.bn_of)
+        params = [p for p, _ in targets]
+        factors = [k.to(p.dtype).view(-1, *[1] * (p.dim() - 1)) for p, k in targets]
 
         @torch.no_grad()
         def zero():
