@@ -83,9 +83,11 @@ class SearchDisplay:
                 f"{k['invalid']} invalid", highlight=False)
         if result.finalists:
             db = f" --db {self.db}" if self.db else ""
-            c.print(f"details: evoprune metrics show {result.finalists[0].candidate_id}{db}    "
-                    f"all: evoprune metrics top --run {result.run_id}{db}    "
-                    f"keep one: evoprune metrics promote ID NAME{db}", highlight=False, markup=False)
+            best = result.finalists[0].candidate_id
+            c.print(f"export the best: evoprune export {best}{db} -o metric_{best}.py "
+                    f"(or -f torch-pruning | sympy | latex)\n"
+                    f"details: evoprune metrics show {best}{db}    all: evoprune metrics top --run {result.run_id}{db}"
+                    f"    report: evoprune report {result.run_id}{db} -o report/", highlight=False, markup=False)
 
 
 def statistics_mean(xs) -> float:

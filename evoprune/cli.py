@@ -295,8 +295,8 @@ def metrics_top(run: Annotated[Optional[int], typer.Option("--run", help="Only t
 
 @metrics_app.command("show")
 def metrics_show(candidate_id: Annotated[int, typer.Argument(help="Candidate ID (see `evoprune metrics top`).")],
-                 db: Db = None, as_json: Json = False):
-    """One formula: raw, simplified, LaTeX, per-task results, lineage."""
+                 db: Db = None, as_json: Json = False, as_csv: Csv = False):
+    """One formula: raw, simplified, LaTeX, per-task results, lineage (--csv: its evaluations)."""
     import json
 
     from evoprune.db import queries
@@ -304,8 +304,14 @@ def metrics_show(candidate_id: Annotated[int, typer.Argument(help="Candidate ID 
 
     row = queries.candidate(_db(db), candidate_id)
     row["latex"] = to_latex(parse(row["expression"]))
+    if as_json and as_csv:
+        raise EvopruneError("--json and --csv exclude each other")
     if as_json:
         print(json.dumps(row, indent=2, default=str))
+        return
+    if as_csv:
+        emit([{"candidate": row["id"], "expression": row["expression"], **e} for e in row["evaluations"]], "",
+             as_csv=True)
         return
     out.print(f"candidate {row['id']} of run {row['run']} (born in generation {row['birth_generation']})\n"
               f"expression  {row['expression']}\nsimplified  {row['canonical']}\nlatex       {row['latex']}\n"
@@ -344,11 +350,15 @@ def metrics_compare(ids: Annotated[list[int], typer.Argument(help="Candidate IDs
 
 @metrics_app.command("promote")
 def metrics_promote(candidate_id: Annotated[int, typer.Argument(help="Candidate ID.")],
-                    name: Annotated[str, typer.Argument(help="A name to use the formula by.")], db: Db = None):
-    """Give a formula a name for reuse."""
+                    name: Annotated[str, typer.Argument(help="A name to use the formula by.")], db: Db = None,
+                    as_json: Json = False, as_csv: Csv = False):
+    """Give a formula a name for reuse (`evoprune export NAME`)."""
     from evoprune.db import queries
 
     m = queries.promote(_db(db), candidate_id, name)
+    if as_json or as_csv:
+        emit([m], "", as_json, as_csv)
+        return
     out.print(f"metric {m['name']!r} = {m['expression']} (candidate {m['candidate']})", highlight=False, markup=False)
 
 

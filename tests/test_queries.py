@@ -60,8 +60,10 @@ def test_show_pareto_compare_promote(searched, capsys):
     rc, out, _ = run(capsys, "metrics", "compare", str(best.candidate_id), "--db", str(db), "--json")
     rows = json.loads(out)
     assert rc == 0 and rows[0]["id"] == best.candidate_id and {"l1", "bn_scale", "fpgm"} <= {r["baseline"] for r in rows}
-    rc, out, _ = run(capsys, "metrics", "promote", str(best.candidate_id), "my-metric", "--db", str(db))
-    assert rc == 0 and queries.metric_by_name(store.connect(f"sqlite:///{db}"), "my-metric")["expression"] == \
+    rc, out, _ = run(capsys, "metrics", "show", str(best.candidate_id), "--db", str(db), "--csv")
+    assert rc == 0 and out.startswith("candidate,expression,task,stage,accuracy")
+    rc, out, _ = run(capsys, "metrics", "promote", str(best.candidate_id), "my-metric", "--db", str(db), "--json")
+    assert rc == 0 and json.loads(out)[0]["name"] == "my-metric" and queries.metric_by_name(store.connect(f"sqlite:///{db}"), "my-metric")["expression"] == \
         best.expression
     rc, _, err = run(capsys, "metrics", "promote", str(best.candidate_id), "my-metric", "--db", str(db))
     assert rc == 2 and "already exists" in err

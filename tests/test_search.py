@@ -201,6 +201,7 @@ def test_default_search_from_the_cli(digits_pretrained, cache_dir, tmp_path, cap
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "top formulas" in out and "best baseline on the same proxy" in out and "generation 1/1" in out
+    assert "export the best: evoprune export " in out
 
 
 def test_bad_workers_flag(tmp_path, capsys):
