@@ -59,13 +59,13 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
                                                                       f"{torch.get_num_threads()} threads"
     print(f"device: {device} ({name}), torch {torch.__version__}")
-    print(f"| task | epochs | val top-1 | test top-1 | seconds |\n|---|---|---|---|---|")
+    print("| task | epochs | val top-1 | test top-1 | seconds |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as cache:
         for t in args.tasks:
             p = pretrained(get_task(t), data_root=args.data_root, cache_dir=cache, device=str(device))
             m = p.meta
             print(f"| {t} | {m['epochs']} | {m['val_acc']:.2%} | {m['test_acc']:.2%} | {m['seconds']:.1f} |")
-    print(f"\n| model | images/epoch | s/epoch (median of 3) | images/s |\n|---|---|---|---|")
+    print("\n| model | images/epoch | s/epoch (median of 3) | images/s |\n|---|---|---|---|")
     for t in args.throughput:
         s, n = epoch_seconds(t, args.data_root, device, batch_size=512 if device.type == "cuda" else 128)
         print(f"| {t} | {n} | {s:.3f} | {n / s:.0f} |")

@@ -7,7 +7,6 @@ from typing import Callable
 from evoprune.db import store
 from evoprune.evolve.config import Config
 from evoprune.evolve.engine import GenerationReport, Search
-from evoprune.primitives.baselines import BASELINES
 from evoprune.train import pick_device
 from evoprune.workers.evaluator import InProcessEvaluator, Job, RayEvaluator, WorkerSpec
 from evoprune.workers.proxy import FitnessRecord

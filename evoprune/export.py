@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import ast
 import inspect
-import textwrap
 from dataclasses import dataclass
 
 from evoprune import __version__
 from evoprune.errors import EvopruneError
 from evoprune.primitives import collect, layers, runtime, stats
-from evoprune.primitives.expr import Node, canonical, parse, to_latex, to_sympy, to_torch_source
+from evoprune.primitives.expr import Node, canonical, parse, to_latex, to_torch_source
 
 FORMATS = ("python", "torch-pruning", "sympy", "latex")
 _LIBRARY = (runtime, layers, stats, collect)  # in dependency order

@@ -11,13 +11,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evoprune.primitives.layers import LayerInfo, consumer_slices, discover
+from evoprune.primitives.layers import LayerInfo, consumer_slices
 
 NORM_FLOOR = 1e-12  # smallest norm divided by (cosines, spectral tolerance)
 

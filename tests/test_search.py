@@ -11,7 +11,6 @@ import time
 from dataclasses import replace
 
 import pytest
-import torch
 from scipy.stats import spearmanr
 
 from evoprune.cli import main
