@@ -24,7 +24,7 @@ class pdiv(sympy.Function):
     constant, where it is exactly a / b (or a / +-EPS for a constant nearer zero than EPS)."""
 
     @classmethod
-    def eval(cls, a, b):
+    def eval(cls, a, b):  # safe: sympy's automatic-evaluation hook, not Python's eval
         if b.is_number:  # a constant denominator: the protection is decided now, exactly
             bv = float(b.evalf())
             return a / b if abs(bv) >= EPS else a / (-_EPS if bv < 0 else _EPS)
@@ -47,7 +47,7 @@ class _Normalizer(sympy.Function):
     of_number = staticmethod(lambda c: None)
 
     @classmethod
-    def eval(cls, x):
+    def eval(cls, x):  # safe: sympy's automatic-evaluation hook
         if x.is_number:  # any closed-form constant (2, 1/20, sqrt(2)): every filter scores the same
             return cls.of_number(x)
 
