@@ -96,6 +96,10 @@ class Candidate(Base):
     is_baseline: Mapped[str] = mapped_column(String(32), default="")  # baseline name when seeded
     evaluations: Mapped[list["Evaluation"]] = relationship(back_populates="candidate")
 
+    def mask_key(self) -> str:
+        """Equal for two formulas that prune the same filters on every task (at their best stage)."""
+        return ",".join(sorted(f"{e.task}:{e.mask}" for e in self.evaluations if e.stage == self.stage))
+
 
 class Evaluation(Base):
     """One candidate on one task at one proxy stage."""

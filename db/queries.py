@@ -33,7 +33,7 @@ def _cand_row(c: Candidate) -> dict:
             "baseline": c.is_baseline, "canonical": c.canonical, "expression": c.expression,
             **{f"acc:{t}": e.accuracy for t, e in sorted(tasks.items())},
             "kept_flops": min((e.kept_flops for e in tasks.values()), default=None),
-            "masks": ",".join(f"{t}:{e.mask}" for t, e in sorted(tasks.items()))}  # equal: same filters pruned
+            "masks": c.mask_key()}
 
 
 def top(engine: Engine, run: int | None = None, task: str | None = None, limit: int = 10) -> list[dict]:

@@ -112,9 +112,9 @@ class Search:
             self.mutations.append(f)
         return tb
 
-    def _from_expression(self, text: str, parents: list[str] | None = None):
+    def _from_expression(self, text: str):
         ind = self.Individual(to_deap(parse(text), self.pset))
-        ind.parents = parents or []
+        ind.parents = []
         return ind
 
     def initial_population(self) -> list:
@@ -122,9 +122,7 @@ class Search:
         pop, seen = [], set()
         for name in s.seeds:
             b = BASELINES[name]
-            node = b.node
-            if all(n in self.pset.mapping for n in node.stats()) and all(
-                    n.is_const or n.name in self.pset.mapping for n in node.walk()):
+            if all(n.is_const or n.name in self.pset.mapping for n in b.node.walk()):  # within this search space
                 if b.expression not in seen:
                     pop.append(self._from_expression(b.expression))
                     seen.add(b.expression)
@@ -292,10 +290,7 @@ class Search:
 
     def _generation(self, g: int, pop: list, t0: float) -> None:
         todo = [ind for ind in pop if not ind.fitness.valid]
-        n_eval, hits = self.evaluate(todo, g)
-        for ind in pop:
-            if not ind.fitness.valid:
-                self._assign(ind)
+        n_eval, hits = self.evaluate(todo, g)  # assigns every individual in todo
         self.hall_of_fame.update(pop)
         raws = [ind.raw for ind in pop]
         best = self.hall_of_fame[0]
@@ -316,13 +311,14 @@ class Search:
         last = store.last_generation(self.db, run_id)
         if last is None:
             raise ValueError(f"run {run_id} has no completed generation to resume from")
-        for cand in store.candidates(self.db, run_id):
-            rec = _record_from_row(cand)
+        cands = store.candidates(self.db, run_id)
+        for cand in cands:
+            rec = record_from_candidate(cand)
             self.records[cand.canonical_hash] = rec
             self.canon[cand.expression] = (cand.canonical, cand.canonical_hash)
             if rec.valid:
                 self.by_masks[tuple(rec.tasks[t].mask for t in self.contexts)] = rec
-        for cand in sorted(store.candidates(self.db, run_id), key=lambda c: (-c.fitness, c.size, c.id)):
+        for cand in sorted(cands, key=lambda c: (-c.fitness, c.size, c.id)):
             if cand.valid and len(self.hall_of_fame) < self.hall_of_fame.maxsize:
                 ind = self._from_expression(cand.expression)
                 self._assign(ind)
@@ -360,7 +356,8 @@ def _state_from_json(data) -> tuple:
     return version, tuple(internal), gauss
 
 
-def _record_from_row(cand) -> FitnessRecord:
+def record_from_candidate(cand) -> FitnessRecord:
+    """A stored candidate as the record its best stage produced."""
     evals = [e for e in cand.evaluations if e.stage == cand.stage]
     tasks = {e.task: TaskResult(e.accuracy, e.kept_flops, e.kept_params, e.seconds, e.mask) for e in evals}
     return FitnessRecord(cand.expression, cand.stage, cand.fitness, cand.valid, cand.reason, tasks,

@@ -6,7 +6,7 @@ from typing import Callable
 
 from evoprune.db import store
 from evoprune.evolve.config import Config
-from evoprune.evolve.engine import GenerationReport, Search
+from evoprune.evolve.engine import GenerationReport, Search, record_from_candidate
 from evoprune.train import pick_device
 from evoprune.workers.evaluator import InProcessEvaluator, Job, RayEvaluator, WorkerSpec
 from evoprune.workers.proxy import FitnessRecord
@@ -98,16 +98,14 @@ def _final_round(search: Search, engine, evaluator, top: int) -> tuple[list[Fina
                                            c.birth_generation, rec.to_dict(), c.is_baseline))
         store.record_candidates(engine, search.run_id, rows)
         cands = store.candidates(engine, search.run_id)
-    from evoprune.evolve.engine import _record_from_row
 
     def fin(c):
-        return Finalist(c.id, c.expression, c.canonical, c.size, _record_from_row(c), c.is_baseline)
+        return Finalist(c.id, c.expression, c.canonical, c.size, record_from_candidate(c), c.is_baseline)
 
     ranked = sorted((c for c in cands if c.valid and c.stage == "full"), key=lambda c: (-c.fitness, c.size, c.id))
     distinct, seen = [], set()
     for c in ranked:  # one formula per set of masks: the others prune exactly the same filters
-        key = tuple(sorted((e.task, e.mask) for e in c.evaluations if e.stage == "full"))
-        if key not in seen:
-            seen.add(key)
+        if c.mask_key() not in seen:
+            seen.add(c.mask_key())
             distinct.append(fin(c))
     return distinct[:top], sorted((fin(c) for c in cands if c.is_baseline), key=lambda f: -f.record.fitness)

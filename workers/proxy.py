@@ -132,7 +132,6 @@ class TaskContext:
         example = next(iterate(self.data, self.data.train, batch_size=2, device=self.device))[0]
         infos = discover(self.base, example)
         modules = dict(self.base.named_modules())
-        self.layers = {i.name: (i.module, i.bn) for i in infos}
         self.macs = {i.name: i.macs for i in infos}
         self.params = {i.name: i.module.weight.numel() for i in infos}
         producers: dict[str, list[str]] = {}
