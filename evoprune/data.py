@@ -327,13 +327,19 @@ def dataset_names() -> list[str]:
 @lru_cache(maxsize=8)
 def _load_cached(name: str, root: str, download: bool) -> DataSet:
     if name.startswith("imagefolder:"):
-        rel = name.split(":", 1)[1]
+        rel, _, query = name.split(":", 1)[1].partition("?")
         if not rel:
             raise EvopruneError("imagefolder needs a path: imagefolder:/path/to/tree")
+        size = 224
+        if query:
+            key, _, value = query.partition("=")
+            if key != "size" or not value.isdigit() or int(value) < 8:
+                raise EvopruneError(f"imagefolder: unknown option {query!r} (the one option is ?size=PIXELS, >= 8)")
+            size = int(value)
         p = Path(rel)
         if not p.exists() and not p.is_absolute():  # a relative path may live under the data root
             p = Path(root) / p if (Path(root) / p).exists() else p
-        return load_imagefolder(p)
+        return load_imagefolder(p, size)
     if name not in DATASETS:
         raise UnknownName("data set", name, dataset_names())
     return DATASETS[name].loader(Path(root), download)
@@ -375,22 +381,28 @@ def _augment(x: Tensor, kind: str, g: torch.Generator) -> Tensor:
 
 def iterate(ds: DataSet, split: Split, *, batch_size: int, shuffle: bool = False, augment: str = "none",
             seed: int = 0, device: torch.device | str = "cpu", drop_last: bool = False,
-            limit: int | None = None, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+            limit: int | None = None, workers: int = 0,
+            shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield normalized (x float32 [B, C, H, W], y int64 [B]) batches on `device`.
 
     The order depends only on `seed`, so every candidate can see the same data stream.
-    `limit` caps the number of images (a subset drawn in the seeded order).
+    `limit` caps the number of images (a subset drawn in the seeded order). `shard=(rank,
+    world)` gives process `rank` of `world` every world-th image of that order (as PyTorch's
+    DistributedSampler does; the order is first cut to a multiple of `world`, so every process
+    sees as many batches); `batch_size` is then per process.
     """
     device = torch.device(device)
-    if isinstance(split, FileSplit):
-        yield from _iterate_files(ds, split, batch_size=batch_size, shuffle=shuffle, augment=augment,
-                                  seed=seed, device=device, drop_last=drop_last, limit=limit, workers=workers)
-        return
     g = torch.Generator().manual_seed(seed)
-    n = len(split)
-    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    order = torch.randperm(len(split), generator=g) if shuffle else torch.arange(len(split))
     if limit is not None:
         order = order[:limit]
+    rank, world = shard
+    if world > 1:
+        order = order[: len(order) - len(order) % world][rank::world]
+    if isinstance(split, FileSplit):
+        yield from _iterate_files(ds, split, order, batch_size=batch_size, augment=augment, device=device,
+                                  drop_last=drop_last, workers=workers)
+        return
     norm = _normalizer(ds, device)
     scale = 255.0 if split.x.dtype == torch.uint8 else 1.0
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
@@ -422,11 +434,7 @@ class _FileDataset(torch.utils.data.Dataset):
             return self.tf(im.convert("RGB")), self.split.y[i]
 
 
-def _iterate_files(ds, split, *, batch_size, shuffle, augment, seed, device, drop_last, limit, workers):
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(split), generator=g) if shuffle else torch.arange(len(split))
-    if limit is not None:
-        order = order[:limit]
+def _iterate_files(ds, split, order, *, batch_size, augment, device, drop_last, workers):
     subset = torch.utils.data.Subset(_FileDataset(split, train=augment != "none"), order.tolist())
     dl = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
                                      pin_memory=device.type == "cuda")

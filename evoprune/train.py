@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evoprune import dist
 from evoprune.data import DataSet, Split, iterate
 from evoprune.tasks import Recipe
 
@@ -36,17 +37,20 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def accuracy(model: nn.Module, ds: DataSet, split: Split, *, device: torch.device | str = "cpu",
              batch_size: int = 512, limit: int | None = None) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of `model` in eval mode on a split."""
+    """Top-1 accuracy (fraction in [0, 1]) of `model` in eval mode on a split. Under DDP each
+    process scores its shard and the counts are summed (a split not divisible by the number of
+    processes loses its last few images)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     correct = total = 0
-    for x, y in iterate(ds, split, batch_size=batch_size, device=device, limit=limit):
+    for x, y in iterate(ds, split, batch_size=batch_size, device=device, limit=limit, shard=dist.shard()):
         with autocast(device):
             out = model(x)
         correct += int((out.argmax(1) == y).sum())
         total += len(y)
     model.train(was_training)
+    correct, total = dist.all_sum([correct, total], device)
     return correct / max(total, 1)
 
 
@@ -82,38 +86,51 @@ class TrainResult:
 
 
 def train(model: nn.Module, ds: DataSet, recipe: Recipe, *, device: torch.device,
-          on_epoch: Callable[[int, float, float], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[int, float, float], None] | None = None, start_epoch: int = 0,
+          optimizer_state: dict | None = None,
+          checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None) -> TrainResult:
     """Train `model` on the train split by `recipe`; val accuracy each epoch, test at the end.
 
-    `on_epoch(epoch, smoothed_loss, val_acc)` is called after each epoch (progress display).
+    `on_epoch(epoch, smoothed_loss, val_acc)` is called after each epoch (progress display),
+    then `checkpoint(epoch, optimizer)`. To resume after epoch E pass `start_epoch=E` and the
+    optimizer's saved state: data order and learning rate depend only on the epoch and step,
+    so the resumed run continues the interrupted one exactly. Under torchrun the model trains
+    inside DDP, each process on its shard of every global batch of `recipe.batch_size`.
     """
     t0 = time.perf_counter()
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, recipe)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    net = dist.wrap(model, device)
     augment = recipe.augment or ds.augment
     steps_per_epoch = max(1, len(ds.train) // recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
-    step, loss_avg, val = 0, float("nan"), float("nan")
-    for epoch in range(recipe.epochs):
+    step, loss_avg, val, loss_ema = start_epoch * steps_per_epoch, float("nan"), float("nan"), None
+    for epoch in range(start_epoch, recipe.epochs):
         model.train()
-        for x, y in iterate(ds, ds.train, batch_size=recipe.batch_size, shuffle=True, augment=augment,
-                            seed=recipe.seed * 100003 + epoch, device=device, drop_last=True):
+        for x, y in iterate(ds, ds.train, batch_size=max(1, recipe.batch_size // dist.world()), shuffle=True,
+                            augment=augment, seed=recipe.seed * 100003 + epoch, device=device, drop_last=True,
+                            shard=dist.shard()):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, recipe)
             with autocast(device):
-                loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+                loss = F.cross_entropy(net(x), y, label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            lv = float(loss.detach())
-            loss_avg = lv if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * lv
+            lv = loss.detach().float()  # kept on the device: no wait for the GPU at every step
+            loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
         val = accuracy(model, ds, ds.val, device=device)
+        loss_avg = float(loss_ema) if loss_ema is not None else loss_avg
         if on_epoch:
             on_epoch(epoch + 1, loss_avg, val)
-    if recipe.epochs == 0:
+        if checkpoint:
+            checkpoint(epoch + 1, opt)
+    if recipe.epochs == start_epoch:
         val = accuracy(model, ds, ds.val, device=device)
     test = accuracy(model, ds, ds.test, device=device)
     model.to(memory_format=torch.contiguous_format)
