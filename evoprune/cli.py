@@ -5,6 +5,7 @@ never a traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -390,6 +391,101 @@ def report(run: Annotated[int, typer.Argument(help="Run ID.")],
 
     page = build_report(_db(db), run, output)
     out.print(f"wrote {page}", highlight=False, markup=False)
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60] or "metric"
+
+
+@app.command("prune")
+def prune_cmd(
+    task: Annotated[str, typer.Option("--task", help="Task whose pretrained model is pruned.")],
+    metric: Annotated[str, typer.Option("--metric", help="Candidate ID, promoted NAME, baseline:NAME or "
+                                                         "expr:EXPRESSION.")],
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Share of filters pruned in each layer "
+                                                   "(uniform) or overall (--allocator global).")] = None,
+    flops_reduction: Annotated[Optional[float], typer.Option("--flops-reduction", help="Share of the prunable "
+                                                             "layers' MACs to remove (allocator flops).")] = None,
+    allocator: Annotated[Optional[str], typer.Option("--allocator", help="uniform | global | flops (default: "
+                                                     "uniform with --ratio, flops with --flops-reduction).")] = None,
+    scope: Annotated[str, typer.Option("--scope", help="in-block: only layers whose channels no other layer "
+                                       "shares (TPP's scripts); coupled: also residual-tied layers, pruned "
+                                       "together.")] = "in-block",
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Glob of layer names to leave whole "
+                                                      "(repeatable).")] = None,
+    tpp: Annotated[bool, typer.Option("--tpp/--no-tpp", help="TPP regularization before surgery.")] = True,
+    reg_step: Annotated[float, typer.Option("--reg-step", help="TPP: reg increment.")] = 1e-4,
+    update_every: Annotated[int, typer.Option("--update-every", help="TPP: iterations between increments "
+                                              "(10 CIFAR, 5 ImageNet).")] = 10,
+    reg_ceiling: Annotated[float, typer.Option("--reg-ceiling", help="TPP: reg stops growing here.")] = 1.0,
+    gram_weight: Annotated[float, typer.Option("--gram-weight", help="TPP: Gram term weight per unit "
+                                               "of reg.")] = 1000.0,
+    stabilize_iters: Annotated[int, typer.Option("--stabilize-iters", help="TPP: iterations at the ceiling.")] = 1000,
+    tpp_lr: Annotated[float, typer.Option("--tpp-lr", help="TPP: SGD learning rate.")] = 1e-3,
+    epochs: Annotated[int, typer.Option("--epochs", help="Retraining epochs after surgery.")] = 120,
+    lr: Annotated[float, typer.Option("--lr", help="Retraining peak learning rate.")] = 0.01,
+    schedule: Annotated[str, typer.Option("--schedule", help="step (x0.1 at 50%, 75%) | cosine | "
+                                          "onecycle.")] = "step",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step (all processes "
+                                            "together).")] = 128,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
+    stat_images: Annotated[int, typer.Option("--stat-images", help="Training images for the metric's "
+                                             "statistics.")] = 256,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="Images per timed forward pass.")] = 64,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default "
+                                                    "pruned/TASK-METRIC).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last "
+                                         "checkpoint.")] = False,
+    record: Annotated[bool, typer.Option("--record/--no-record", help="Store the result as a transfer "
+                                         "evaluation of the metric's candidate.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun: one GPU per "
+                                        "process).")] = "auto",
+    data_root: DataRoot = None, cache_dir: CacheDir = None, tasks_file: TasksFile = None, db: Db = None):
+    """Prune a task's pretrained model with a metric: TPP regularization, surgery, retraining,
+    a report. Run under torchrun for multi-GPU retraining (docs/transfer.md)."""
+    from evoprune.export import resolve
+    from evoprune.tasks import Recipe, get_task
+    from evoprune.transfer.prune import PruneConfig, prune
+    from evoprune.transfer.tpp import TPPConfig
+
+    if (ratio is None) == (flops_reduction is None):
+        raise EvopruneError("give exactly one of --ratio R and --flops-reduction F")
+    allocator = allocator or ("flops" if flops_reduction is not None else "uniform")
+    if (allocator == "flops") != (flops_reduction is not None):
+        raise EvopruneError("--flops-reduction goes with --allocator flops, --ratio with uniform or global")
+    get_task(task, tasks_file)
+    source = resolve(metric, db)
+    cfg = PruneConfig(
+        task=task, metric=metric, expression=source.expression, allocator=allocator,
+        ratio=ratio if ratio is not None else 0.5,
+        flops_reduction=flops_reduction if flops_reduction is not None else 0.5, scope=scope,
+        skip=tuple(skip or ()), stat_images=stat_images, latency_batch=latency_batch,
+        tpp=TPPConfig(reg_step=reg_step, update_every=update_every, reg_ceiling=reg_ceiling, gram_weight=gram_weight,
+                      stabilize_iters=stabilize_iters, lr=tpp_lr) if tpp else None,
+        retrain=Recipe(epochs=epochs, lr=lr, schedule=schedule, batch_size=batch_size, weight_decay=weight_decay))
+    out_dir = out_dir or Path("pruned") / f"{task}-{_slug(metric)}"
+    rep = prune(cfg, out=out_dir, resume=resume, data_root=data_root, cache_dir=cache_dir, tasks_file=tasks_file,
+                device=device, db=db, record=record, console=out)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one process reports
+        return
+    acc = rep["test_acc"]
+    t = Table(title=f"{task} pruned with {metric}")
+    for col in ("", "params", "MACs", f"latency (batch {rep['latency_batch']})", "test accuracy"):
+        t.add_column(col)
+    t.add_row("before", f"{rep['params'][0]:,}", f"{rep['macs'][0]:,}", f"{rep['latency_ms'][0]:.2f} ms",
+              f"{acc['pretrained']:.2%}")
+    t.add_row("after surgery", "", "", "", f"{acc['pruned']:.2%}")
+    t.add_row("retrained", f"{rep['params'][1]:,} ({rep['params_kept']:.0%})",
+              f"{rep['macs'][1]:,} ({rep['speedup']:.2f}x fewer)",
+              f"{rep['latency_ms'][1]:.2f} ms ({rep['measured_speedup']:.2f}x)", f"{acc['retrained']:.2%}")
+    out.print(t)
+    where = rep.get("recorded")
+    out.print(f"model   {rep['files']['model']}\nreport  {rep['files']['report']}\n"
+              + (f"stored  evaluation {where['evaluation']} of candidate {where['candidate']}" if where else
+                 "stored  not in the database (no candidate has this formula)" if record else ""),
+              highlight=False, markup=False)
 
 
 def main(argv: list[str] | None = None) -> int:

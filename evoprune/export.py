@@ -29,9 +29,13 @@ class MetricSource:
 
 
 def resolve(ref: str, db: str | None = None) -> MetricSource:
-    """ID (a candidate), NAME (a promoted metric) or baseline:NAME."""
+    """ID (a candidate), NAME (a promoted metric), baseline:NAME or expr:EXPRESSION."""
     from evoprune.primitives.baselines import get_baseline
 
+    if ref.startswith("expr:"):
+        expression = ref.split(":", 1)[1].strip()
+        parse(expression)  # one clear message for a malformed expression
+        return MetricSource("custom", expression, "an expression given on the command line")
     if ref.startswith("baseline:"):
         b = get_baseline(ref.split(":", 1)[1])
         return MetricSource(b.name, b.expression, f"baseline {b.name}: {b.description}")

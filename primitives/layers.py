@@ -31,6 +31,29 @@ class LayerInfo:
         return self.module.weight.detach().flatten(1)
 
 
+
+@dataclass
+class Structure:
+    """Per prunable layer (by name): cost, BN and the single layer feeding it, for allocators."""
+    macs: dict[str, int]
+    params: dict[str, int]
+    inputs_from: dict[str, str]  # the one prunable layer whose channels are this layer's input
+    bn_of: dict[str, str | None]  # the BN module's name, or None
+    out_channels: dict[str, int]
+
+
+def structure(model: nn.Module, example: Tensor) -> Structure:
+    infos = discover(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    producers: dict[str, list[str]] = {}
+    for i in infos:
+        for c in i.consumers:
+            producers.setdefault(c, []).append(i.name)
+    return Structure(macs={i.name: i.macs for i in infos}, params={i.name: i.module.weight.numel() for i in infos},
+                     inputs_from={c: p[0] for c, p in producers.items() if len(p) == 1},
+                     bn_of={i.name: names[i.bn] if i.bn is not None else None for i in infos},
+                     out_channels={i.name: i.out_channels for i in infos})
+
 def _prunable(m: nn.Module) -> bool:
     return isinstance(m, WEIGHTED) and (not isinstance(m, nn.Conv2d) or m.groups == 1)
 

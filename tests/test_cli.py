@@ -25,7 +25,7 @@ def test_version_and_listings(capsys):
 
 def test_every_command_has_help(capsys):
     for args in [(), ("data",), ("data", "check"), ("data", "list"), ("models", "list"), ("tasks", "list"),
-                 ("pretrain",), ("evolve",), ("version",)]:
+                 ("pretrain",), ("evolve",), ("prune",), ("version",)]:
         rc, out, _ = run(capsys, *args, "--help")
         assert rc == 0 and "Usage:" in out, args
 

@@ -7,22 +7,9 @@ import io
 import json
 import threading
 
-import pytest
 
 from evoprune.cli import main
 from evoprune.db import queries, store
-from evoprune.evolve.config import Config, ProxyConfig, SearchConfig
-from evoprune.evolve.service import run_search
-
-
-@pytest.fixture(scope="module")
-def searched(digits_pretrained, cache_dir, tmp_path_factory):
-    db = tmp_path_factory.mktemp("q") / "q.db"
-    cfg = Config(search=SearchConfig(population=8, generations=1, seed=0, seeds=("l1", "bn_scale", "fpgm")),
-                 proxy=ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128))
-    cfg = Config(search=cfg.search, proxy=cfg.proxy, run=type(cfg.run)(cache_dir=str(cache_dir), device="cpu"))
-    result = run_search(cfg, db_url=f"sqlite:///{db}")
-    return db, result
 
 
 def run(capsys, *args):

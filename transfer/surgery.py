@@ -2,9 +2,10 @@
 checking they are zero, so the smaller model computes what the masked one did.
 
 Masks are {layer name: BoolTensor[C_out]} (True = keep), as the allocators give them.
-Residual coupling is avoided as TPP's released scripts do: `independent_layers` finds the
-layers whose output channels no other layer shares (in a ResNet, the convs inside blocks);
-masks on coupled layers are refused rather than silently widened.
+Residual coupling is either avoided, as TPP's released scripts do (`independent_layers`: the
+layers whose output channels no other layer shares; in a ResNet, the convs inside blocks), or
+handled (`channel_groups`: the layers that must lose the same channels, pruned together with
+one mask). A mask that differs between members of a group is refused, never silently widened.
 """
 from __future__ import annotations
 
@@ -34,19 +35,32 @@ def _graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
         model.train(was)
 
 
+def channel_groups(model: nn.Module, example: Tensor, names: list[str],
+                   dg: tp.DependencyGraph | None = None) -> list[list[str]]:
+    """`names` partitioned into groups of layers whose output channels are tied together (by
+    residual additions, concatenations): each group must be pruned with one mask. A group may
+    name layers outside `names`; they are included, in model order."""
+    dg = dg or _graph(model, example)
+    modules = dict(model.named_modules())
+    name_of = {m: n for n, m in modules.items()}
+    order = {n: i for i, n in enumerate(modules)}
+    groups, seen = [], set()
+    for n in names:
+        if n in seen:
+            continue
+        m = modules[n]
+        group = dg.get_pruning_group(m, _prune_fn(m), idxs=[0])
+        members = sorted({name_of[item.dep.target.module] for item in group
+                          if item.dep.handler in _OUT.values()} | {n}, key=order.__getitem__)
+        seen.update(members)
+        groups.append(members)
+    return groups
+
+
 def independent_layers(model: nn.Module, example: Tensor, names: list[str]) -> list[str]:
     """Those of `names` whose output channels are shared with no other conv or linear layer's
     output (their pruning group holds no other producer)."""
-    dg = _graph(model, example)
-    modules = dict(model.named_modules())
-    out = []
-    for n in names:
-        m = modules[n]
-        group = dg.get_pruning_group(m, _prune_fn(m), idxs=[0])
-        producers = {item.dep.target.module for item in group if item.dep.handler in _OUT.values()}
-        if producers == {m}:
-            out.append(n)
-    return out
+    return [g[0] for g in channel_groups(model, example, names) if len(g) == 1]
 
 
 @torch.no_grad()
@@ -57,25 +71,34 @@ def zero_pruned(model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str
         p[~keep] = 0
 
 
-def surgery(model: nn.Module, masks: dict[str, Tensor], example: Tensor) -> nn.Module:
-    """Remove every channel a mask drops, in place; returns the model. Coupled layers are refused."""
+def surgery(model: nn.Module, masks: dict[str, Tensor], example: Tensor, *, coupled: bool = False) -> nn.Module:
+    """Remove every channel a mask drops, in place; returns the model.
+
+    Without `coupled`, a mask on a layer that shares its channels is refused. With it, every
+    member of a channel group must carry the same mask; the group is pruned once."""
     modules = dict(model.named_modules())
     if unknown := [n for n in masks if n not in modules]:
         raise EvopruneError(f"no layers named {unknown} in the model")
-    coupled = set(masks) - set(independent_layers(model, example, list(masks)))
-    if coupled:
-        raise EvopruneError(f"layers {sorted(coupled)} share channels with others (residual coupling): "
-                            "prune only the layers inside blocks")
     dg = _graph(model, example)
-    for name, keep in masks.items():
+    groups = channel_groups(model, example, list(masks), dg)
+    for members in groups:
+        if len(members) > 1 and not coupled:
+            raise EvopruneError(f"layers {members} share channels (residual coupling): prune only the layers "
+                                "inside blocks, or prune the group together (scope 'coupled')")
+        missing = [n for n in members if n not in masks]
+        if missing or any(not torch.equal(masks[n], masks[members[0]]) for n in members):
+            raise EvopruneError(f"layers {members} share channels and must carry one mask"
+                                + (f" (no mask for {missing})" if missing else ""))
+    for members in groups:
+        keep = masks[members[0]]
         drop = torch.nonzero(~keep).flatten().tolist()
         if not drop:
             continue
         if len(drop) == len(keep):
-            raise EvopruneError(f"mask of {name} drops every channel")
-        m = modules[name]
+            raise EvopruneError(f"mask of {members[0]} drops every channel")
+        m = modules[members[0]]
         group = dg.get_pruning_group(m, _prune_fn(m), idxs=drop)
         if not dg.check_pruning_group(group):
-            raise EvopruneError(f"Torch-Pruning refused to prune {name}")
+            raise EvopruneError(f"Torch-Pruning refused to prune {members}")
         group.prune()
     return model

@@ -6,11 +6,13 @@ For each pruned layer with filters W [N, C*k*k] and keep mask m [N]:
                 `gram_weight` x reg in the loss (the paper: 1000 x reg);
   L2            grad += reg * param on the pruned filters and their BN scale and shift;
   schedule      reg += reg_step every `update_every` iterations up to `reg_ceiling`, after which
-                the stabilize phase keeps reg fixed.
+                the stabilize phase keeps reg fixed for `stabilize_iters` iterations. reg is a
+                function of the iteration count alone, so a resumed run needs only that count.
 Defaults are the paper's CIFAR settings; ImageNet used update_every = 5.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,15 @@ class TPPConfig:
             if not ok:
                 raise EvopruneError(f"[tpp] {msg}")
 
+    @property
+    def ramp_iterations(self) -> int:
+        """Iterations until reg reaches the ceiling."""
+        return math.ceil(self.reg_ceiling / self.reg_step - 1e-9) * self.update_every
+
+    @property
+    def total_iterations(self) -> int:
+        return self.ramp_iterations + self.stabilize_iters
+
 
 class TPPRegularizer:
     """Call `penalty()` into the loss, `apply_l2()` after backward, `step()` after each iteration."""
@@ -42,40 +53,51 @@ class TPPRegularizer:
     def __init__(self, model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str | None],
                  cfg: TPPConfig = TPPConfig()):
         modules = dict(model.named_modules())
-        self.cfg, self.reg, self.iteration = cfg, 0.0, 0
+        self.cfg, self.iteration = cfg, 0
         self.layers = []
         for name, keep in masks.items():
             m = modules[name]
             bn = modules[bn_of[name]] if bn_of.get(name) else None
             self.layers.append((m, bn, keep.to(m.weight.device, torch.float32), ~keep.to(m.weight.device)))
+        self._off = [1 - torch.outer(keep, keep) for _, _, keep, _ in self.layers]  # zero on kept-kept entries
+        # (param, 0/1 factor broadcastable to it) for the L2 term: multiplications, no host syncs
+        self._l2 = []
+        for m, bn, keep, _ in self.layers:
+            for p in [m.weight] + ([bn.weight, bn.bias] if bn is not None else []):
+                self._l2.append((p, (1 - keep).view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
+
+    @property
+    def reg(self) -> float:
+        c = self.cfg
+        return min(c.reg_ceiling, (self.iteration // c.update_every) * c.reg_step)
 
     @property
     def phase(self) -> str:
         """"regularize" while reg grows, then "stabilize"."""
-        return "stabilize" if self.reg >= self.cfg.reg_ceiling else "regularize"
+        return "stabilize" if self.iteration >= self.cfg.ramp_iterations else "regularize"
+
+    @property
+    def done(self) -> bool:
+        return self.iteration >= self.cfg.total_iterations
 
     def penalty(self) -> Tensor:
         total = None
-        for m, _, keep, _ in self.layers:
+        for (m, *_), off in zip(self.layers, self._off):
             w = m.weight.flatten(1)
             gram = w @ w.T
-            off = 1 - torch.outer(keep, keep)  # zero on kept-kept entries
             term = (gram * off).pow(2).sum() / gram.shape[0] ** 2
             total = term if total is None else total + term
         return self.cfg.gram_weight * self.reg * total
 
     @torch.no_grad()
     def apply_l2(self) -> None:
-        for m, bn, _, drop in self.layers:
-            params = [m.weight] + ([bn.weight, bn.bias] if bn is not None else [])
-            for p in params:
-                if p.grad is not None:
-                    p.grad[drop] += self.reg * p[drop]
+        reg = self.reg
+        for p, drop in self._l2:
+            if p.grad is not None:
+                p.grad.add_(p * drop, alpha=reg)
 
     def step(self) -> None:
         self.iteration += 1
-        if self.iteration % self.cfg.update_every == 0:
-            self.reg = min(self.reg + self.cfg.reg_step, self.cfg.reg_ceiling)
 
     @torch.no_grad()
     def pruned_norms(self) -> tuple[float, float, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -47,30 +48,42 @@ def global_(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
     return masks
 
 
-def kept_share(masks: dict[str, Tensor], cost: dict[str, int], inputs_from: dict[str, str]) -> float:
-    """Share of the prunable layers' cost (MACs or parameters) left: a layer's cost scales with
-    its kept filters and with the kept filters of the layer feeding it (when exactly one does)."""
+def kept_share(masks: dict[str, Tensor], cost: dict[str, int], inputs_from: dict[str, str],
+               layers: Iterable[str] | None = None) -> float:
+    """Share of the layers' cost (MACs or parameters) left: a layer's cost scales with its kept
+    filters and with the kept filters of the layer feeding it (when exactly one does).
+    `layers`: the layers to count (default: the masked ones; pass every layer to see what a
+    mask also saves in the layers that consume its channels)."""
+    names = list(masks if layers is None else layers)
     left = 0.0
-    for n, m in masks.items():
-        share = m.float().mean().item()
+    for n in names:
+        share = masks[n].float().mean().item() if n in masks else 1.0
         src = inputs_from.get(n)
         if src in masks:
             share *= masks[src].float().mean().item()
         left += cost[n] * share
-    return left / max(sum(cost[n] for n in masks), 1)
+    return left / max(sum(cost[n] for n in names), 1)
 
 
-def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int],
-          inputs_from: dict[str, str]) -> dict[str, Tensor]:
-    """The smallest uniform ratio whose masks remove at least `reduction` of the MACs (bisection)."""
+def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int], inputs_from: dict[str, str],
+          expand: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+          layers: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """The smallest uniform ratio whose masks remove at least `reduction` of the MACs (bisection).
+    `expand` maps the masks of `scores`' keys to per-layer masks (channel groups); `layers` are
+    the layers whose MACs count (default: the masked ones)."""
+    expand = expand or (lambda m: m)
+
+    def at(r: float) -> dict[str, Tensor]:
+        return expand(uniform(scores, r))
+
     lo, hi = 0.0, 0.99
     for _ in range(30):
         mid = (lo + hi) / 2
-        if 1 - kept_share(uniform(scores, mid), macs, inputs_from) >= reduction:
+        if 1 - kept_share(at(mid), macs, inputs_from, layers) >= reduction:
             hi = mid
         else:
             lo = mid
-    return uniform(scores, hi)
+    return at(hi)
 
 
 def allocate(kind: str, scores: dict[str, Tensor], *, ratio: float = 0.5, flops_reduction: float = 0.5,

@@ -28,7 +28,7 @@ from evoprune.data import iterate
 from evoprune.errors import EvopruneError
 from evoprune.primitives.collect import StatTable, task_stats
 from evoprune.primitives.expr import Node, check_scores, evaluate, parse, scores_by_layer
-from evoprune.primitives.layers import discover
+from evoprune.primitives.layers import structure
 from evoprune.tasks import get_task
 from evoprune.workers.allocators import ALLOCATORS, allocate, kept_share, mask_hash, mask_targets
 
@@ -130,17 +130,8 @@ class TaskContext:
         self.table: StatTable = task_stats(pre, stats, n_images=cfg.stat_images, seed=cfg.data_seed,
                                            device=self.device)
         example = next(iterate(self.data, self.data.train, batch_size=2, device=self.device))[0]
-        infos = discover(self.base, example)
-        modules = dict(self.base.named_modules())
-        self.macs = {i.name: i.macs for i in infos}
-        self.params = {i.name: i.module.weight.numel() for i in infos}
-        producers: dict[str, list[str]] = {}
-        for i in infos:
-            for c in i.consumers:
-                producers.setdefault(c, []).append(i.name)
-        self.inputs_from = {c: p[0] for c, p in producers.items() if len(p) == 1}
-        names = {m: n for n, m in modules.items()}
-        self.bn_of = {i.name: names[i.bn] if i.bn is not None else None for i in infos}
+        s = structure(self.base, example)
+        self.macs, self.params, self.inputs_from, self.bn_of = s.macs, s.params, s.inputs_from, s.bn_of
 
     # ------------------------------------------------------------------ masks
     def masks(self, node: Node) -> tuple[dict[str, Tensor] | None, str]:

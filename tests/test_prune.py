@@ -1,0 +1,223 @@
+"""`evoprune prune` end to end: TPP, surgery, retraining, report and database row; resume after
+a kill mid-retraining; clear errors; coupled channel groups; two-process DDP on an image folder."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from evoprune.cli import main
+from evoprune.data import iterate, load_dataset
+from evoprune.db import queries, store
+from evoprune.errors import EvopruneError
+from evoprune.models import build_model
+from evoprune.primitives.layers import discover, structure
+from evoprune.train import accuracy
+from evoprune.transfer.prune import PruneConfig, choose_groups
+from evoprune.transfer.surgery import channel_groups, surgery, zero_pruned
+from evoprune.workers.allocators import uniform
+
+FAST_TPP = ["--reg-step", "0.05", "--update-every", "2", "--stabilize-iters", "20"]
+
+
+def run(capsys, *args):
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def cli(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "evoprune", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+
+
+def test_prune_digits_with_tpp_reports_and_records(searched, cache_dir, tmp_path, capsys):
+    src, _ = searched
+    db = tmp_path / "copy.db"
+    with sqlite3.connect(src) as a, sqlite3.connect(db) as b:
+        a.backup(b)  # a private copy: other tests read the original
+    l1 = next(r for r in queries.top(store.connect(str(db)), limit=100) if r["baseline"] == "l1")
+    out = tmp_path / "out"
+    rc, text, err = run(capsys, "prune", "--task", "digits-cnn", "--metric", str(l1["id"]), "--ratio", "0.5",
+                        *FAST_TPP, "--epochs", "3", "--out", str(out), "--cache-dir", str(cache_dir),
+                        "--db", str(db), "--device", "cpu")
+    assert rc == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["expression"] == "w_l1" and rep["test_acc"]["pretrained"] > 0.95
+    assert rep["layers"] == {"features.0": [16, 32], "features.3": [16, 32], "features.7": [32, 64],
+                             "features.10": [32, 64]}
+    assert rep["equivalence_max_diff"] < 1e-5
+    assert rep["params"][1] < 0.3 * rep["params"][0] and rep["speedup"] > 3
+    assert rep["test_acc"]["retrained"] > 0.9  # a quarter of the network relearns digits in 3 epochs
+    assert not (out / "checkpoint.pt").exists()
+    model = torch.load(out / "pruned_model.pt", weights_only=False)  # the whole model, as Torch-Pruning saves
+    ds = load_dataset("digits")
+    assert accuracy(model, ds, ds.test) == pytest.approx(rep["test_acc"]["retrained"], abs=1e-9)
+    assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [16, 16, 32, 32]
+    # recorded as a transfer evaluation of that candidate
+    assert rep["recorded"]["candidate"] == l1["id"]
+    evals = queries.candidate(store.connect(str(db)), l1["id"])["evaluations"]
+    transfer = [e for e in evals if e["stage"] == "transfer"]
+    assert len(transfer) == 1 and transfer[0]["accuracy"] == rep["test_acc"]["retrained"]
+    assert "retrained" in text and "stored  evaluation" in text
+    # the same folder again: refused, and nothing in it changes
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc, _, err = run(capsys, "prune", "--task", "digits-cnn", "--metric", "baseline:l1", "--ratio", "0.5",
+                     "--out", str(out), "--cache-dir", str(cache_dir))
+    assert rc == 2 and "already holds a prune run" in err
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+def _checkpoint_epoch(path: Path) -> tuple[str, int] | None:
+    try:
+        c = torch.load(path, weights_only=True)
+        return c["phase"], c["epoch"]
+    except Exception:  # not there yet, or being replaced
+        return None
+
+
+def test_resume_after_kill_mid_retraining_matches_an_uninterrupted_run(digits_pretrained, cache_dir, tmp_path):
+    args = ["prune", "--task", "digits-cnn", "--metric", "baseline:bn_scale", "--ratio", "0.6", *FAST_TPP,
+            "--epochs", "30", "--batch-size", "16", "--cache-dir", str(cache_dir), "--device", "cpu",
+            "--no-record"]
+    env = {"OMP_NUM_THREADS": "1"}
+    full = cli(*args, "--out", str(tmp_path / "full"), env=env)
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+    out = tmp_path / "killed"
+    p = cli(*args, "--out", str(out), env=env)
+    seen = None
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        seen = _checkpoint_epoch(out / "checkpoint.pt")
+        if seen is not None and seen[0] == "retrain" and seen[1] >= 2:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert p.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-retraining"
+    assert not (out / "report.json").exists()
+    resumed = cli(*args, "--out", str(out), "--resume", env=env)
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log
+    assert "tpp " not in log  # TPP and surgery are not redone
+    a = torch.load(tmp_path / "full" / "pruned_model.pt", weights_only=False).state_dict()
+    b = torch.load(out / "pruned_model.pt", weights_only=False).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "full", out))
+    assert ra["test_acc"] == rb["test_acc"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratio", "0.5", "--flops-reduction", "0.3"], "exactly one of --ratio"),
+    ([], "exactly one of --ratio"),
+    (["--ratio", "1.5"], "ratio must be in (0, 1)"),
+    (["--ratio", "0.5", "--scope", "everything"], "scope must be one of"),
+    (["--ratio", "0.5", "--allocator", "flops"], "--flops-reduction goes with --allocator flops"),
+    (["--ratio", "0.5", "--reg-step", "0"], "reg_step must be > 0"),
+    (["--ratio", "0.5", "--schedule", "linear"], "schedule must be one of"),
+    (["--ratio", "0.5", "--metric", "expr:div(w_l1,"], "position"),
+    (["--ratio", "0.5", "--metric", "baseline:nope"], "unknown baseline"),
+    (["--ratio", "0.5", "--metric", "999", "--db", "{tmp}/none.db"], "no database"),
+    (["--ratio", "0.5", "--task", "nope"], "unknown task"),
+    (["--ratio", "0.5", "--resume", "--out", "{tmp}/nothing"], "no prune run"),
+])
+def test_bad_flags_are_one_line(args, message, tmp_path, capsys):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    for flag, value in (("--task", "digits-cnn"), ("--metric", "baseline:l1")):
+        if flag not in args:
+            args += [flag, value]
+    rc, _, err = run(capsys, "prune", *args, "--cache-dir", str(tmp_path))
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_flops_target_beyond_reach_is_refused(digits_pretrained, cache_dir, tmp_path, capsys):
+    # only the last conv pruned: it holds about a tenth of the MACs
+    rc, _, err = run(capsys, "prune", "--task", "digits-cnn", "--metric", "baseline:l1", "--flops-reduction",
+                     "0.5", *[x for n in ("0", "3", "7") for x in ("--skip", f"features.{n}")], *FAST_TPP,
+                     "--epochs", "1", "--cache-dir", str(cache_dir), "--out", str(tmp_path / "o"))
+    assert rc == 2 and "removes at most" in err, err
+
+
+def test_coupled_groups_prune_together_on_option_b_and_are_refused_on_option_a(shared_data):
+    ds = load_dataset("cifar10", shared_data)
+    x, _ = next(iterate(ds, ds.train, batch_size=32))
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3, shortcut="B").eval()
+    s = structure(model, x[:2])
+    cfg = PruneConfig(task="t", metric="m", expression="w_l1", scope="coupled", skip=("layer3.*",))
+    groups = choose_groups(model, x[:2], s, cfg)
+    tied = [g for g in groups if len(g) > 1]
+    assert ["conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"] in tied
+    assert not any(n.startswith("layer3") for g in groups for n in g)  # skipped, and their partners
+    # one mask per group, from the group's mean rank; zero then cut: same outputs
+    w = {n: m.weight.detach().flatten(1).abs().sum(1) for n, m in model.named_modules() if n in s.macs}
+    keys = uniform({g[0]: sum(w[n] for n in g) for g in groups}, 0.5)
+    masks = {n: keys[g[0]] for g in groups for n in g}
+    zero_pruned(model, masks, s.bn_of)
+    with torch.no_grad():
+        masked = model(x)
+    surgery(model, masks, x[:2], coupled=True)
+    with torch.no_grad():
+        assert (model(x) - masked).abs().max().item() < 1e-5
+    assert model.conv1.out_channels == 8 and model.layer1[0].conv2.out_channels == 8
+    with pytest.raises(EvopruneError, match="one mask"):
+        bad = dict(masks)
+        bad["conv1"] = ~bad["conv1"]
+        fresh = build_model("resnet20", 10, 3, shortcut="B").eval()
+        surgery(fresh, {k: v for k, v in bad.items() if k in dict(fresh.named_modules())}, x[:2], coupled=True)
+    a = build_model("resnet20", 10, 3).eval()  # option A: Torch-Pruning cannot see through the zero-pad
+    with pytest.raises(EvopruneError, match="use --scope in-block"):
+        choose_groups(a, x[:2], structure(a, x[:2]), replace(cfg, skip=()))
+    names = [i.name for i in discover(a, x[:2])]
+    assert len(channel_groups(a, x[:2], names)) == 10  # 9 in-block convs + one (wrongly) tied stream
+
+
+def test_iterate_shards_are_disjoint_and_cover_the_order():
+    ds = load_dataset("digits")
+    full = torch.cat([y for _, y in iterate(ds, ds.train, batch_size=50, shuffle=True, seed=3)])
+    parts = [torch.cat([y for _, y in iterate(ds, ds.train, batch_size=25, shuffle=True, seed=3, shard=(r, 2))])
+             for r in range(2)]
+    n = len(full) - len(full) % 2
+    assert len(parts[0]) == len(parts[1]) == n // 2
+    assert torch.equal(torch.stack(parts, 1).flatten(), full[:n])
+
+
+def _image_folder(root: Path, shared_data: Path, classes: int = 3, train: int = 24, val: int = 8) -> Path:
+    from PIL import Image
+
+    ds = load_dataset("cifar10", shared_data)
+    for split, n, src in (("train", train, ds.train), ("val", val, ds.test)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in (src.y == c).nonzero().flatten()[:n].tolist():
+                Image.fromarray(src.x[i].permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    return root
+
+
+def test_two_process_ddp_on_an_image_folder(shared_data, tmp_path):
+    folder = _image_folder(tmp_path / "images", shared_data)
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text(f'[tiny-folder]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "resnet18"\n'
+                     'recipe = { epochs = 1, batch_size = 16, lr = 0.05 }\n')
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "evoprune", "prune", "--task", "tiny-folder", "--tasks-file", str(tasks),
+                        "--metric", "baseline:l1", "--ratio", "0.5", "--reg-step", "0.1", "--update-every", "1",
+                        "--stabilize-iters", "4", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
+                        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-record"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("retrained") == 1  # one process reports
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["processes"] == 2 and rep["equivalence_max_diff"] < 1e-4
+    model = torch.load(out / "pruned_model.pt", weights_only=False)
+    assert model.layer1[0].conv1.out_channels == 32 and model.layer4[1].conv1.out_channels == 256
