@@ -221,3 +221,38 @@ def test_two_process_ddp_on_an_image_folder(shared_data, tmp_path):
     assert rep["processes"] == 2 and rep["equivalence_max_diff"] < 1e-4
     model = torch.load(out / "pruned_model.pt", weights_only=False)
     assert model.layer1[0].conv1.out_channels == 32 and model.layer4[1].conv1.out_channels == 256
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_mid_tpp_continues_the_regularization(digits_pretrained, cache_dir, tmp_path, monkeypatch):
+    import evoprune.transfer.prune as P
+    from evoprune.tasks import Recipe
+    from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
+
+    cfg = PruneConfig(task="digits-cnn", metric="baseline:l1", expression="w_l1", ratio=0.5,
+                      tpp=TPPConfig(reg_step=0.05, update_every=2, stabilize_iters=20),
+                      retrain=Recipe(epochs=2, lr=0.01, schedule="step"))
+    kw = dict(cache_dir=cache_dir, device="cpu", record=False, show_progress=False)
+    monkeypatch.setattr(P, "TPP_SAVE_EVERY_S", 0.0)  # a checkpoint after every pass
+    full = P.prune(cfg, out=tmp_path / "full", **kw)
+    step = TPPRegularizer.step
+
+    def stop_at_35(self):
+        step(self)
+        if self.iteration == 35:
+            raise _Stop
+
+    monkeypatch.setattr(TPPRegularizer, "step", stop_at_35)
+    with pytest.raises(_Stop):
+        P.prune(cfg, out=tmp_path / "cut", **kw)
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert saved["phase"] == "tpp" and 0 < saved["iteration"] < 35
+    monkeypatch.setattr(TPPRegularizer, "step", step)
+    resumed = P.prune(cfg, out=tmp_path / "cut", resume=True, **kw)
+    assert resumed["test_acc"] == full["test_acc"]
+    a = torch.load(tmp_path / "full" / "pruned_model.pt", weights_only=False).state_dict()
+    b = torch.load(tmp_path / "cut" / "pruned_model.pt", weights_only=False).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,8 +12,8 @@
                model; a "transfer" evaluation row in the database when the metric has a candidate.
 
 Everything lands in the output folder: config.json, masks.pt, checkpoint.pt (rewritten after
-every epoch of both training phases; `--resume` continues from it), pruned_model.pt,
-report.json. Launched by torchrun, both training phases run under DDP (see docs/transfer.md).
+every retraining epoch and, at pass boundaries, every TPP_SAVE_EVERY_S of TPP; `--resume`
+continues from it), pruned_model.pt, report.json. Launched by torchrun, both training phases run under DDP (see docs/transfer.md).
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ SCOPES = ("in-block", "coupled")
 # TPP's CIFAR retraining: lr 0.01, x0.1 at 50% and 75% of the epochs (60 and 90 of 120)
 RETRAIN = Recipe(epochs=120, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="step")
 CHECK_TOL = 1e-4  # surgery equivalence: max |pruned - masked| <= tol * max(1, max |masked|)
+TPP_SAVE_EVERY_S = 60.0  # checkpoint interval of the TPP phase (at pass boundaries)
 FILES = ("config.json", "masks.pt", "checkpoint.pt", "pruned_model.pt", "report.json")
 
 
@@ -252,8 +253,9 @@ def _checkpoint(out: Path) -> dict | None:
 # --------------------------------------------------------------------------- phases
 def regularize(model: nn.Module, masks: dict[str, Tensor], s: Structure, cfg: PruneConfig, data,
                device: torch.device, state: dict | None, save, progress) -> float:
-    """The TPP phase, to its end; `save(epoch, iteration, opt, seconds)` after every pass over
-    the data. Returns its seconds (those before a resume included)."""
+    """The TPP phase, to its end; `save(epoch, iteration, opt, seconds)` at the end of a pass
+    over the data when the last save is TPP_SAVE_EVERY_S old (a small data set has thousands of
+    passes), and at the end. Returns its seconds (those before a resume included)."""
     tpp = cfg.tpp
     reg = TPPRegularizer(model, masks, s.bn_of, tpp)
     opt = torch.optim.SGD(model.parameters(), lr=tpp.lr, momentum=0.9, weight_decay=5e-4)
@@ -263,7 +265,7 @@ def regularize(model: nn.Module, masks: dict[str, Tensor], s: Structure, cfg: Pr
         reg.iteration, epoch, before = state["iteration"], state["epoch"], state["seconds"]
     net = dist.wrap(model, device)
     recipe = cfg.retrain
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
     model.train()
     while not reg.done:
         for x, y in iterate(data, data.train, batch_size=max(1, recipe.batch_size // dist.world()), shuffle=True,
@@ -281,7 +283,9 @@ def regularize(model: nn.Module, masks: dict[str, Tensor], s: Structure, cfg: Pr
             if reg.done:
                 break
         epoch += 1
-        save(epoch, reg.iteration, opt, before + time.perf_counter() - t0)
+        if reg.done or time.perf_counter() - last_save >= TPP_SAVE_EVERY_S:
+            save(epoch, reg.iteration, opt, before + time.perf_counter() - t0)
+            last_save = time.perf_counter()
     return before + time.perf_counter() - t0
 
 
