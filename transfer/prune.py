@@ -157,24 +157,28 @@ def count(model: nn.Module, example: Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, example: Tensor, batch: int, reps: int = 10) -> float:
-    """Median wall time of one eval-mode forward pass on `batch` images, in milliseconds."""
+def latency_ms(model: nn.Module, example: Tensor, batch: int, min_reps: int = 10, min_seconds: float = 0.5) -> float:
+    """Median wall time of one eval-mode forward pass on `batch` images, in milliseconds, over
+    at least `min_reps` passes and `min_seconds` (after 3 warm-up passes)."""
     model.eval()
     x = example[:1].expand(batch, *example.shape[1:]).contiguous()
-    if x.device.type == "cuda":
+    cuda = x.device.type == "cuda"
+    if cuda:
         x = x.to(memory_format=torch.channels_last)
     times = []
-    for i in range(reps + 3):
-        if x.device.type == "cuda":
+    for i in range(10_000):
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast(x.device):
             model(x)
-        if x.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         if i >= 3:  # warm-up passes first
-            times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]
+            times.append(time.perf_counter() - t0)
+            if len(times) >= min_reps and sum(times) >= min_seconds:
+                break
+    return sorted(times)[len(times) // 2] * 1000
 
 
 @contextlib.contextmanager
