@@ -332,11 +332,13 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
     state = _checkpoint(out) if resume else None
     task = get_task(cfg.task, tasks_file)
 
-    def warm_cache() -> None:  # one process trains a missing model; the others then read the cache
-        pretrained(task, data_root=data_root, cache_dir=cache_dir, device=str(device), show_progress=show,
-                   console=console)
-    dist.on_main(warm_cache)
-    pre = pretrained(task, data_root=data_root, cache_dir=cache_dir, device=str(device))
+    loaded = {}
+
+    def load() -> None:  # one process trains a missing model; the others then read the cache
+        loaded["pre"] = pretrained(task, data_root=data_root, cache_dir=cache_dir, device=str(device),
+                                   show_progress=show, console=console)
+    dist.on_main(load)
+    pre = loaded.get("pre") or pretrained(task, data_root=data_root, cache_dir=cache_dir, device=str(device))
     data = pre.data
     model = copy.deepcopy(pre.model).to(device).eval()
     example = next(iterate(data, data.train, batch_size=2, device=device))[0]
@@ -365,6 +367,12 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
                           "opt": opt.state_dict() if opt is not None else {}, **extra}, out / "checkpoint.pt")
         dist.barrier()
 
+    def cut() -> None:
+        surgery(model, {n: m.to(device) for n, m in masks.items()}, example, coupled=cfg.scope == "coupled")
+
+    def save_retrain(epoch: int, opt) -> None:
+        save("retrain", epoch, opt, info=json.dumps(info))
+
     info: dict[str, Any] = {"tpp_seconds": 0.0}
     if state is None or state["phase"] == "tpp":
         if cfg.tpp is not None:
@@ -384,22 +392,16 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
         check_x = next(iterate(data, data.val, batch_size=64, device=device))[0]
         with torch.no_grad(), full_precision():
             masked_out = model(check_x).float()
-        surgery(model, {n: m.to(device) for n, m in masks.items()}, example, coupled=cfg.scope == "coupled")
+        cut()
         info["equivalence_max_diff"] = check_equivalence(masked_out, model, check_x)
         info["pruned_test"] = accuracy(model, data, data.test, device=device)
         start_epoch, opt_state = 0, None
-        model.to(device)
+        save_retrain(0, None)  # surgery done: a later kill resumes here, not before TPP
     else:  # resume retraining: rebuild the pruned shape, then load its weights
-        surgery(model, {n: m.to(device) for n, m in masks.items()}, example, coupled=cfg.scope == "coupled")
+        cut()
         model.load_state_dict(state["model"])
         info = json.loads(state["info"])
         start_epoch, opt_state = state["epoch"], state["opt"] or None
-
-    def save_retrain(epoch: int, opt) -> None:
-        save("retrain", epoch, opt, info=json.dumps(info))
-
-    if state is None or state["phase"] == "tpp":  # surgery done: a later kill resumes here, not before TPP
-        save_retrain(0, None)
     t0 = time.perf_counter()
     with epoch_progress("retrain", cfg.retrain.epochs, console, show) as on_epoch:
         result = train(model, data, cfg.retrain, device=device, on_epoch=on_epoch, start_epoch=start_epoch,
