@@ -31,7 +31,6 @@ class LayerInfo:
         return self.module.weight.detach().flatten(1)
 
 
-
 @dataclass
 class Structure:
     """Per prunable layer (by name): cost, BN and the single layer feeding it, for allocators."""
@@ -53,6 +52,7 @@ def structure(model: nn.Module, example: Tensor) -> Structure:
                      inputs_from={c: p[0] for c, p in producers.items() if len(p) == 1},
                      bn_of={i.name: names[i.bn] if i.bn is not None else None for i in infos},
                      out_channels={i.name: i.out_channels for i in infos})
+
 
 def _prunable(m: nn.Module) -> bool:
     return isinstance(m, WEIGHTED) and (not isinstance(m, nn.Conv2d) or m.groups == 1)

@@ -343,9 +343,13 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
     model = copy.deepcopy(pre.model).to(device).eval()
     example = next(iterate(data, data.train, batch_size=2, device=device))[0]
     s = structure(model, example)
-    macs0, params0 = count(model, example)
-    latency0 = latency_ms(model, example, cfg.latency_batch)
-    acc0 = accuracy(model, data, data.test, device=device)
+    if state is not None:  # the unpruned model was measured before the interruption
+        info: dict[str, Any] = json.loads(state["info"])
+    else:
+        macs0, params0 = count(model, example)
+        info = {"base_macs": macs0, "base_params": params0,
+                "base_latency_ms": latency_ms(model, example, cfg.latency_batch),
+                "pretrained_test": accuracy(model, data, data.test, device=device), "tpp_seconds": 0.0}
 
     masks_path = out / "masks.pt"
     if state is not None and masks_path.exists():
@@ -364,16 +368,16 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
     def save(phase: str, epoch: int, opt, **extra) -> None:
         if dist.is_main():
             _atomic_save({"phase": phase, "epoch": epoch, "model": model.state_dict(),
-                          "opt": opt.state_dict() if opt is not None else {}, **extra}, out / "checkpoint.pt")
+                          "opt": opt.state_dict() if opt is not None else {}, "info": json.dumps(info), **extra},
+                         out / "checkpoint.pt")
         dist.barrier()
 
     def cut() -> None:
         surgery(model, {n: m.to(device) for n, m in masks.items()}, example, coupled=cfg.scope == "coupled")
 
     def save_retrain(epoch: int, opt) -> None:
-        save("retrain", epoch, opt, info=json.dumps(info))
+        save("retrain", epoch, opt)
 
-    info: dict[str, Any] = {"tpp_seconds": 0.0}
     if state is None or state["phase"] == "tpp":
         if cfg.tpp is not None:
             if state is not None:
@@ -400,7 +404,6 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
     else:  # resume retraining: rebuild the pruned shape, then load its weights
         cut()
         model.load_state_dict(state["model"])
-        info = json.loads(state["info"])
         start_epoch, opt_state = state["epoch"], state["opt"] or None
     t0 = time.perf_counter()
     with epoch_progress("retrain", cfg.retrain.epochs, console, show) as on_epoch:
@@ -413,12 +416,13 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
         "task": cfg.task, "metric": cfg.metric, "expression": cfg.expression,
         "canonical": str(canonical(parse(cfg.expression))), "config": cfg.to_dict(),
         "layers": {n: [int(m.sum()), len(m)] for n, m in masks.items()}, "mask": mask_hash(masks),
-        "params": [params0, params1], "macs": [macs0, macs1],
-        "params_kept": params1 / params0, "macs_kept": macs1 / macs0, "speedup": macs0 / max(macs1, 1),
-        "latency_ms": [latency0, latency1], "latency_batch": cfg.latency_batch,
-        "measured_speedup": latency0 / max(latency1, 1e-9),
-        "test_acc": {"pretrained": acc0, **{k.removesuffix("_test"): v for k, v in info.items()
-                                            if k.endswith("_test")}, "retrained": result.test_acc},
+        "params": [info["base_params"], params1], "macs": [info["base_macs"], macs1],
+        "params_kept": params1 / info["base_params"], "macs_kept": macs1 / info["base_macs"],
+        "speedup": info["base_macs"] / max(macs1, 1),
+        "latency_ms": [info["base_latency_ms"], latency1], "latency_batch": cfg.latency_batch,
+        "measured_speedup": info["base_latency_ms"] / max(latency1, 1e-9),
+        "test_acc": {**{k.removesuffix("_test"): v for k, v in info.items() if k.endswith("_test")},
+                     "retrained": result.test_acc},
         "val_acc": result.val_acc, "equivalence_max_diff": info.get("equivalence_max_diff"),
         "seconds": {"tpp": info["tpp_seconds"], "retrain": time.perf_counter() - t0,
                     "total": time.perf_counter() - t_start},
