@@ -27,8 +27,8 @@ import torch
 
 from evoprune.pretrain import pretrained
 from evoprune.primitives.baselines import BASELINES
-from evoprune.tasks import get_task
-from evoprune.transfer.prune import RETRAIN, PruneConfig, prune
+from evoprune.tasks import RETRAIN, get_task
+from evoprune.transfer.prune import PruneConfig, prune
 from evoprune.transfer.tpp import TPPConfig
 
 

@@ -6,12 +6,13 @@ only through `evoprune.primitives.expr.parse`.
 """
 from __future__ import annotations
 
-import enum
 from datetime import datetime, timezone
 from typing import Annotated, Any, Optional
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from evoprune.records import RunStatus
 
 SCHEMA_HEAD = "0002"  # the newest Alembic revision (db/migrations/versions); create_all builds this schema
 
@@ -26,13 +27,6 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
-
-
-class RunStatus(str, enum.Enum):
-    running = "running"
-    finished = "finished"
-    failed = "failed"
-    interrupted = "interrupted"
 
 
 class Meta(Base):

@@ -3,17 +3,18 @@ transaction (`with Session(engine) as s, s.begin():`); the models never commit."
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from sqlalchemy import create_engine, event, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session
 
-from evoprune.db.models import Base, Candidate, Evaluation, Generation, Meta, Run, RunStatus, utcnow
+from evoprune.db.models import Base, Candidate, Evaluation, Generation, Meta, Run, utcnow
 from evoprune.errors import EvopruneError
+from evoprune.records import (CandidateRecord, FitnessRecord, GenerationRecord, RunStatus, TaskResult,
+                              TransferRecord)
 
 DEFAULT_URL = "sqlite:///evoprune.db"
 
@@ -113,29 +114,10 @@ def get_run(engine: Engine, run_id: int) -> Run:
         return run
 
 
-def last_generation(engine: Engine, run_id: int) -> Generation | None:
-    with Session(engine, expire_on_commit=False) as s:
-        return s.scalars(select(Generation).where(Generation.run_id == run_id)
-                         .order_by(Generation.index.desc()).limit(1)).first()
-
-
 # --------------------------------------------------------------------------- writes
-@dataclass
-class CandidateRow:
-    expression: str
-    canonical: str
-    canonical_hash: str
-    size: int
-    depth: int
-    parents: list[str]
-    birth_generation: int
-    record: dict  # a FitnessRecord as a dict
-    is_baseline: str = ""
-
-
-def record_candidates(engine: Engine, run_id: int, rows: Iterable[CandidateRow]) -> None:
+def record_candidates(engine: Engine, run_id: int, rows: Iterable[CandidateRecord]) -> None:
     """Insert new candidates with their evaluations; a known formula gets the new evaluations
-    and its fitness raised to the best stage seen."""
+    and its fitness raised to the best stage seen (a screen result never replaces a full one)."""
     with Session(engine) as s, s.begin():
         for row in rows:
             cand = s.scalars(select(Candidate).where(Candidate.run_id == run_id,
@@ -144,25 +126,43 @@ def record_candidates(engine: Engine, run_id: int, rows: Iterable[CandidateRow])
             if cand is None:
                 cand = Candidate(run_id=run_id, expression=row.expression, canonical=row.canonical,
                                  canonical_hash=row.canonical_hash, size=row.size, depth=row.depth,
-                                 parents=row.parents, birth_generation=row.birth_generation,
-                                 is_baseline=row.is_baseline)
+                                 parents=list(row.parents), birth_generation=row.birth_generation,
+                                 is_baseline=row.baseline)
                 s.add(cand)
-            elif rec["stage"] == "full" or cand.stage != "full":
-                pass
-            else:
-                continue  # a screen result never replaces a full one
-            cand.fitness, cand.stage, cand.valid, cand.reason = rec["fitness"], rec["stage"], rec["valid"], rec["reason"]
-            for task, r in rec["tasks"].items():
-                cand.evaluations.append(Evaluation(task=task, stage=rec["stage"], accuracy=r["accuracy"],
-                                                   kept_flops=r["kept_flops"], kept_params=r["kept_params"],
-                                                   seconds=r["seconds"], mask=r["mask"], worker=rec["worker"]))
+            elif rec.stage != "full" and cand.stage == "full":
+                continue
+            cand.fitness, cand.stage, cand.valid, cand.reason = rec.fitness, rec.stage, rec.valid, rec.reason
+            for task, r in rec.tasks.items():
+                cand.evaluations.append(Evaluation(task=task, stage=rec.stage, accuracy=r.accuracy,
+                                                   kept_flops=r.kept_flops, kept_params=r.kept_params,
+                                                   seconds=r.seconds, mask=r.mask, worker=rec.worker))
 
 
-def record_generation(engine: Engine, run_id: int, index: int, stats: dict[str, Any],
-                      population: list[tuple[str, float]], rng_state: Any) -> None:
+def record_generation(engine: Engine, run_id: int, g: GenerationRecord) -> None:
     with Session(engine) as s, s.begin():
-        s.add(Generation(run_id=run_id, index=index, population=[list(p) for p in population],
-                         rng_state=rng_state, **stats))
+        s.add(Generation(run_id=run_id, index=g.index, best=g.best, mean=g.mean, median=g.median,
+                         size_mean=g.size_mean, diversity=g.diversity, evaluations=g.evaluations,
+                         cache_hits=g.cache_hits, seconds=g.seconds, population=[list(p) for p in g.population],
+                         rng_state=g.rng_state))
+
+
+def record_transfer(engine: Engine, candidate_id: int | None, canonical_hash: str,
+                    t: TransferRecord) -> tuple[int, int] | None:
+    """Store a transfer result as an evaluation of the candidate named, else of the newest
+    candidate with the same canonical formula; returns (candidate ID, evaluation ID), or None
+    when there is no such candidate (nothing is stored)."""
+    with Session(engine) as s, s.begin():
+        if candidate_id is None:
+            candidate_id = s.scalars(select(Candidate.id).where(Candidate.canonical_hash == canonical_hash)
+                                     .order_by(Candidate.id.desc())).first()
+        if candidate_id is None or s.get(Candidate, candidate_id) is None:
+            return None
+        ev = Evaluation(candidate_id=candidate_id, task=t.task, stage="transfer", accuracy=t.accuracy,
+                        kept_flops=t.kept_flops, kept_params=t.kept_params, seconds=t.seconds, mask=t.mask,
+                        worker=t.host[:128])
+        s.add(ev)
+        s.flush()
+        return candidate_id, ev.id
 
 
 # --------------------------------------------------------------------------- reads
@@ -174,10 +174,27 @@ def candidates(engine: Engine, run_id: int) -> list[Candidate]:
         return list(rows)
 
 
-def top_candidates(engine: Engine, run_id: int, limit: int = 5) -> list[Candidate]:
-    with Session(engine, expire_on_commit=False) as s:
-        rows = s.scalars(select(Candidate).where(Candidate.run_id == run_id, Candidate.valid)
-                         .order_by(Candidate.fitness.desc(), Candidate.size, Candidate.id).limit(limit)).all()
-        for r in rows:
-            _ = r.evaluations
-        return list(rows)
+def candidate_records(engine: Engine, run_id: int) -> list[CandidateRecord]:
+    """A run's candidates as typed records, each with the result of its best stage."""
+    return [_candidate_record(c) for c in candidates(engine, run_id)]
+
+
+def _candidate_record(c: Candidate) -> CandidateRecord:
+    evals = [e for e in c.evaluations if e.stage == c.stage]
+    tasks = {e.task: TaskResult(e.accuracy, e.kept_flops, e.kept_params, e.seconds, e.mask) for e in evals}
+    rec = FitnessRecord(c.expression, c.stage, c.fitness, c.valid, c.reason, tasks, sum(e.seconds for e in evals),
+                        evals[0].worker if evals else "")
+    return CandidateRecord(c.expression, c.canonical, c.canonical_hash, c.size, c.depth, tuple(c.parents),
+                           c.birth_generation, rec, c.is_baseline, c.id)
+
+
+def last_generation(engine: Engine, run_id: int) -> GenerationRecord | None:
+    with Session(engine) as s:
+        g = s.scalars(select(Generation).where(Generation.run_id == run_id)
+                      .order_by(Generation.index.desc()).limit(1)).first()
+        if g is None:
+            return None
+        return GenerationRecord(index=g.index, best=g.best, mean=g.mean, median=g.median, size_mean=g.size_mean,
+                                diversity=g.diversity, evaluations=g.evaluations, cache_hits=g.cache_hits,
+                                seconds=g.seconds, population=tuple((e, f) for e, f in g.population),
+                                rng_state=g.rng_state)

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from evoprune.errors import EvopruneError, read_toml
+from evoprune.errors import EvopruneError
+from evoprune.tomlfiles import read_toml
 from evoprune.primitives.baselines import BASELINES
 from evoprune.primitives.ops import OPS
 from evoprune.primitives.stats import STATS

@@ -8,31 +8,34 @@ same masks (mask hash: identical masks give identical fitness under the fixed da
 and with racing on, every new candidate is screened (BN recalibration, no training) and only
 the best share is fine-tuned.
 
-Each generation is written to the database as it completes, with the population and the
-random state, so `resume` continues a killed run exactly where the uninterrupted one would be.
+The masks are made here, in the driver (evoprune.masks), and travel with each job: the hash
+the cache uses is the hash of the masks the worker trains, and the engine checks that the
+worker reports that hash back.
+
+Like DEAP's algorithms, which take their side effects (`halloffame`, `stats`) as arguments,
+`Search` takes a recorder: it is told about new candidates, completed generations (with the
+population and the random state) and the run's status, and the service wires it to the
+database. The engine itself stores nothing. A run resumed from a `ResumePoint` continues
+exactly where the uninterrupted one would be.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from deap import base, creator, gp, tools
 
-from evoprune import __version__
-from evoprune.db import store
-from evoprune.db.models import RunStatus
+from evoprune.masks import TaskMasks, UnusableMetric, mask_hash
 from evoprune.evolve.config import Config
 from evoprune.primitives.baselines import BASELINES
-from evoprune.primitives.expr import Node, canonical, canonical_hash, parse
+from evoprune.primitives.expr import canonical, canonical_hash, parse
 from evoprune.primitives.pset import Vec, build_pset, to_deap
-from evoprune.workers.allocators import mask_hash
-from evoprune.workers.evaluator import Job
-from evoprune.workers.proxy import FitnessRecord, TaskContext, TaskResult, invalid
+from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus, invalid
+from evoprune.workers.proxy import Job
 
 
 def _types():
@@ -42,6 +45,38 @@ def _types():
     if not hasattr(creator, "EvoIndividual"):
         creator.create("EvoIndividual", gp.PrimitiveTree, fitness=creator.EvoFitness, raw=0.0, parents=list)
     return creator.EvoIndividual
+
+
+class Recorder(Protocol):
+    """Where a search's results go (the service stores them in the database)."""
+
+    def candidates(self, rows: list[CandidateRecord]) -> None: ...
+
+    def generation(self, record: GenerationRecord) -> None: ...
+
+    def status(self, status: RunStatus, note: str = "") -> None: ...
+
+
+class NullRecorder:
+    """A recorder that keeps nothing (tests, experiments in a notebook)."""
+
+    def candidates(self, rows: list[CandidateRecord]) -> None:
+        pass
+
+    def generation(self, record: GenerationRecord) -> None:
+        pass
+
+    def status(self, status: RunStatus, note: str = "") -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What a stored run holds: its candidates (the caches) and its last completed generation
+    (None when it stopped during generation 0: it then starts over, reusing the candidates)."""
+
+    candidates: list[CandidateRecord]
+    last: GenerationRecord | None
 
 
 @dataclass
@@ -70,10 +105,14 @@ class GenerationReport:
 
 
 class Search:
-    def __init__(self, cfg: Config, evaluator, contexts: dict[str, TaskContext], engine,
+    def __init__(self, cfg: Config, evaluator, maskers: dict[str, TaskMasks], recorder: Recorder | None = None,
                  on_progress: Callable[[str, dict], None] | None = None):
-        self.cfg, self.evaluator, self.contexts, self.db = cfg, evaluator, contexts, engine
+        self.cfg, self.evaluator, self.maskers = cfg, evaluator, maskers
+        self.recorder = recorder or NullRecorder()
         self.on_progress = on_progress or (lambda kind, info: None)
+        self.tasks = list(cfg.proxy.tasks)
+        if missing := [t for t in self.tasks if t not in maskers]:
+            raise ValueError(f"no masks for tasks {missing}")
         self.Individual = _types()
         s = cfg.search
         self.pset = build_pset(s.stat_names, s.op_names)
@@ -82,9 +121,8 @@ class Search:
         self.by_masks: dict[tuple, FitnessRecord] = {}  # per-task mask hashes -> record
         self.canon: dict[str, tuple[str, str]] = {}  # expression -> (canonical, hash)
         self.counters = Counters()
-        self.run_id: int | None = None
         self.history: list[GenerationReport] = []
-        # the best distinct formulas seen (by canonical form); rebuilt from the database on resume
+        # the best distinct formulas seen (by canonical form); rebuilt from the candidates on resume
         self.hall_of_fame = tools.HallOfFame(s.hall_of_fame, similar=lambda a, b: self._same(a, b))
 
     # ------------------------------------------------------------------ setup
@@ -142,89 +180,123 @@ class Search:
     def _same(self, a, b) -> bool:
         return self._canonical(str(a))[1] == self._canonical(str(b))[1]
 
-    def _masks_key(self, node: Node) -> tuple[tuple | None, str]:
-        keys = []
-        for name, ctx in self.contexts.items():
-            masks, reason = ctx.masks(node)
-            if masks is None:
-                return None, f"{name}: {reason}"
-            keys.append(mask_hash(masks))
-        return tuple(keys), ""
+    def masks_for(self, text: str) -> dict:
+        """The candidate's masks on every task (raises UnusableMetric, naming the task)."""
+        node, out = parse(text), {}
+        for t in self.tasks:
+            try:
+                out[t] = self.maskers[t](node)
+            except UnusableMetric as e:
+                raise UnusableMetric(f"{t}: {e}") from None
+        return out
+
+    def _key(self, masks: dict) -> tuple[str, ...]:
+        return tuple(mask_hash(masks[t]) for t in self.tasks)
 
     def evaluate(self, individuals: list, generation: int) -> tuple[int, int]:
         """Give every individual its fitness; returns (proxy runs executed, cache hits)."""
         c0 = self.counters.snapshot()
         pending: dict[str, list] = {}  # canonical hash -> individuals waiting for it
         todo: dict[tuple, list[str]] = {}  # mask key -> canonical hashes sharing it
-        rows = []
+        masks_of: dict[tuple, dict] = {}  # mask key -> the masks, per task
         for ind in individuals:
             text = str(ind)
-            canon, h = self._canonical(text)
-            if h in self.records:
-                self.counters.canonical_hits += 1
-                continue
-            if h in pending:
-                pending[h].append(ind)
+            _, h = self._canonical(text)
+            if h in self.records or h in pending:
+                if h in pending:
+                    pending[h].append(ind)
                 self.counters.canonical_hits += 1
                 continue
             pending[h] = [ind]
-            key, reason = self._masks_key(parse(text))
-            if key is None:
-                self.records[h] = invalid(text, reason)
+            try:
+                masks = self.masks_for(text)
+            except UnusableMetric as e:
+                self.records[h] = invalid(text, str(e))
                 self.counters.invalid += 1
-            elif key in self.by_masks:
-                self.records[h] = _renamed(self.by_masks[key], text)
+                continue
+            key = self._key(masks)
+            if key in self.by_masks:
+                self.records[h] = self.by_masks[key].renamed(text)
                 self.counters.mask_hits += 1
             else:
                 todo.setdefault(key, []).append(h)
+                masks_of[key] = masks
         if todo:
-            self._run_proxy(todo, pending, generation)
-        for h, inds in pending.items():
-            rec = self.records[h]
-            canon, _ = self._canonical(str(inds[0]))
-            node = parse(str(inds[0]))
-            rows.append(store.CandidateRow(str(inds[0]), canon, h, node.size, node.depth, inds[0].parents, generation,
-                                           rec.to_dict(), _baseline_name(str(inds[0]))))
-        if rows and self.run_id is not None:
-            store.record_candidates(self.db, self.run_id, rows)
+            self._run_proxy(todo, pending, masks_of, generation)
+        rows = [self._candidate(inds[0], h, generation) for h, inds in pending.items()]
+        if rows:
+            self.recorder.candidates(rows)
         for ind in individuals:
             self._assign(ind)
         c1 = self.counters.snapshot()
         return c1["evaluations"] - c0["evaluations"], (c1["canonical_hits"] + c1["mask_hits"]
                                                        - c0["canonical_hits"] - c0["mask_hits"])
 
-    def _run_proxy(self, todo: dict[tuple, list[str]], pending: dict[str, list], generation: int) -> None:
+    def _candidate(self, ind, h: str, generation: int) -> CandidateRecord:
+        text = str(ind)
+        node = parse(text)
+        return CandidateRecord(text, self._canonical(text)[0], h, node.size, node.depth, tuple(ind.parents),
+                               generation, self.records[h], _baseline_name(text))
+
+    def _run_proxy(self, todo: dict[tuple, list[str]], pending: dict[str, list], masks_of: dict[tuple, dict],
+                   generation: int) -> None:
         p = self.cfg.proxy
-        first = {key: pending[hs[0]][0] for key, hs in todo.items()}
+        first = {key: str(pending[hs[0]][0]) for key, hs in todo.items()}
         stage = "screen" if p.screen else "full"
-        results = self._run_jobs({str(k): (str(ind), stage) for k, ind in first.items()}, generation)
+        results = self._run_jobs({k: (first[k], stage) for k in todo}, masks_of, generation)
         if p.screen:
-            ranked = sorted(todo, key=lambda k: -results[str(k)].fitness)
+            ranked = sorted(todo, key=lambda k: -results[k].fitness)
             n_full = max(1, math.ceil(p.promote * len(ranked)))
-            promote = [k for k in ranked[:n_full] if results[str(k)].valid]
+            promote = [k for k in ranked[:n_full] if results[k].valid]
             self.counters.screened_only += len(ranked) - len(promote)
-            results.update(self._run_jobs({str(k): (str(first[k]), "full") for k in promote}, generation))
+            results.update(self._run_jobs({k: (first[k], "full") for k in promote}, masks_of, generation))
         for key, hs in todo.items():
-            rec = results[str(key)]
+            rec = results[key]
             self.by_masks[key] = rec
             for h in hs:
-                self.records[h] = _renamed(rec, str(pending[h][0]))
+                self.records[h] = rec.renamed(str(pending[h][0]))
 
-    def _run_jobs(self, jobs: dict[str, tuple[str, str]], generation: int) -> dict[str, FitnessRecord]:
-        out = {}
+    def _run_jobs(self, jobs: dict[tuple, tuple[str, str]], masks_of: dict[tuple, dict],
+                  generation: int) -> dict[tuple, FitnessRecord]:
+        out: dict[tuple, FitnessRecord] = {}
+        by_name = {str(k): k for k in jobs}
         # sorted: the same jobs in the same order on every run, whatever the dict order
-        batch = [Job(k, e, st) for k, (e, st) in sorted(jobs.items())]
+        batch = [Job(name, *jobs[k], masks_of[k]) for name, k in sorted(by_name.items())]
         for job, rec in self.evaluator.run(batch):
-            if job.key in out:
+            key = by_name[job.key]
+            if key in out:
                 raise RuntimeError(f"job {job.key} returned twice")
-            out[job.key] = rec
+            if rec.valid and rec.mask_key(self.tasks) != key:
+                raise RuntimeError(f"job {job.key}: the worker reports masks {rec.mask_key(self.tasks)}, "
+                                   f"not the ones it was sent")
+            out[key] = rec
             self.counters.evaluations += 1
             self.counters.full += job.stage == "full"
             self.on_progress("evaluation", {"generation": generation, "record": rec, "done": len(out),
                                             "total": len(batch), "stage": job.stage})
-        missing = set(jobs) - set(out)
-        if missing:
+        if missing := set(jobs) - set(out):
             raise RuntimeError(f"{len(missing)} jobs never returned")
+        return out
+
+    def rescore(self, expressions: list[str], stage: str = "full") -> dict[str, FitnessRecord]:
+        """Run `stage` for stored formulas again (the final round: candidates racing only
+        screened); the recorder gets the new results. Returns expression -> record."""
+        masks_of, first, key_of = {}, {}, {}
+        for text in expressions:
+            masks = self.masks_for(text)
+            key_of[text] = key = self._key(masks)
+            masks_of[key] = masks
+            first.setdefault(key, text)
+        results = self._run_jobs({k: (e, stage) for k, e in first.items()}, masks_of, -1)
+        out, rows = {}, []
+        for text in expressions:
+            rec = results[key_of[text]].renamed(text)
+            out[text] = rec
+            h = self._canonical(text)[1]
+            self.records[h] = rec
+            ind = self._from_expression(text)
+            rows.append(self._candidate(ind, h, -1))
+        self.recorder.candidates(rows)
         return out
 
     def _assign(self, ind) -> None:
@@ -257,22 +329,18 @@ class Search:
         return kids
 
     # ------------------------------------------------------------------ the run
-    def start(self) -> int:
-        self.run_id = store.create_run(self.db, _json(self.cfg), self.cfg.search.seed, __version__)
-        return self.run_id
-
-    def run(self, resume_from: int | None = None) -> list:
+    def run(self, resume: ResumePoint | None = None) -> list:
+        """Evolve to the configured number of generations; returns the last population."""
         s = self.cfg.search
-        if resume_from is None:
-            if self.run_id is None:
-                self.start()
-            random.seed(s.seed)
-            pop = self.initial_population()
-            start = 0
-            self._generation(0, pop, time.perf_counter())
-        else:
-            pop, start = self._restore(resume_from)
         try:
+            if resume is not None:
+                self._restore_caches(resume.candidates)
+            if resume is None or resume.last is None:
+                random.seed(s.seed)
+                pop, start = self.initial_population(), 0
+                self._generation(0, pop, time.perf_counter())
+            else:
+                pop, start = self._restore_population(resume.last), resume.last.index
             for g in range(start + 1, s.generations + 1):
                 t0 = time.perf_counter()
                 elites = [self.toolbox.clone(x) for x in tools.selBest(pop, s.elites)]
@@ -280,12 +348,12 @@ class Search:
                 pop = elites + kids
                 self._generation(g, pop, t0)
         except KeyboardInterrupt:
-            store.set_status(self.db, self.run_id, RunStatus.interrupted, "interrupted; resume with --resume")
+            self.recorder.status(RunStatus.interrupted, "interrupted; resume with --resume")
             raise
         except Exception as e:
-            store.set_status(self.db, self.run_id, RunStatus.failed, f"{type(e).__name__}: {e}")
+            self.recorder.status(RunStatus.failed, f"{type(e).__name__}: {e}")
             raise
-        store.set_status(self.db, self.run_id, RunStatus.finished)
+        self.recorder.status(RunStatus.finished)
         return pop
 
     def _generation(self, g: int, pop: list, t0: float) -> None:
@@ -295,34 +363,31 @@ class Search:
         raws = [ind.raw for ind in pop]
         best = self.hall_of_fame[0]
         canon = {self._canonical(str(i))[1] for i in pop}
-        stats = dict(best=max(raws), mean=statistics.fmean(raws), median=statistics.median(raws),
-                     size_mean=statistics.fmean(len(i) for i in pop), diversity=len(canon) / len(pop),
-                     evaluations=n_eval, cache_hits=hits, seconds=time.perf_counter() - t0)
-        store.record_generation(self.db, self.run_id, g, stats, [(str(i), i.raw) for i in pop],
-                                _state_to_json(random.getstate()))
-        rep = GenerationReport(g, stats["best"], str(best), stats["mean"], n_eval, hits, stats["seconds"],
-                               self.counters.snapshot())
+        rec = GenerationRecord(index=g, best=max(raws), mean=statistics.fmean(raws), median=statistics.median(raws),
+                               size_mean=statistics.fmean(len(i) for i in pop), diversity=len(canon) / len(pop),
+                               evaluations=n_eval, cache_hits=hits, seconds=time.perf_counter() - t0,
+                               population=tuple((str(i), i.raw) for i in pop),
+                               rng_state=_state_to_json(random.getstate()))
+        self.recorder.generation(rec)
+        rep = GenerationReport(g, rec.best, str(best), rec.mean, n_eval, hits, rec.seconds, self.counters.snapshot())
         self.history.append(rep)
         self.on_progress("generation", {"report": rep})
 
-    def _restore(self, run_id: int) -> tuple[list, int]:
-        """Population, random state and caches of a stored run, at its last generation."""
-        self.run_id = run_id
-        last = store.last_generation(self.db, run_id)
-        if last is None:
-            raise ValueError(f"run {run_id} has no completed generation to resume from")
-        cands = store.candidates(self.db, run_id)
+    def _restore_caches(self, cands: list[CandidateRecord]) -> None:
+        """The caches and the hall of fame of a stored run."""
         for cand in cands:
-            rec = record_from_candidate(cand)
-            self.records[cand.canonical_hash] = rec
+            self.records[cand.canonical_hash] = cand.record
             self.canon[cand.expression] = (cand.canonical, cand.canonical_hash)
-            if rec.valid:
-                self.by_masks[tuple(rec.tasks[t].mask for t in self.contexts)] = rec
-        for cand in sorted(cands, key=lambda c: (-c.fitness, c.size, c.id)):
-            if cand.valid and len(self.hall_of_fame) < self.hall_of_fame.maxsize:
+            if cand.record.valid:
+                self.by_masks[cand.record.mask_key(self.tasks)] = cand.record
+        for cand in sorted(cands, key=lambda c: (-c.record.fitness, c.size, c.id or 0)):
+            if cand.record.valid and len(self.hall_of_fame) < self.hall_of_fame.maxsize:
                 ind = self._from_expression(cand.expression)
                 self._assign(ind)
                 self.hall_of_fame.update([ind])
+
+    def _restore_population(self, last: GenerationRecord) -> list:
+        """The population and random state after the last completed generation."""
         pop = []
         for text, raw in last.population:
             ind = self._from_expression(text)
@@ -330,20 +395,11 @@ class Search:
             ind.fitness.values = (raw - self.cfg.search.parsimony * len(ind),)
             pop.append(ind)
         random.setstate(_state_from_json(last.rng_state))
-        store.set_status(self.db, run_id, RunStatus.running)
-        return pop, last.index
-
-
-def _renamed(rec: FitnessRecord, expression: str) -> FitnessRecord:
-    return FitnessRecord(expression, rec.stage, rec.fitness, rec.valid, rec.reason, rec.tasks, rec.seconds, rec.worker)
+        return pop
 
 
 def _baseline_name(expression: str) -> str:
     return next((b.name for b in BASELINES.values() if b.expression == expression), "")
-
-
-def _json(cfg: Config) -> dict:
-    return json.loads(cfg.to_json())
 
 
 def _state_to_json(state) -> list:
@@ -354,11 +410,3 @@ def _state_to_json(state) -> list:
 def _state_from_json(data) -> tuple:
     version, internal, gauss = data
     return version, tuple(internal), gauss
-
-
-def record_from_candidate(cand) -> FitnessRecord:
-    """A stored candidate as the record its best stage produced."""
-    evals = [e for e in cand.evaluations if e.stage == cand.stage]
-    tasks = {e.task: TaskResult(e.accuracy, e.kept_flops, e.kept_params, e.seconds, e.mask) for e in evals}
-    return FitnessRecord(cand.expression, cand.stage, cand.fitness, cand.valid, cand.reason, tasks,
-                         sum(e.seconds for e in evals), evals[0].worker if evals else "")

@@ -1,15 +1,22 @@
-"""`evoprune evolve` as a service function: config -> a finished (or resumed) run in the database."""
+"""`evoprune evolve` as a service function: config -> a finished (or resumed) run in the database.
+
+The service validates what it can before anything is written, builds the driver's masks
+(statistics on the CPU) and the evaluator, and wires the engine's recorder to the store.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from evoprune import __version__
 from evoprune.db import store
 from evoprune.evolve.config import Config
-from evoprune.evolve.engine import GenerationReport, Search, record_from_candidate
+from evoprune.evolve.engine import GenerationReport, ResumePoint, Search
+from evoprune.masks import TaskMasks
+from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus
 from evoprune.train import pick_device
-from evoprune.workers.evaluator import InProcessEvaluator, Job, RayEvaluator, WorkerSpec
-from evoprune.workers.proxy import FitnessRecord
+from evoprune.workers.evaluator import InProcessEvaluator, RayEvaluator, WorkerSpec
 
 
 @dataclass
@@ -21,6 +28,10 @@ class Finalist:
     record: FitnessRecord
     baseline: str = ""
 
+    @classmethod
+    def of(cls, c: CandidateRecord) -> "Finalist":
+        return cls(c.id, c.expression, c.canonical, c.size, c.record, c.baseline)
+
 
 @dataclass
 class SearchResult:
@@ -31,10 +42,30 @@ class SearchResult:
     counters: dict
 
 
+class StoreRecorder:
+    """The engine's recorder, writing to the database (one transaction per call)."""
+
+    def __init__(self, engine, run_id: int):
+        self.engine, self.run_id = engine, run_id
+
+    @classmethod
+    def new_run(cls, engine, cfg: Config) -> "StoreRecorder":
+        return cls(engine, store.create_run(engine, json.loads(cfg.to_json()), cfg.search.seed, __version__))
+
+    def candidates(self, rows: list[CandidateRecord]) -> None:
+        store.record_candidates(self.engine, self.run_id, rows)
+
+    def generation(self, record: GenerationRecord) -> None:
+        store.record_generation(self.engine, self.run_id, record)
+
+    def status(self, status: RunStatus, note: str = "") -> None:
+        store.set_status(self.engine, self.run_id, status, note)
+
+
 def _spec(cfg: Config, device: str) -> WorkerSpec:
     r = cfg.run
-    return WorkerSpec(proxy=cfg.proxy, stats=tuple(cfg.search.stat_names), data_root=r.data_root or None,
-                      cache_dir=r.cache_dir or None, tasks_file=r.tasks_file or None, device=device)
+    return WorkerSpec(proxy=cfg.proxy, data_root=r.data_root or None, cache_dir=r.cache_dir or None,
+                      tasks_file=r.tasks_file or None, device=device)
 
 
 def _workers(requested: int, gpus_per_worker: float) -> tuple[int, float]:
@@ -54,58 +85,74 @@ def _workers(requested: int, gpus_per_worker: float) -> tuple[int, float]:
     return max(1, int(res.get("CPU", 2)) - 1), 0.0
 
 
+def check_inputs(cfg: Config) -> None:
+    """What can be checked without running anything: the tasks exist and their data sets load,
+    the device exists. Called before the database is touched."""
+    from evoprune.data import load_dataset
+    from evoprune.tasks import get_task
+
+    pick_device(cfg.run.device)
+    for name in cfg.proxy.tasks:
+        task = get_task(name, cfg.run.tasks_file or None)
+        load_dataset(task.dataset, cfg.run.data_root or None)  # cached: the search reads it again for free
+
+
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,
                on_progress: Callable[[str, dict], None] | None = None) -> SearchResult:
-    engine = store.connect(db_url or cfg.run.db)
+    if resume is None:
+        check_inputs(cfg)
+    engine = store.connect(store.resolve_url(db_url, cfg.run.db), create=resume is None)
     if resume is not None:  # what is searched comes from the run; where it runs, from this call
         stored = Config.from_dict(store.get_run(engine, resume).config, f"run {resume}")
         cfg = replace(stored, run=cfg.run)
+        check_inputs(cfg)
     device = str(pick_device(cfg.run.device))
     on_progress = on_progress or (lambda kind, info: None)
     on_progress("status", {"text": f"loading tasks {', '.join(cfg.proxy.tasks)} (pretraining on first use)"})
-    driver_spec = _spec(cfg, "cpu" if cfg.run.workers else device)
-    contexts = driver_spec.contexts()  # the driver computes masks (for the mask cache) on the CPU
+    r, p = cfg.run, cfg.proxy
+    maskers = {t: TaskMasks.load(t, p.allocation, cfg.search.stat_names, stat_images=p.stat_images, seed=p.data_seed,
+                                 data_root=r.data_root or None, cache_dir=r.cache_dir or None,
+                                 tasks_file=r.tasks_file or None, device=device) for t in p.tasks}
     if cfg.run.workers:
         n, gpus = _workers(cfg.run.workers, cfg.run.gpus_per_worker)
         on_progress("status", {"text": f"{n} Ray workers, {gpus:g} GPU each"})
         evaluator = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu"), n, gpus)
     else:
-        evaluator = InProcessEvaluator(driver_spec, contexts)
+        evaluator = InProcessEvaluator(_spec(cfg, device))
     try:
-        search = Search(cfg, evaluator, contexts, engine, on_progress)
+        if resume is None:
+            recorder, point = StoreRecorder.new_run(engine, cfg), None
+        else:
+            recorder = StoreRecorder(engine, resume)
+            point = ResumePoint(store.candidate_records(engine, resume), store.last_generation(engine, resume))
+            recorder.status(RunStatus.running)
+        search = Search(cfg, evaluator, maskers, recorder, on_progress)
         on_progress("status", {"text": "searching"})
-        search.run(resume_from=resume)
+        search.run(point)
         on_progress("status", {"text": "fine-tuning the finalists and the baselines for the summary"})
-        finalists, baselines = _final_round(search, engine, evaluator, top)
+        finalists, baselines = _final_round(search, engine, recorder.run_id, top)
     finally:
         evaluator.close()
-    return SearchResult(search.run_id, finalists, baselines, search.history, search.counters.snapshot())
+    return SearchResult(recorder.run_id, finalists, baselines, search.history, search.counters.snapshot())
 
 
-def _final_round(search: Search, engine, evaluator, top: int) -> tuple[list[Finalist], list[Finalist]]:
+def _ranked(cands: list[CandidateRecord]) -> list[CandidateRecord]:
+    return sorted((c for c in cands if c.record.valid), key=lambda c: (-c.record.fitness, c.size, c.id))
+
+
+def _final_round(search: Search, engine, run_id: int, top: int) -> tuple[list[Finalist], list[Finalist]]:
     """Full-proxy results for the best formulas and the seeded baselines (racing may have only
     screened some of them), so the summary compares like with like."""
-    cands = store.candidates(engine, search.run_id)
-    valid = sorted((c for c in cands if c.valid), key=lambda c: (-c.fitness, c.size, c.id))
-    seeds = [c for c in cands if c.is_baseline]
-    need = {c.expression for c in valid[: top * 2] + seeds if c.stage != "full" and c.valid}
+    cands = store.candidate_records(engine, run_id)
+    seeds = [c for c in cands if c.baseline]
+    need = {c.expression for c in _ranked(cands)[: top * 2] + seeds if c.record.stage != "full" and c.record.valid}
     if need:
-        jobs = [Job(e, e, "full") for e in sorted(need)]
-        rows = []
-        for job, rec in evaluator.run(jobs):
-            c = next(c for c in cands if c.expression == job.expression)
-            rows.append(store.CandidateRow(c.expression, c.canonical, c.canonical_hash, c.size, c.depth, c.parents,
-                                           c.birth_generation, rec.to_dict(), c.is_baseline))
-        store.record_candidates(engine, search.run_id, rows)
-        cands = store.candidates(engine, search.run_id)
-
-    def fin(c):
-        return Finalist(c.id, c.expression, c.canonical, c.size, record_from_candidate(c), c.is_baseline)
-
-    ranked = sorted((c for c in cands if c.valid and c.stage == "full"), key=lambda c: (-c.fitness, c.size, c.id))
+        search.rescore(sorted(need), "full")
+        cands = store.candidate_records(engine, run_id)
     distinct, seen = [], set()
-    for c in ranked:  # one formula per set of masks: the others prune exactly the same filters
-        if c.mask_key() not in seen:
+    for c in _ranked(cands):  # one formula per set of masks: the others prune exactly the same filters
+        if c.record.stage == "full" and c.mask_key() not in seen:
             seen.add(c.mask_key())
-            distinct.append(fin(c))
-    return distinct[:top], sorted((fin(c) for c in cands if c.is_baseline), key=lambda f: -f.record.fitness)
+            distinct.append(Finalist.of(c))
+    baselines = sorted((Finalist.of(c) for c in cands if c.baseline), key=lambda f: -f.record.fitness)
+    return distinct[:top], baselines

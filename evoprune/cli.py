@@ -371,7 +371,8 @@ def export(ref: Annotated[str, typer.Argument(help="A candidate ID, a promoted m
            db: Db = None):
     """Export a metric as a standalone Python module (needs only torch), a Torch-Pruning
     importance, a sympy expression or LaTeX."""
-    from evoprune.export import export as make, resolve
+    from evoprune.export import export as make
+    from evoprune.metricref import resolve
 
     code = make(resolve(ref, db), fmt, max_images)
     if output is None:
@@ -416,21 +417,25 @@ def prune_cmd(
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Glob of layer names to leave whole "
                                                       "(repeatable).")] = None,
     tpp: Annotated[bool, typer.Option("--tpp/--no-tpp", help="TPP regularization before surgery.")] = True,
-    reg_step: Annotated[float, typer.Option("--reg-step", help="TPP: reg increment.")] = 1e-4,
-    update_every: Annotated[int, typer.Option("--update-every", help="TPP: iterations between increments "
-                                              "(10 CIFAR, 5 ImageNet).")] = 10,
-    reg_ceiling: Annotated[float, typer.Option("--reg-ceiling", help="TPP: reg stops growing here.")] = 1.0,
-    gram_weight: Annotated[float, typer.Option("--gram-weight", help="TPP: Gram term weight per unit "
-                                               "of reg.")] = 1000.0,
-    stabilize_iters: Annotated[int, typer.Option("--stabilize-iters", help="TPP: iterations at the ceiling.")] = 1000,
-    tpp_lr: Annotated[float, typer.Option("--tpp-lr", help="TPP: SGD learning rate.")] = 1e-3,
-    epochs: Annotated[int, typer.Option("--epochs", help="Retraining epochs after surgery.")] = 120,
-    lr: Annotated[float, typer.Option("--lr", help="Retraining peak learning rate.")] = 0.01,
-    schedule: Annotated[str, typer.Option("--schedule", help="step (x0.1 at 50%, 75%) | cosine | "
-                                          "onecycle.")] = "step",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step (all processes "
-                                            "together).")] = 128,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
+    reg_step: Annotated[Optional[float], typer.Option("--reg-step", help="TPP: reg increment (default: the "
+                                                      "task's; the paper's 1e-4 for CIFAR).")] = None,
+    update_every: Annotated[Optional[int], typer.Option("--update-every", help="TPP: iterations between "
+                                                        "increments (10 CIFAR, 5 ImageNet).")] = None,
+    reg_ceiling: Annotated[Optional[float], typer.Option("--reg-ceiling", help="TPP: reg stops growing "
+                                                         "here.")] = None,
+    gram_weight: Annotated[Optional[float], typer.Option("--gram-weight", help="TPP: Gram term weight per "
+                                                         "unit of reg.")] = None,
+    stabilize_iters: Annotated[Optional[int], typer.Option("--stabilize-iters", help="TPP: iterations at the "
+                                                           "ceiling.")] = None,
+    tpp_lr: Annotated[Optional[float], typer.Option("--tpp-lr", help="TPP: SGD learning rate.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Retraining epochs after surgery (default: "
+                                                  "the task's; TPP's 120 for CIFAR).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Retraining peak learning rate.")] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="step (x0.1 at 50%, 75%) | cosine | "
+                                                    "onecycle.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step (all processes "
+                                                      "together).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay")] = None,
     stat_images: Annotated[int, typer.Option("--stat-images", help="Training images for the metric's "
                                              "statistics.")] = 256,
     latency_batch: Annotated[int, typer.Option("--latency-batch", help="Images per timed forward pass.")] = 64,
@@ -445,26 +450,30 @@ def prune_cmd(
     data_root: DataRoot = None, cache_dir: CacheDir = None, tasks_file: TasksFile = None, db: Db = None):
     """Prune a task's pretrained model with a metric: TPP regularization, surgery, retraining,
     a report. Run under torchrun for multi-GPU retraining (docs/transfer.md)."""
-    from evoprune.export import resolve
-    from evoprune.tasks import Recipe, get_task
+    from dataclasses import replace
+
+    from evoprune.metricref import resolve
+    from evoprune.tasks import get_task
     from evoprune.transfer.prune import PruneConfig, prune
-    from evoprune.transfer.tpp import TPPConfig
 
     if (ratio is None) == (flops_reduction is None):
         raise EvopruneError("give exactly one of --ratio R and --flops-reduction F")
     allocator = allocator or ("flops" if flops_reduction is not None else "uniform")
     if (allocator == "flops") != (flops_reduction is not None):
         raise EvopruneError("--flops-reduction goes with --allocator flops, --ratio with uniform or global")
-    get_task(task, tasks_file)
+    recipe = get_task(task, tasks_file).transfer  # the task's defaults; the flags given replace them
     source = resolve(metric, db)
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    tpp_cfg = recipe.tpp_config(**given(reg_step=reg_step, update_every=update_every, reg_ceiling=reg_ceiling,
+                                        gram_weight=gram_weight, stabilize_iters=stabilize_iters, lr=tpp_lr))
     cfg = PruneConfig(
         task=task, metric=metric, expression=source.expression, allocator=allocator,
         ratio=ratio if ratio is not None else 0.5,
         flops_reduction=flops_reduction if flops_reduction is not None else 0.5, scope=scope,
         skip=tuple(skip or ()), stat_images=stat_images, latency_batch=latency_batch,
-        tpp=TPPConfig(reg_step=reg_step, update_every=update_every, reg_ceiling=reg_ceiling, gram_weight=gram_weight,
-                      stabilize_iters=stabilize_iters, lr=tpp_lr) if tpp else None,
-        retrain=Recipe(epochs=epochs, lr=lr, schedule=schedule, batch_size=batch_size, weight_decay=weight_decay))
+        tpp=tpp_cfg if tpp else None,
+        retrain=replace(recipe.retrain, **given(epochs=epochs, lr=lr, schedule=schedule, batch_size=batch_size,
+                                                weight_decay=weight_decay)))
     out_dir = out_dir or Path("pruned") / f"{task}-{_slug(metric)}"
     rep = prune(cfg, out=out_dir, resume=resume, data_root=data_root, cache_dir=cache_dir, tasks_file=tasks_file,
                 device=device, db=db, record=record, console=out)

@@ -5,19 +5,6 @@ class EvopruneError(Exception):
     """A mistake or missing resource the user can fix (bad flag, missing data, unknown name)."""
 
 
-def read_toml(path, what: str) -> dict:
-    """A user's TOML file as a dict; a missing or malformed file is one clear error."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise EvopruneError(f"{what} not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise EvopruneError(f"{what} {path} is not valid TOML: {e}") from None
-
-
 class DataNotFound(EvopruneError):
     """A data set is not where we looked; the message says where and how to get it."""
 

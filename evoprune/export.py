@@ -9,46 +9,16 @@ from __future__ import annotations
 
 import ast
 import inspect
-from dataclasses import dataclass
 
 from evoprune import __version__
 from evoprune.errors import EvopruneError
+from evoprune.metricref import MetricSource
 from evoprune.primitives import collect, layers, runtime, stats
 from evoprune.primitives.expr import Node, canonical, parse, to_latex, to_torch_source
 
 FORMATS = ("python", "torch-pruning", "sympy", "latex")
 _LIBRARY = (runtime, layers, stats, collect)  # in dependency order
 _LEAVE_OUT = {"task_stats"}  # needs evoprune's data sets
-
-
-@dataclass
-class MetricSource:
-    name: str  # a label for the docstring
-    expression: str
-    origin: str  # where it came from, for the docstring
-
-
-def resolve(ref: str, db: str | None = None) -> MetricSource:
-    """ID (a candidate), NAME (a promoted metric), baseline:NAME or expr:EXPRESSION."""
-    from evoprune.primitives.baselines import get_baseline
-
-    if ref.startswith("expr:"):
-        expression = ref.split(":", 1)[1].strip()
-        parse(expression)  # one clear message for a malformed expression
-        return MetricSource("custom", expression, "an expression given on the command line")
-    if ref.startswith("baseline:"):
-        b = get_baseline(ref.split(":", 1)[1])
-        return MetricSource(b.name, b.expression, f"baseline {b.name}: {b.description}")
-    from evoprune.db import queries
-    from evoprune.db.store import connect
-
-    engine = connect(db, create=False)
-    if ref.isdigit():
-        c = queries.candidate(engine, int(ref))
-        return MetricSource(f"candidate_{ref}", c["expression"], f"candidate {ref} of run {c['run']} "
-                                                                 f"(fitness {c['fitness']:.4f}, {c['stage']})")
-    m = queries.metric_by_name(engine, ref)
-    return MetricSource(ref, m["expression"], f"promoted metric {ref!r} (candidate {m['candidate']})")
 
 
 def _library_source() -> str:

@@ -8,7 +8,6 @@ sees half a checkpoint; a .pt whose hash does not match its .json is corrupt and
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -18,11 +17,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from evoprune.data import DataSet, load_dataset
 from evoprune.models import build_model
+from evoprune.progress import epoch_progress
 from evoprune.tasks import Task
 from evoprune.train import pick_device, train
 
@@ -84,23 +83,6 @@ def _save(model: nn.Module, meta: dict, pt: Path, meta_path: Path) -> None:
     tmp_meta = meta_path.with_suffix(f".json.tmp{os.getpid()}")
     tmp_meta.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_meta, meta_path)
-
-
-@contextlib.contextmanager
-def epoch_progress(label: str, total: int, console: Console | None, show: bool):
-    """An `on_epoch` callback: a live bar on a terminal, one plain line per epoch in a log file."""
-    console = console or Console(stderr=True)
-    if not show:
-        yield None
-    elif not console.is_terminal:
-        yield lambda e, loss, val: console.print(f"{label} epoch {e}/{total}  loss {loss:.3f}  val {val:.2%}",
-                                                 highlight=False)
-    else:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]:.3f}  val {task.fields[val]:.2%}"),
-                      TimeElapsedColumn(), console=console) as prog:
-            bar = prog.add_task(label, total=total, loss=float("nan"), val=float("nan"))
-            yield lambda e, loss, val: prog.update(bar, completed=e, loss=loss, val=val)
 
 
 def pretrained(task: Task, *, data_root=None, cache_dir=None, device="auto", download=None,

@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from evoprune.errors import EvopruneError, UnknownName, read_toml
+from evoprune.errors import EvopruneError, UnknownName
+from evoprune.tomlfiles import read_toml
 from evoprune.models import MODELS
 
 TRAIN_CODE_VERSION = 1  # bump when the training loop changes what a recipe produces: old caches miss
@@ -51,6 +52,26 @@ class Recipe:
                 raise EvopruneError(f"recipe: {msg}")
 
 
+# TPP's CIFAR retraining (Wang & Fu 2023): lr 0.01, x0.1 at 50% and 75% of the epochs (60, 90 of 120)
+RETRAIN = Recipe(epochs=120, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="step")
+
+
+@dataclass(frozen=True)
+class TransferRecipe:
+    """What `evoprune prune` does on this task unless told otherwise: the TPP schedule (keys of
+    evoprune.transfer.tpp.TPPConfig, over the paper's CIFAR settings) and the retraining recipe
+    (over TPP's CIFAR schedule, RETRAIN). Small tasks set short ones: the paper's schedule is
+    101,000 TPP iterations and 120 epochs, sized for 50,000 images."""
+
+    tpp: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs, hashable
+    retrain: Recipe = RETRAIN
+
+    def tpp_config(self, **overrides):
+        from evoprune.transfer.tpp import TPPConfig
+
+        return TPPConfig(**{**dict(self.tpp), **overrides})
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -59,6 +80,7 @@ class Task:
     recipe: Recipe = field(default_factory=Recipe)
     model_args: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs, hashable
     description: str = ""
+    transfer: TransferRecipe = field(default_factory=TransferRecipe)
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
@@ -73,7 +95,7 @@ class Task:
 
 def _task_from_table(name: str, t: dict[str, Any], source: str) -> Task:
     where = f"task {name!r} in {source}"
-    allowed = {"description", "dataset", "model", "model_args", "recipe"}
+    allowed = {"description", "dataset", "model", "model_args", "recipe", "transfer"}
     if not isinstance(t, dict):
         raise EvopruneError(f"{where}: expected a table")
     if extra := set(t) - allowed:
@@ -83,16 +105,45 @@ def _task_from_table(name: str, t: dict[str, Any], source: str) -> Task:
             raise EvopruneError(f"{where}: '{key}' (a string) is required")
     if t["model"] not in MODELS:
         raise EvopruneError(f"{where}: unknown model {t['model']!r}; known: {', '.join(MODELS)}")
-    recipe_keys = {f.name for f in fields(Recipe)}
-    recipe = t.get("recipe", {})
-    if extra := set(recipe) - recipe_keys:
-        raise EvopruneError(f"{where}: unknown recipe keys {sorted(extra)} (allowed: {sorted(recipe_keys)})")
-    try:
-        r = Recipe(**recipe)
-    except EvopruneError as e:
-        raise EvopruneError(f"{where}: {e}") from None
+    r = _recipe(t.get("recipe", {}), Recipe(), where, "recipe")
     return Task(name=name, dataset=t["dataset"], model=t["model"], recipe=r,
-                model_args=tuple(sorted(t.get("model_args", {}).items())), description=t.get("description", ""))
+                model_args=tuple(sorted(_table(t.get("model_args", {}), f"{where}: model_args").items())),
+                description=t.get("description", ""), transfer=_transfer(t.get("transfer", {}), where))
+
+
+def _table(v, where: str) -> dict:
+    if not isinstance(v, dict):
+        raise EvopruneError(f"{where} must be a table")
+    return v
+
+
+def _recipe(d, base: Recipe, where: str, what: str) -> Recipe:
+    keys = {f.name for f in fields(Recipe)}
+    if extra := set(_table(d, f"{where}: {what}")) - keys:
+        raise EvopruneError(f"{where}: unknown {what} keys {sorted(extra)} (allowed: {sorted(keys)})")
+    try:
+        return replace(base, **d)
+    except (EvopruneError, TypeError) as e:
+        raise EvopruneError(f"{where}: {what}: {str(e).removeprefix('recipe: ')}") from None
+
+
+def _transfer(d, where: str) -> TransferRecipe:
+    d = _table(d, f"{where}: transfer")
+    if extra := set(d) - {"tpp", "retrain"}:
+        raise EvopruneError(f"{where}: unknown transfer keys {sorted(extra)} (allowed: ['retrain', 'tpp'])")
+    from evoprune.transfer.tpp import TPPConfig
+
+    tpp = _table(d.get("tpp", {}), f"{where}: transfer.tpp")
+    if extra := set(tpp) - {f.name for f in fields(TPPConfig)}:
+        raise EvopruneError(f"{where}: unknown transfer.tpp keys {sorted(extra)} "
+                            f"(allowed: {sorted(f.name for f in fields(TPPConfig))})")
+    out = TransferRecipe(tpp=tuple(sorted(tpp.items())),
+                         retrain=_recipe(d.get("retrain", {}), RETRAIN, where, "transfer.retrain"))
+    try:
+        out.tpp_config()
+    except (EvopruneError, TypeError) as e:
+        raise EvopruneError(f"{where}: transfer.tpp: {e}") from None
+    return out
 
 
 def read_tasks_file(path: Path) -> dict[str, Task]:

@@ -24,7 +24,7 @@ from evoprune.primitives.layers import discover, structure
 from evoprune.train import accuracy
 from evoprune.transfer.prune import PruneConfig, choose_groups
 from evoprune.transfer.surgery import channel_groups, surgery, zero_pruned
-from evoprune.workers.allocators import uniform
+from evoprune.allocators import uniform
 
 FAST_TPP = ["--reg-step", "0.05", "--update-every", "2", "--stabilize-iters", "20"]
 

@@ -10,6 +10,7 @@ import threading
 
 from evoprune.cli import main
 from evoprune.db import queries, store
+from evoprune.records import CandidateRecord, FitnessRecord, TaskResult
 
 
 def run(capsys, *args):
@@ -83,11 +84,10 @@ def test_reader_never_sees_database_is_locked(tmp_path):
     def write():
         try:
             for i in range(150):
-                rec = {"stage": "full", "fitness": i / 150, "valid": True, "reason": "", "worker": "w",
-                       "tasks": {"t": {"accuracy": i / 150, "kept_flops": 0.5, "kept_params": 0.5, "seconds": 0.1,
-                                       "mask": f"{i}"}}}
-                store.record_candidates(writer_engine, run_id, [store.CandidateRow(
-                    f"add(w_l1, {i}.0)", f"w_l1 + {i}", f"h{i}", 3, 2, [], 0, rec)])
+                rec = FitnessRecord(f"add(w_l1, {i}.0)", "full", i / 150, True, "",
+                                    {"t": TaskResult(i / 150, 0.5, 0.5, 0.1, f"{i}")}, 0.1, "w")
+                store.record_candidates(writer_engine, run_id, [CandidateRecord(
+                    f"add(w_l1, {i}.0)", f"w_l1 + {i}", f"h{i}", 3, 2, (), 0, rec)])
         except Exception as e:  # pragma: no cover - the assertion below reports it
             errors.append(e)
         finally:

@@ -18,17 +18,21 @@ from evoprune.db import store
 from evoprune.errors import EvopruneError
 from evoprune.evolve.config import Config, ProxyConfig, SearchConfig, load_config
 from evoprune.evolve.engine import Search
+from evoprune.evolve.service import StoreRecorder
+from evoprune.masks import TaskMasks, mask_hash
 from evoprune.primitives.expr import check_scores, evaluate, parse, scores_by_layer
 from evoprune.primitives.stats import STATS
+from evoprune.records import FitnessRecord, TaskResult
 from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
-from evoprune.workers.proxy import FitnessRecord, TaskContext, TaskResult
 
 TINY_PROXY = ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128)
 
 
 @pytest.fixture(scope="module")
 def digits_ctx(digits_pretrained, cache_dir):
-    return {"digits-cnn": TaskContext("digits-cnn", TINY_PROXY, list(STATS), cache_dir=cache_dir)}
+    """The driver's masks for the digits task (statistics on the CPU)."""
+    return {"digits-cnn": TaskMasks.load("digits-cnn", TINY_PROXY.allocation, list(STATS), stat_images=128, seed=0,
+                                         cache_dir=cache_dir)}
 
 
 class HiddenFormulaFitness:
@@ -36,7 +40,7 @@ class HiddenFormulaFitness:
     correlation between the candidate's scores and a hidden formula's, on the real statistics
     of the pretrained digits CNN, mapped to [0, 1]."""
 
-    def __init__(self, ctx: TaskContext, hidden: str):
+    def __init__(self, ctx: TaskMasks, hidden: str):
         self.table = ctx.table
         self.target = scores_by_layer(evaluate(parse(hidden), self.table), self.table)
 
@@ -52,7 +56,7 @@ class HiddenFormulaFitness:
         for job in jobs:
             f = (self.correlation(job.expression) + 1) / 2
             yield job, FitnessRecord(job.expression, job.stage, f, True,
-                                     tasks={"digits-cnn": TaskResult(f, 1.0, 1.0, 0.0, "")})
+                                     tasks={"digits-cnn": TaskResult(f, 1.0, 1.0, 0.0, mask_hash(job.masks["digits-cnn"]))})
 
     def close(self):
         pass
@@ -66,7 +70,7 @@ def test_engine_recovers_a_hidden_formula(digits_ctx, tmp_path):
                  proxy=replace(TINY_PROXY, ratio=0.5, screen=False))
     fitness = HiddenFormulaFitness(digits_ctx["digits-cnn"], hidden)
     engine = store.connect(f"sqlite:///{tmp_path / 'r.db'}")
-    search = Search(cfg, fitness, digits_ctx, engine)
+    search = Search(cfg, fitness, digits_ctx, StoreRecorder.new_run(engine, cfg))
     pop = search.run()
     best = max(pop, key=lambda i: (i.raw, -len(i)))
     assert fitness.correlation(str(best)) > 0.999, str(best)
@@ -76,7 +80,7 @@ def test_engine_recovers_a_hidden_formula(digits_ctx, tmp_path):
 def test_ray_worker_killed_mid_run_loses_and_repeats_nothing(ray_session, digits_ctx, cache_dir, tmp_path):
     cfg = Config(search=SearchConfig(population=10, generations=1, seed=0, seeds=("l1", "bn_scale", "fpgm")),
                  proxy=TINY_PROXY)
-    spec = WorkerSpec(proxy=cfg.proxy, stats=tuple(STATS), cache_dir=str(cache_dir))
+    spec = WorkerSpec(proxy=cfg.proxy, cache_dir=str(cache_dir))
     evaluator = RayEvaluator(spec, workers=2)
     victims = evaluator.pids()
     killed = []
@@ -87,12 +91,13 @@ def test_ray_worker_killed_mid_run_loses_and_repeats_nothing(ray_session, digits
             killed.append(victims[0])
 
     engine = store.connect(f"sqlite:///{tmp_path / 'ray.db'}")
-    search = Search(cfg, evaluator, digits_ctx, engine, kill_one)
+    recorder = StoreRecorder.new_run(engine, cfg)
+    search = Search(cfg, evaluator, digits_ctx, recorder, kill_one)
     pop = search.run()
     evaluator.close()
     assert killed and evaluator.restarts >= 1
     assert all(ind.fitness.valid for ind in pop)
-    cands = store.candidates(engine, search.run_id)
+    cands = store.candidates(engine, recorder.run_id)
     for c in cands:
         stages = [(e.task, e.stage) for e in c.evaluations]
         assert len(stages) == len(set(stages)), c.expression  # each stage counted once

@@ -15,7 +15,7 @@ from evoprune.primitives.expr import evaluate, parse, scores_by_layer
 from evoprune.primitives.layers import discover
 from evoprune.transfer.surgery import independent_layers, surgery, zero_pruned
 from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
-from evoprune.workers.allocators import uniform
+from evoprune.allocators import uniform
 
 
 def _masks(model, x, y, names=None, ratio=0.5, expr="div(w_l1, add(act_mean, 0.1))"):

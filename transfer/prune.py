@@ -1,19 +1,25 @@
-"""`evoprune prune`: apply a metric to a task's pretrained network, for real.
+"""`evoprune prune`: apply a metric to a task's pretrained network, for real, in five phases.
 
-    masks      score every filter with the metric (statistics on training images), keep the
-               best of each layer by the allocator; layers are those inside blocks ("in-block",
-               as TPP's scripts) or every layer with tied channels pruned together ("coupled");
+    measure    the unpruned model: MACs, parameters, latency, test accuracy;
+    masks      score every filter with the metric (statistics on training images) and keep the
+               best of each layer by the allocator (`evoprune.masks.make_masks`, as the search
+               does); layers are those inside blocks ("in-block", as TPP's scripts) or every
+               layer with tied channels pruned together ("coupled");
     tpp        (optional) TPP regularization: Gram penalty + growing L2 on the pruned filters
-               and their BN, then a stabilize phase, then the pruned filters are hard-zeroed;
-    surgery    Torch-Pruning removes the channels; the smaller model must compute what the
-               masked one did (checked on a batch, eval mode) before anything else happens;
-    retrain    the recipe's epochs (TPP's CIFAR schedule by default), AMP + channels_last on GPU;
-    report     params, MACs, speedup, latency, test accuracy before/after; the whole pruned
-               model; a "transfer" evaluation row in the database when the metric has a candidate.
+               and their BN, then a stabilize phase;
+    cut        the pruned filters are hard-zeroed and Torch-Pruning removes them; the smaller
+               model must compute what the masked one did (checked on a batch, eval mode)
+               before anything else happens;
+    retrain    the task's retraining recipe (TPP's CIFAR schedule unless the task sets a
+               shorter one), AMP + channels_last on GPU;
+    report     params, MACs, speedup, latency, test accuracy before/after, the schedule used;
+               the whole pruned model; a "transfer" evaluation in the database when the metric
+               has a candidate there.
 
-Everything lands in the output folder: config.json, masks.pt, checkpoint.pt (rewritten after
-every retraining epoch and, at pass boundaries, every TPP_SAVE_EVERY_S of TPP; `--resume`
-continues from it), pruned_model.pt, report.json. Launched by torchrun, both training phases run under DDP (see docs/transfer.md).
+Everything lands in the output folder: config.json, masks.pt, checkpoint.pt (the weights,
+the optimizer and a `PruneState`; rewritten after every retraining epoch and, at pass
+boundaries, every TPP_SAVE_EVERY_S of TPP; `--resume` continues from it), pruned_model.pt,
+report.json. Launched by torchrun, both training phases run under DDP (see docs/transfer.md).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +38,25 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from evoprune import dist
+from evoprune.allocators import ALLOCATORS, Allocation, Masks
 from evoprune.data import iterate
 from evoprune.errors import EvopruneError
+from evoprune.masks import UnusableMetric, make_masks, mask_hash
+from evoprune.metricref import MetricRef
 from evoprune.primitives.collect import task_stats
-from evoprune.primitives.expr import canonical, canonical_hash, check_scores, evaluate, parse, scores_by_layer
+from evoprune.primitives.expr import canonical, canonical_hash, parse
 from evoprune.primitives.layers import Structure, structure
-from evoprune.primitives.runtime import rank as average_rank
-from evoprune.tasks import Recipe, get_task
-from evoprune.train import accuracy, autocast, pick_device, train
+from evoprune.progress import epoch_progress, progress
+from evoprune.records import TransferRecord
+from evoprune.tasks import RETRAIN, Recipe, get_task
+from evoprune.train import TrainResult, accuracy, autocast, pick_device, train
 from evoprune.transfer.surgery import channel_groups, independent_layers, surgery, zero_pruned
 from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
-from evoprune.workers.allocators import ALLOCATORS, allocate, flops, kept_share, mask_hash
 
 SCOPES = ("in-block", "coupled")
-# TPP's CIFAR retraining: lr 0.01, x0.1 at 50% and 75% of the epochs (60 and 90 of 120)
-RETRAIN = Recipe(epochs=120, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="step")
 CHECK_TOL = 1e-4  # surgery equivalence: max |pruned - masked| <= tol * max(1, max |masked|)
 TPP_SAVE_EVERY_S = 60.0  # checkpoint interval of the TPP phase (at pass boundaries)
 FILES = ("config.json", "masks.pt", "checkpoint.pt", "pruned_model.pt", "report.json")
@@ -82,23 +88,53 @@ class PruneConfig:
             if not ok:
                 raise EvopruneError(f"prune: {msg}")
 
+    @property
+    def allocation(self) -> Allocation:
+        return Allocation(kind=self.allocator, ratio=self.ratio, flops_reduction=self.flops_reduction)
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # tuples become lists, as they come back from JSON
 
+    def schedule(self) -> str:
+        """The TPP and retraining schedule in words (the report and the console state it)."""
+        r = self.retrain
+        tpp = "no TPP" if self.tpp is None else (
+            f"TPP {self.tpp.total_iterations} iterations (reg +{self.tpp.reg_step:g} every {self.tpp.update_every} "
+            f"up to {self.tpp.reg_ceiling:g}, then {self.tpp.stabilize_iters} at the ceiling; lr {self.tpp.lr:g})")
+        return f"{tpp}; retraining {r.epochs} epochs, lr {r.lr:g} {r.schedule}, batch {r.batch_size}"
+
+
+@dataclass
+class Measured:
+    """The unpruned model."""
+
+    macs: int  # for one image
+    params: int
+    latency_ms: float
+    test: float
+
+
+@dataclass
+class PruneState:
+    """Where a prune run is and what it measured; the checkpoint holds it beside the weights."""
+
+    phase: str = "tpp"  # "tpp": before surgery (regularizing, if TPP is on); "retrain": surgery done
+    epoch: int = 0  # passes over the data finished in the current phase
+    iteration: int = 0  # TPP iterations done
+    tpp_seconds: float = 0.0
+    base: Measured | None = None
+    after_tpp_test: float | None = None  # test accuracy after TPP, before the pruned filters are zeroed
+    pruned_test: float | None = None  # right after surgery, before retraining
+    equivalence_max_diff: float | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict) -> "PruneState":
+        d = {f.name: ck[f.name] for f in fields(cls)}
+        d["base"] = Measured(**d["base"]) if d["base"] is not None else None
+        return cls(**d)
+
 
 # --------------------------------------------------------------------------- masks
-def _group_scores(groups: list[list[str]], scores: dict[str, Tensor]) -> dict[str, Tensor]:
-    """One score per channel of each group (keyed by its first layer): the layer's own scores,
-    or for tied layers the mean of their per-layer ranks (metrics need not share a scale)."""
-    out = {}
-    for g in groups:
-        if len(g) == 1:
-            out[g[0]] = scores[g[0]]
-        else:
-            out[g[0]] = torch.stack([average_rank(scores[n].double()) for n in g]).mean(0)
-    return out
-
-
 def choose_groups(model: nn.Module, example: Tensor, s: Structure, cfg: PruneConfig) -> list[list[str]]:
     names = [n for n in s.macs if not any(fnmatch.fnmatchcase(n, p) for p in cfg.skip)]
     if cfg.scope == "in-block":
@@ -120,30 +156,19 @@ def choose_groups(model: nn.Module, example: Tensor, s: Structure, cfg: PruneCon
 
 
 def compute_masks(pre, model: nn.Module, example: Tensor, s: Structure, cfg: PruneConfig,
-                  device: torch.device) -> dict[str, Tensor]:
+                  device: torch.device) -> Masks:
     """Keep masks (True = keep) for every pruned layer; tied layers get the same mask."""
     node = parse(cfg.expression)
-    table = task_stats(replace(pre, model=model), node.stats(), n_images=cfg.stat_images, seed=0, device=device)
-    scores = evaluate(node, table)
-    validity = check_scores(scores, table)
-    if not validity.ok:
-        raise EvopruneError(f"metric {cfg.metric} cannot rank the filters of {cfg.task}: {validity.reason}")
-    by_layer = {n: v.cpu() for n, v in scores_by_layer(scores, table).items()}
     groups = choose_groups(model, example, s, cfg)
-    members = {g[0]: g for g in groups}
-
-    def expand(masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {n: m for key, m in masks.items() for n in members[key]}
-
-    gscores = _group_scores(groups, by_layer)
-    if cfg.allocator == "flops":
-        masks = flops(gscores, cfg.flops_reduction, s.macs, s.inputs_from, expand=expand, layers=list(s.macs))
-        removed = 1 - kept_share(masks, s.macs, s.inputs_from, layers=list(s.macs))
-        if removed < cfg.flops_reduction - 1e-6:
-            raise EvopruneError(f"pruning {len(masks)} layers (scope {cfg.scope}) removes at most {removed:.0%} of the "
-                                f"prunable MACs; ask for less than {cfg.flops_reduction:.0%} or use --scope coupled")
-        return masks
-    return expand(allocate(cfg.allocator, gscores, ratio=cfg.ratio))
+    if not node.stats():
+        raise EvopruneError(f"metric {cfg.metric} reads no statistic: a constant ranks no filters")
+    table = task_stats(replace(pre, model=model), node.stats(), n_images=cfg.stat_images, seed=0, device=device)
+    try:
+        return make_masks(node, table, cfg.allocation, s, groups)
+    except UnusableMetric as e:
+        raise EvopruneError(f"metric {cfg.metric} cannot rank the filters of {cfg.task}: {e}") from None
+    except EvopruneError as e:
+        raise EvopruneError(f"{e} (scope {cfg.scope}; --scope coupled prunes more layers)") from None
 
 
 # --------------------------------------------------------------------------- measurements
@@ -206,6 +231,7 @@ def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor) -> float
 
 
 # --------------------------------------------------------------------------- files
+# --------------------------------------------------------------------------- files
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -221,6 +247,8 @@ def _write_json(obj, path: Path) -> None:
 def _prepare_out(out: Path, cfg: PruneConfig, resume: bool) -> None:
     """Check the folder against --resume; a new run writes its config.json."""
     cfg_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise EvopruneError(f"--out {out} is a file, not a folder")
     if not resume:
         if any((out / f).exists() for f in FILES[1:]):  # a config.json alone: a run that failed at once
             raise EvopruneError(f"{out} already holds a prune run: pass --resume to continue it, or another --out")
@@ -231,8 +259,10 @@ def _prepare_out(out: Path, cfg: PruneConfig, resume: bool) -> None:
         raise EvopruneError(f"--resume: no prune run in {out} (config.json missing)")
     try:
         old = json.loads(cfg_path.read_text())
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise EvopruneError(f"--resume: {cfg_path} is unreadable ({e})") from None
+    if not isinstance(old, dict):
+        raise EvopruneError(f"--resume: {cfg_path} does not hold a prune configuration")
     new = cfg.to_dict()
     if diff := sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)):
         raise EvopruneError(f"--resume: {out} was started with other settings ({', '.join(diff)} differ); "
@@ -242,96 +272,77 @@ def _prepare_out(out: Path, cfg: PruneConfig, resume: bool) -> None:
     _checkpoint(out)  # loads: a damaged file is reported now
 
 
+def _load(path: Path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message suggests weights_only=False: advice never to follow here
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise EvopruneError(f"--resume: {path} does not load as {what} ({first}); start again with another "
+                            "--out") from None
+
+
 def _checkpoint(out: Path) -> dict | None:
     """The checkpoint to continue from; None when the run stopped before its first one (it then
     starts over: the masks are recomputed identically)."""
     path = out / "checkpoint.pt"
     if not path.exists():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EvopruneError(f"--resume: {path} does not load ({type(e).__name__}: {e})") from None
+    ck = _load(path, "a prune checkpoint")
+    need = {f.name for f in fields(PruneState)} | {"model", "opt"}
+    if not isinstance(ck, dict) or not need <= set(ck) or ck["phase"] not in ("tpp", "retrain"):
+        raise EvopruneError(f"--resume: {path} is not a checkpoint of evoprune prune; start again with another --out")
+    return ck
 
 
-# --------------------------------------------------------------------------- phases
-def regularize(model: nn.Module, masks: dict[str, Tensor], s: Structure, cfg: PruneConfig, data,
-               device: torch.device, state: dict | None, save, progress) -> float:
-    """The TPP phase, to its end; `save(epoch, iteration, opt, seconds)` at the end of a pass
-    over the data when the last save is TPP_SAVE_EVERY_S old (a small data set has thousands of
-    passes), and at the end. Returns its seconds (those before a resume included)."""
-    tpp = cfg.tpp
-    reg = TPPRegularizer(model, masks, s.bn_of, tpp)
-    opt = torch.optim.SGD(model.parameters(), lr=tpp.lr, momentum=0.9, weight_decay=5e-4)
-    epoch, before = 0, 0.0
-    if state is not None:
-        opt.load_state_dict(state["opt"])
-        reg.iteration, epoch, before = state["iteration"], state["epoch"], state["seconds"]
-    net = dist.wrap(model, device)
-    recipe = cfg.retrain
-    t0 = last_save = time.perf_counter()
-    model.train()
-    while not reg.done:
-        for x, y in iterate(data, data.train, batch_size=max(1, recipe.batch_size // dist.world()), shuffle=True,
-                            augment=recipe.augment or data.augment, seed=recipe.seed * 100003 + 50021 + epoch,
-                            device=device, drop_last=True, shard=dist.shard()):
-            with autocast(device):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y) + reg.penalty()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            reg.apply_l2()
-            opt.step()
-            reg.step()
-            progress(reg, loss.detach())
-            if reg.done:
-                break
-        epoch += 1
-        if reg.done or time.perf_counter() - last_save >= TPP_SAVE_EVERY_S:
-            save(epoch, reg.iteration, opt, before + time.perf_counter() - t0)
-            last_save = time.perf_counter()
-    return before + time.perf_counter() - t0
+def _stored_masks(path: Path, s: Structure) -> Masks:
+    masks = _load(path, "masks")
+    ok = isinstance(masks, dict) and all(
+        isinstance(m, Tensor) and m.dtype == torch.bool and n in s.out_channels and m.shape == (s.out_channels[n],)
+        for n, m in masks.items())
+    if not ok or not masks:
+        raise EvopruneError(f"--resume: {path} does not hold masks for this model; start again with another --out")
+    return masks
 
 
-def _tpp_progress(console: Console, total: int, show: bool):
-    """A progress callback for the TPP phase and the object to close it."""
-    if not show:
-        return (lambda reg, loss: None), None
-    if not console.is_terminal:
-        every = max(1, total // 20)
+# --------------------------------------------------------------------------- the run
+@dataclass
+class PruneRun:
+    """What every phase works on."""
 
-        def log(reg, loss):
-            if reg.iteration % every == 0 or reg.done:
-                console.print(f"tpp {reg.iteration}/{total}  {reg.phase}  reg {reg.reg:.4f}  loss {float(loss):.3f}",
-                              highlight=False)
-        return log, None
-    prog = Progress(TextColumn("[bold]tpp[/] {task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("reg {task.fields[reg]:.4f}  loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
-                    console=console)
-    bar = prog.add_task("tpp", total=total, phase="regularize", reg=0.0, loss=float("nan"))
-    prog.start()
+    cfg: PruneConfig
+    out: Path
+    device: torch.device
+    pre: Any  # evoprune.pretrain.Pretrained
+    model: nn.Module  # the model being pruned, on the device
+    example: Tensor  # two training images, for tracing
+    structure: Structure
+    console: Console
+    show: bool
+    masks: Masks = field(default_factory=dict)
 
-    def update(reg, loss):  # reading the loss waits for the GPU: every 20 iterations only
-        if reg.iteration % 20 == 0 or reg.done:
-            prog.update(bar, completed=reg.iteration, phase=reg.phase, reg=reg.reg, loss=float(loss))
-    return update, prog
+    @property
+    def data(self):
+        return self.pre.data
+
+    def test(self) -> float:
+        return accuracy(self.model, self.data, self.data.test, device=self.device)
+
+    def save(self, state: PruneState, opt) -> None:
+        """The checkpoint: state, weights, optimizer (rank 0 writes; every process waits)."""
+        if dist.is_main():
+            _atomic_save({**asdict(state), "model": self.model.state_dict(),
+                          "opt": opt.state_dict() if opt is not None else {}}, self.out / "checkpoint.pt")
+        dist.barrier()
 
 
-def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, cache_dir=None, tasks_file=None,
-          device: str = "auto", db: str | None = None, record: bool = True, console: Console | None = None,
-          show_progress: bool = True) -> dict:
-    """Run the whole transfer stage; returns the report (also written to OUT/report.json)."""
-    from evoprune.pretrain import epoch_progress, pretrained
+def _setup(cfg: PruneConfig, out: Path, resume: bool, device, data_root, cache_dir, tasks_file,
+           console: Console, show: bool) -> tuple[PruneRun, dict | None]:
+    from evoprune.pretrain import pretrained
 
-    console = console or Console(stderr=True)
-    show = show_progress and dist.is_main()
-    t_start = time.perf_counter()
     device = dist.setup(pick_device(device))
-    out = Path(out)
     dist.on_main(lambda: _prepare_out(out, cfg, resume))
-    state = _checkpoint(out) if resume else None
+    ck = _checkpoint(out) if resume else None
     task = get_task(cfg.task, tasks_file)
-
     loaded = {}
 
     def load() -> None:  # one process trains a missing model; the others then read the cache
@@ -339,141 +350,193 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
                                    show_progress=show, console=console)
     dist.on_main(load)
     pre = loaded.get("pre") or pretrained(task, data_root=data_root, cache_dir=cache_dir, device=str(device))
-    data = pre.data
     model = copy.deepcopy(pre.model).to(device).eval()
-    example = next(iterate(data, data.train, batch_size=2, device=device))[0]
-    s = structure(model, example)
-    if state is not None:  # the unpruned model was measured before the interruption
-        info: dict[str, Any] = json.loads(state["info"])
-    else:
-        macs0, params0 = count(model, example)
-        info = {"base_macs": macs0, "base_params": params0,
-                "base_latency_ms": latency_ms(model, example, cfg.latency_batch),
-                "pretrained_test": accuracy(model, data, data.test, device=device), "tpp_seconds": 0.0}
+    example = next(iterate(pre.data, pre.data.train, batch_size=2, device=device))[0]
+    run = PruneRun(cfg, out, device, pre, model, example, structure(model, example), console, show)
+    return run, ck
 
-    masks_path = out / "masks.pt"
-    if state is not None and masks_path.exists():
-        masks = torch.load(masks_path, map_location="cpu", weights_only=True)
-    else:
-        def make() -> dict[str, Tensor]:
-            masks = compute_masks(pre, model, example, s, cfg, device)
-            _atomic_save(masks, masks_path)
-            return masks
-        masks = dist.on_main(make)
-    if show:
-        kept = sum(int(m.sum()) for m in masks.values())
-        console.print(f"{cfg.task}: {cfg.metric} ({cfg.expression}) keeps {kept} of "
-                      f"{sum(len(m) for m in masks.values())} filters in {len(masks)} layers", highlight=False)
 
-    def save(phase: str, epoch: int, opt, **extra) -> None:
-        if dist.is_main():
-            _atomic_save({"phase": phase, "epoch": epoch, "model": model.state_dict(),
-                          "opt": opt.state_dict() if opt is not None else {}, "info": json.dumps(info), **extra},
-                         out / "checkpoint.pt")
-        dist.barrier()
+def measure(run: PruneRun) -> Measured:
+    """Phase 1: the unpruned model."""
+    macs, params = count(run.model, run.example)
+    return Measured(macs, params, latency_ms(run.model, run.example, run.cfg.latency_batch), run.test())
 
-    def cut() -> None:
-        surgery(model, {n: m.to(device) for n, m in masks.items()}, example, coupled=cfg.scope == "coupled")
 
-    def save_retrain(epoch: int, opt) -> None:
-        save("retrain", epoch, opt)
+def masks_phase(run: PruneRun, resuming: bool) -> Masks:
+    """Phase 2: the masks, computed once by rank 0 and written to masks.pt (read back on resume)."""
+    path = run.out / "masks.pt"
+    if resuming and path.exists():
+        return _stored_masks(path, run.structure)
 
-    if state is None or state["phase"] == "tpp":
-        if cfg.tpp is not None:
-            if state is not None:
-                model.load_state_dict(state["model"])
-            log, bar = _tpp_progress(console, cfg.tpp.total_iterations, show)
-            try:
-                info["tpp_seconds"] = regularize(
-                    model, masks, s, cfg, data, device, state,
-                    lambda e, it, opt, sec: save("tpp", e, opt, iteration=it, seconds=sec), log)
-            finally:
-                if bar is not None:
-                    bar.stop()
-            info["after_tpp_test"] = accuracy(model, data, data.test, device=device)  # before hard-zeroing
-        zero_pruned(model, masks, s.bn_of)
-        model.eval()
-        check_x = next(iterate(data, data.val, batch_size=64, device=device))[0]
-        with torch.no_grad(), full_precision():
-            masked_out = model(check_x).float()
-        cut()
-        info["equivalence_max_diff"] = check_equivalence(masked_out, model, check_x)
-        info["pruned_test"] = accuracy(model, data, data.test, device=device)
-        start_epoch, opt_state = 0, None
-        save_retrain(0, None)  # surgery done: a later kill resumes here, not before TPP
-    else:  # resume retraining: rebuild the pruned shape, then load its weights
-        cut()
-        model.load_state_dict(state["model"])
-        start_epoch, opt_state = state["epoch"], state["opt"] or None
-    t0 = time.perf_counter()
-    with epoch_progress("retrain", cfg.retrain.epochs, console, show) as on_epoch:
-        result = train(model, data, cfg.retrain, device=device, on_epoch=on_epoch, start_epoch=start_epoch,
-                       optimizer_state=opt_state, checkpoint=save_retrain)
-    model.eval()
-    macs1, params1 = count(model, example)
-    latency1 = latency_ms(model, example, cfg.latency_batch)
-    report = {
+    def make() -> Masks:
+        masks = compute_masks(run.pre, run.model, run.example, run.structure, run.cfg, run.device)
+        _atomic_save(masks, path)
+        return masks
+    return dist.on_main(make)
+
+
+def regularize(run: PruneRun, state: PruneState, ck: dict | None) -> None:
+    """Phase 3: TPP, to its end, from `ck` when resuming mid-TPP. A checkpoint is written at
+    the end of a pass over the data when the last one is TPP_SAVE_EVERY_S old (a small data
+    set has thousands of passes), and at the end."""
+    cfg, tpp = run.cfg, run.cfg.tpp
+    reg = TPPRegularizer(run.model, run.masks, run.structure.bn_of, tpp)
+    opt = torch.optim.SGD(run.model.parameters(), lr=tpp.lr, momentum=0.9, weight_decay=5e-4)
+    if ck is not None:
+        opt.load_state_dict(ck["opt"])
+    reg.iteration = state.iteration
+    net = dist.wrap(run.model, run.device)
+    recipe = cfg.retrain
+    t0 = last_save = time.perf_counter()
+    before = state.tpp_seconds
+    run.model.train()
+    every = 20  # reading the loss waits for the GPU: the display is updated every 20 iterations
+    with progress("tpp", tpp.total_iterations, run.console, run.show, fields={"phase": "s", "reg": ".4f",
+                  "loss": ".3f"}, log_every=max(every, tpp.total_iterations // 20)) as update:
+        while not reg.done:
+            for x, y in iterate(run.data, run.data.train, batch_size=max(1, recipe.batch_size // dist.world()),
+                                shuffle=True, augment=recipe.augment or run.data.augment,
+                                seed=recipe.seed * 100003 + 50021 + state.epoch, device=run.device, drop_last=True,
+                                shard=dist.shard()):
+                with autocast(run.device):
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y) + reg.penalty()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                reg.apply_l2()
+                opt.step()
+                reg.step()
+                if reg.iteration % every == 0 or reg.done:
+                    update(reg.iteration, phase=reg.phase, reg=reg.reg, loss=float(loss.detach()))
+                if reg.done:
+                    break
+            state.epoch += 1
+            state.iteration, state.tpp_seconds = reg.iteration, before + time.perf_counter() - t0
+            if reg.done or time.perf_counter() - last_save >= TPP_SAVE_EVERY_S:
+                run.save(state, opt)
+                last_save = time.perf_counter()
+    state.after_tpp_test = run.test()  # before the pruned filters are hard-zeroed
+
+
+def _cut(run: PruneRun) -> None:
+    surgery(run.model, {n: m.to(run.device) for n, m in run.masks.items()}, run.example,
+            coupled=run.cfg.scope == "coupled")
+
+
+def cut_and_check(run: PruneRun, state: PruneState) -> None:
+    """Phase 4: zero the pruned filters, remove them, check the smaller model computes what the
+    masked one did, measure it; then the checkpoint moves to the retraining phase (a later
+    kill resumes there, not before TPP)."""
+    zero_pruned(run.model, run.masks, run.structure.bn_of)
+    run.model.eval()
+    check_x = next(iterate(run.data, run.data.val, batch_size=64, device=run.device))[0]
+    with torch.no_grad(), full_precision():
+        masked_out = run.model(check_x).float()
+    _cut(run)
+    state.equivalence_max_diff = check_equivalence(masked_out, run.model, check_x)
+    state.pruned_test = run.test()
+    state.phase, state.epoch = "retrain", 0
+    run.save(state, None)
+
+
+def retrain(run: PruneRun, state: PruneState, ck: dict | None) -> TrainResult:
+    """Phase 5: the retraining recipe, from `ck` when resuming mid-retraining."""
+    opt_state = (ck["opt"] or None) if ck is not None else None
+
+    def save(epoch: int, opt) -> None:
+        state.epoch = epoch
+        run.save(state, opt)
+
+    with epoch_progress("retrain", run.cfg.retrain.epochs, run.console, run.show) as on_epoch:
+        result = train(run.model, run.data, run.cfg.retrain, device=run.device, on_epoch=on_epoch,
+                       start_epoch=state.epoch, optimizer_state=opt_state, checkpoint=save)
+    run.model.eval()
+    return result
+
+
+def report(run: PruneRun, state: PruneState, result: TrainResult, seconds: dict[str, float]) -> dict:
+    """Phase 6: what was done and what it gave."""
+    cfg, base, masks = run.cfg, state.base, run.masks
+    macs1, params1 = count(run.model, run.example)
+    latency1 = latency_ms(run.model, run.example, cfg.latency_batch)
+    tests = {"pretrained": base.test, "after_tpp": state.after_tpp_test, "pruned": state.pruned_test,
+             "retrained": result.test_acc}
+    return {
         "task": cfg.task, "metric": cfg.metric, "expression": cfg.expression,
-        "canonical": str(canonical(parse(cfg.expression))), "config": cfg.to_dict(),
+        "canonical": str(canonical(parse(cfg.expression))), "config": cfg.to_dict(), "schedule": cfg.schedule(),
         "layers": {n: [int(m.sum()), len(m)] for n, m in masks.items()}, "mask": mask_hash(masks),
-        "params": [info["base_params"], params1], "macs": [info["base_macs"], macs1],
-        "params_kept": params1 / info["base_params"], "macs_kept": macs1 / info["base_macs"],
-        "speedup": info["base_macs"] / max(macs1, 1),
-        "latency_ms": [info["base_latency_ms"], latency1], "latency_batch": cfg.latency_batch,
-        "measured_speedup": info["base_latency_ms"] / max(latency1, 1e-9),
-        "test_acc": {**{k.removesuffix("_test"): v for k, v in info.items() if k.endswith("_test")},
-                     "retrained": result.test_acc},
-        "val_acc": result.val_acc, "equivalence_max_diff": info.get("equivalence_max_diff"),
-        "seconds": {"tpp": info["tpp_seconds"], "retrain": time.perf_counter() - t0,
-                    "total": time.perf_counter() - t_start},
-        "device": str(device), "processes": dist.world(), "host": socket.gethostname(),
-        "files": {"model": str(out / "pruned_model.pt"), "report": str(out / "report.json")},
+        "params": [base.params, params1], "macs": [base.macs, macs1],
+        "params_kept": params1 / base.params, "macs_kept": macs1 / base.macs,
+        "speedup": base.macs / max(macs1, 1),
+        "latency_ms": [base.latency_ms, latency1], "latency_batch": cfg.latency_batch,
+        "measured_speedup": base.latency_ms / max(latency1, 1e-9),
+        "test_acc": {k: v for k, v in tests.items() if v is not None},
+        "val_acc": result.val_acc, "equivalence_max_diff": state.equivalence_max_diff,
+        "seconds": seconds, "device": str(run.device), "processes": dist.world(), "host": socket.gethostname(),
+        "files": {"model": str(run.out / "pruned_model.pt"), "report": str(run.out / "report.json")},
     }
+
+
+def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, cache_dir=None, tasks_file=None,
+          device: str = "auto", db: str | None = None, record: bool = True, console: Console | None = None,
+          show_progress: bool = True) -> dict:
+    """Run the whole transfer stage; returns the report (also written to OUT/report.json)."""
+    console = console or Console(stderr=True)
+    show = show_progress and dist.is_main()
+    t_start = time.perf_counter()
+    out = Path(out)
+    run, ck = _setup(cfg, out, resume, device, data_root, cache_dir, tasks_file, console, show)
+    state = PruneState.from_checkpoint(ck) if ck is not None else PruneState(base=measure(run))
+    run.masks = masks_phase(run, resuming=ck is not None)
+    if show:
+        kept = sum(int(m.sum()) for m in run.masks.values())
+        console.print(f"{cfg.task}: {cfg.metric} ({cfg.expression}) keeps {kept} of "
+                      f"{sum(len(m) for m in run.masks.values())} filters in {len(run.masks)} layers\n"
+                      f"schedule: {cfg.schedule()}", highlight=False)
+    if state.phase == "tpp":
+        if ck is not None:
+            run.model.load_state_dict(ck["model"])
+        if cfg.tpp is not None:
+            regularize(run, state, ck)
+        cut_and_check(run, state)
+        ck = None
+    else:  # resume retraining: rebuild the pruned shape, then load its weights
+        _cut(run)
+        run.model.load_state_dict(ck["model"])
+    t0 = time.perf_counter()
+    result = retrain(run, state, ck)
+    rep = report(run, state, result, {"tpp": state.tpp_seconds, "retrain": time.perf_counter() - t0,
+                                      "total": time.perf_counter() - t_start})
     if dist.is_main():
-        cpu_model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
+        cpu_model = copy.deepcopy(run.model).cpu().to(memory_format=torch.contiguous_format).eval()
         _atomic_save(cpu_model, out / "pruned_model.pt")
         if record:
-            report["recorded"] = record_transfer(db, cfg, report)
-        _write_json(report, out / "report.json")
+            rep["recorded"] = record_transfer(db, cfg, rep)
+        _write_json(rep, out / "report.json")
         (out / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: the report marks it
     dist.barrier()
     dist.teardown()
-    return report
+    return rep
 
 
 # --------------------------------------------------------------------------- database
 def record_transfer(db: str | None, cfg: PruneConfig, report: dict) -> dict | None:
     """Store the result as a "transfer" evaluation of the metric's candidate: the one named
-    (ID or promoted NAME), else the latest candidate with the same canonical formula in an
+    (ID or promoted NAME), else the newest candidate with the same canonical formula in an
     existing database. Returns where it went, or None when there is no such candidate."""
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
+    from evoprune.db.store import connect, record_transfer as store_transfer
+    from evoprune.metricref import resolve
 
-    from evoprune.db import queries
-    from evoprune.db.models import Candidate, Evaluation
-    from evoprune.db.store import connect
-
+    ref = MetricRef.parse(cfg.metric)
     try:
         engine = connect(db, create=False)
     except EvopruneError:
-        if cfg.metric.isdigit() or not cfg.metric.startswith(("baseline:", "expr:")):
+        if ref.in_database:
             raise
         return None  # a baseline or an expression, and no database: nothing to attach to
-    if cfg.metric.isdigit():
-        cid = int(cfg.metric)
-    elif not cfg.metric.startswith(("baseline:", "expr:")):
-        cid = queries.metric_by_name(engine, cfg.metric)["candidate"]
-    else:
-        cid = None
-    with Session(engine) as s, s.begin():
-        if cid is None:
-            cid = s.scalars(select(Candidate.id).where(Candidate.canonical_hash == canonical_hash(parse(cfg.expression)))
-                            .order_by(Candidate.id.desc())).first()
-        if cid is None or s.get(Candidate, cid) is None:
-            return None
-        ev = Evaluation(candidate_id=cid, task=cfg.task, stage="transfer", accuracy=report["test_acc"]["retrained"],
-                        kept_flops=report["macs_kept"], kept_params=report["params_kept"],
-                        seconds=report["seconds"]["total"], mask=report["mask"], worker=report["host"][:128])
-        s.add(ev)
-        s.flush()
-        return {"candidate": cid, "evaluation": ev.id, "db": str(engine.url)}
+    cid = resolve(ref, db).candidate_id if ref.in_database else None
+    t = TransferRecord(task=cfg.task, accuracy=report["test_acc"]["retrained"], kept_flops=report["macs_kept"],
+                       kept_params=report["params_kept"], seconds=report["seconds"]["total"], mask=report["mask"],
+                       host=report["host"])
+    stored = store_transfer(engine, cid, canonical_hash(parse(cfg.expression)), t)
+    return None if stored is None else {"candidate": stored[0], "evaluation": stored[1], "db": str(engine.url)}

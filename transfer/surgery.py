@@ -14,7 +14,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from evoprune.errors import EvopruneError
-from evoprune.workers.allocators import mask_targets
+from evoprune.masks import mask_targets
 
 _OUT = {nn.Conv2d: tp.prune_conv_out_channels, nn.Linear: tp.prune_linear_out_channels}
 

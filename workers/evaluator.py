@@ -1,9 +1,9 @@
-"""Evaluators: score a batch of jobs (expression, stage) and yield results as they finish.
+"""Evaluators: score a batch of jobs (masks per task, stage) and yield results as they finish.
 
 The engine sees one interface, `run(jobs) -> iterator of (job, FitnessRecord)`:
   InProcessEvaluator  in the driver's process (tests, debugging, a laptop)
-  RayEvaluator        a pool of Ray actors, each holding its tasks' models and statistics
-                      (loaded once); results stream back through ray.wait; an evaluation past
+  RayEvaluator        a pool of Ray actors, each holding its tasks' models and data
+                      (loaded once; the masks come with each job); results stream back through ray.wait; an evaluation past
                       its timeout gets the worst fitness and its actor is replaced; a job whose
                       actor died is resubmitted, so nothing is lost or counted twice.
 """
@@ -14,16 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from evoprune.workers.proxy import FitnessRecord, ProxyConfig, TaskContext, evaluate_expression, invalid
+from evoprune.records import FitnessRecord, invalid
+from evoprune.workers.proxy import Job, ProxyConfig, TaskContext, evaluate_job
 
 MAX_ATTEMPTS = 3  # a job whose worker died this often is recorded as invalid
-
-
-@dataclass(frozen=True)
-class Job:
-    key: str  # the engine's handle for the result
-    expression: str
-    stage: str  # screen | full
 
 
 @dataclass(frozen=True)
@@ -31,15 +25,14 @@ class WorkerSpec:
     """What a worker needs to build its task contexts (plain data: it travels to Ray actors)."""
 
     proxy: ProxyConfig
-    stats: tuple[str, ...]
     data_root: str | None = None
     cache_dir: str | None = None
     tasks_file: str | None = None
     device: str = "cpu"
 
     def contexts(self) -> dict[str, TaskContext]:
-        return {t: TaskContext(t, self.proxy, list(self.stats), data_root=self.data_root, cache_dir=self.cache_dir,
-                               device=self.device, tasks_file=self.tasks_file) for t in self.proxy.tasks}
+        return {t: TaskContext(t, self.proxy, data_root=self.data_root, cache_dir=self.cache_dir, device=self.device,
+                               tasks_file=self.tasks_file) for t in self.proxy.tasks}
 
 
 class InProcessEvaluator:
@@ -49,7 +42,7 @@ class InProcessEvaluator:
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, FitnessRecord]]:
         for job in jobs:
-            yield job, evaluate_expression(self.contexts, job.expression, job.stage, worker=f"local-{os.getpid()}")
+            yield job, evaluate_job(self.contexts, job, worker=f"local-{os.getpid()}")
 
     def close(self) -> None:
         pass
@@ -85,8 +78,8 @@ class _Actor:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, expression: str, stage: str) -> dict:
-        return evaluate_expression(self.contexts, expression, stage, worker=self.name).to_dict()
+    def evaluate(self, job: Job) -> dict:
+        return evaluate_job(self.contexts, job, worker=self.name).to_dict()
 
 
 class RayEvaluator:
@@ -116,7 +109,7 @@ class RayEvaluator:
             while queue and idle:
                 job, attempt = queue.pop(0)
                 i = idle.pop(0)
-                ref = self.actors[i].evaluate.remote(job.expression, job.stage)
+                ref = self.actors[i].evaluate.remote(job)
                 flight[ref] = (job, attempt, i, time.monotonic())
             ready, _ = ray.wait(list(flight), num_returns=1, timeout=1.0)
             for ref in ready:

@@ -1,36 +1,34 @@
-"""The fitness proxy: prune a pretrained model with a candidate metric, fine-tune briefly,
+"""The fitness proxy: apply a candidate's masks to a pretrained model, fine-tune briefly,
 measure validation accuracy.
 
-A TaskContext is built once per worker and task: the pretrained model, its StatTable, the
-layer structure. `evaluate(expression, stage)` then
-  1. scores every filter with the expression (vectorized over all layers),
-  2. turns the scores into keep masks with the configured allocator,
-  3. zeroes the pruned filters and their BN scale and shift (the channel then outputs 0),
-  4. "screen": recalibrates BN statistics on training images, no training (zero-cost proxy);
+A TaskContext is built once per worker and task: the pretrained model, the data and the layer
+structure; it never sees the statistics or the formula. `run(masks, stage)`
+  1. zeroes the pruned filters and their BN scale and shift (the channel then outputs 0),
+  2. "screen": recalibrates BN statistics on training images, no training (zero-cost proxy);
      "full": the screen, then `finetune_steps` SGD steps with the pruned filters held at 0,
-  5. returns the validation accuracy (never test) with kept FLOPs / parameters and seconds.
+  3. returns the validation accuracy (never test) with kept FLOPs / parameters, seconds and
+     the hash of the masks it applied.
 The data order is fixed by `data_seed`, so all candidates see the same stream (common random
 numbers): identical masks give identical fitness.
 """
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from evoprune.allocators import ALLOCATORS, Allocation, Masks, kept_share
 from evoprune.data import iterate
 from evoprune.errors import EvopruneError
-from evoprune.primitives.collect import StatTable, task_stats
-from evoprune.primitives.expr import Node, check_scores, evaluate, parse, scores_by_layer
+from evoprune.masks import mask_hash, mask_targets
 from evoprune.primitives.layers import structure
+from evoprune.records import FitnessRecord, TaskResult, geometric_mean
 from evoprune.tasks import get_task
-from evoprune.workers.allocators import ALLOCATORS, allocate, kept_share, mask_hash, mask_targets
 
 STAGES = ("screen", "full")
 
@@ -74,51 +72,25 @@ class ProxyConfig:
             if not ok:
                 raise EvopruneError(f"[proxy] {msg}")
 
-
-@dataclass
-class TaskResult:
-    accuracy: float  # validation top-1 after the stage
-    kept_flops: float  # share of the prunable layers' MACs left
-    kept_params: float  # share of their parameters left
-    seconds: float
-    mask: str  # hash of the masks
+    @property
+    def allocation(self) -> Allocation:
+        return Allocation(kind=self.allocator, ratio=self.ratio, flops_reduction=self.flops_reduction)
 
 
-@dataclass
-class FitnessRecord:
-    expression: str
+@dataclass(frozen=True)
+class Job:
+    """One candidate to score: its masks per task, made by the driver (evoprune.masks)."""
+
+    key: str  # the engine's handle for the result
+    expression: str  # for the record and the logs; workers never parse it
     stage: str  # screen | full
-    fitness: float  # geometric mean of the tasks' accuracies; 0 when invalid
-    valid: bool
-    reason: str = ""
-    tasks: dict[str, TaskResult] = field(default_factory=dict)
-    seconds: float = 0.0
-    worker: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FitnessRecord":
-        d = dict(d)
-        d["tasks"] = {k: TaskResult(**v) for k, v in d.get("tasks", {}).items()}
-        return cls(**d)
-
-
-def invalid(expression: str, reason: str, stage: str = "screen") -> FitnessRecord:
-    return FitnessRecord(expression, stage, 0.0, False, reason)
-
-
-def geometric_mean(values: list[float]) -> float:
-    if not values or min(values) <= 0:
-        return 0.0
-    return math.exp(sum(math.log(v) for v in values) / len(values))
+    masks: dict[str, Masks]  # task -> layer -> BoolTensor[C_out] (True = keep)
 
 
 class TaskContext:
-    """One task, loaded once: the pretrained model, its statistics and layer structure."""
+    """One task, loaded once by a worker: the pretrained model, its data and layer structure."""
 
-    def __init__(self, task_name: str, cfg: ProxyConfig, stats: list[str], *, data_root=None, cache_dir=None,
+    def __init__(self, task_name: str, cfg: ProxyConfig, *, data_root=None, cache_dir=None,
                  device: str | torch.device = "cpu", tasks_file=None):
         from evoprune.pretrain import pretrained
 
@@ -127,25 +99,11 @@ class TaskContext:
                          device=str(self.device))
         self.name, self.data = task_name, pre.data
         self.base = pre.model.to(self.device).eval()
-        self.table: StatTable = task_stats(pre, stats, n_images=cfg.stat_images, seed=cfg.data_seed,
-                                           device=self.device)
         example = next(iterate(self.data, self.data.train, batch_size=2, device=self.device))[0]
         s = structure(self.base, example)
         self.macs, self.params, self.inputs_from, self.bn_of = s.macs, s.params, s.inputs_from, s.bn_of
 
-    # ------------------------------------------------------------------ masks
-    def masks(self, node: Node) -> tuple[dict[str, Tensor] | None, str]:
-        """Keep masks for the candidate, or (None, reason) when its scores are invalid."""
-        scores = evaluate(node, self.table)
-        validity = check_scores(scores, self.table)
-        if not validity.ok:
-            return None, validity.reason
-        c = self.cfg
-        return allocate(c.allocator, scores_by_layer(scores, self.table), ratio=c.ratio,
-                        flops_reduction=c.flops_reduction, macs=self.macs, inputs_from=self.inputs_from), ""
-
-    # ------------------------------------------------------------------ the proxy
-    def run(self, masks: dict[str, Tensor], stage: str) -> TaskResult:
+    def run(self, masks: Masks, stage: str) -> TaskResult:
         t0 = time.perf_counter()
         model = copy.deepcopy(self.base)
         zero = self._zeroer(model, masks)
@@ -161,7 +119,7 @@ class TaskContext:
                           kept_params=kept_share(masks, self.params, self.inputs_from),
                           seconds=time.perf_counter() - t0, mask=mask_hash(masks))
 
-    def _zeroer(self, model: nn.Module, masks: dict[str, Tensor]):
+    def _zeroer(self, model: nn.Module, masks: Masks):
         """A function that (re)sets the pruned filters, their biases and BN scale/shift to 0."""
         targets = mask_targets(model, masks, self.bn_of)
         params = [p for p, _ in targets]
@@ -216,21 +174,13 @@ class TaskContext:
         return accuracy(model, self.data, self.data.val, device=self.device, limit=self.cfg.val_images or None)
 
 
-def evaluate_expression(contexts: dict[str, TaskContext], expression: str, stage: str = "full",
-                        worker: str = "") -> FitnessRecord:
-    """Score one candidate on every task; never raises for a bad candidate."""
+def evaluate_job(contexts: dict[str, TaskContext], job: Job, worker: str = "") -> FitnessRecord:
+    """Train the job's masks on every task; the record carries the hash of the masks applied."""
     t0 = time.perf_counter()
     worker = worker or f"pid{os.getpid()}"
-    try:
-        node = parse(expression)
-    except EvopruneError as e:
-        return invalid(expression, f"parse error: {e}", stage)
-    results = {}
-    for name, ctx in contexts.items():
-        masks, reason = ctx.masks(node)
-        if masks is None:
-            return FitnessRecord(expression, stage, 0.0, False, f"{name}: {reason}", seconds=time.perf_counter() - t0,
-                                 worker=worker)
-        results[name] = ctx.run(masks, stage)
+    if missing := sorted(set(contexts) - set(job.masks)):
+        raise ValueError(f"job {job.key} carries no masks for {missing}")
+    results = {name: ctx.run(job.masks[name], job.stage) for name, ctx in contexts.items()}
     fitness = geometric_mean([r.accuracy for r in results.values()])
-    return FitnessRecord(expression, stage, fitness, True, "", results, time.perf_counter() - t0, worker)
+    return FitnessRecord(job.expression, job.stage, fitness, True, "", results, time.perf_counter() - t0, worker)
+

@@ -1,16 +1,17 @@
-"""Allocators: turn per-layer scores into keep masks (True = keep the filter).
+"""Allocators: how many filters each layer keeps, given one score per filter (True = keep).
 
     uniform  every layer loses the same share of its filters (the default)
     global   one ranking over all filters of all layers (scores must be comparable)
-    flops    the uniform share that removes at least a target fraction of the FLOPs
+    flops    the smallest uniform share that removes at least a target fraction of the MACs
 
 Every layer keeps at least one filter. Ties keep the filter that comes first (stable sort),
-so equal scores give the same mask on every machine.
+so equal scores give the same mask on every machine. Used by the search's driver and by the
+transfer stage alike, through `evoprune.masks.make_masks`.
 """
 from __future__ import annotations
 
-import hashlib
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -20,6 +21,25 @@ from evoprune.errors import EvopruneError
 
 ALLOCATORS = ("uniform", "global", "flops")
 
+Masks = dict[str, Tensor]  # layer name -> BoolTensor[C_out], True = keep
+
+
+@dataclass(frozen=True, kw_only=True)
+class Allocation:
+    """Which allocator, and its target."""
+
+    kind: str = "uniform"  # uniform | global | flops
+    ratio: float = 0.5  # share of filters pruned (uniform: per layer; global: overall)
+    flops_reduction: float = 0.5  # flops: share of the prunable layers' MACs removed
+
+    def __post_init__(self):
+        if self.kind not in ALLOCATORS:
+            raise EvopruneError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {self.kind!r}")
+        if not 0 < self.ratio < 1:
+            raise EvopruneError("ratio must be in (0, 1)")
+        if not 0 < self.flops_reduction < 1:
+            raise EvopruneError("flops reduction must be in (0, 1)")
+
 
 def _keep_top(scores: Tensor, keep: int) -> Tensor:
     order = torch.argsort(-scores, stable=True)
@@ -28,12 +48,12 @@ def _keep_top(scores: Tensor, keep: int) -> Tensor:
     return mask
 
 
-def uniform(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
+def uniform(scores: dict[str, Tensor], ratio: float) -> Masks:
     """Prune `ratio` of each layer's filters (rounded down: keep ceil((1 - ratio) * C), >= 1)."""
     return {name: _keep_top(s, max(1, math.ceil((1 - ratio) * len(s) - 1e-9))) for name, s in scores.items()}
 
 
-def global_(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
+def global_(scores: dict[str, Tensor], ratio: float) -> Masks:
     """Prune the `ratio` lowest-scoring filters of the whole model; each layer keeps >= 1."""
     names = list(scores)
     flat = torch.cat([scores[n] for n in names])
@@ -48,7 +68,7 @@ def global_(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
     return masks
 
 
-def kept_share(masks: dict[str, Tensor], cost: dict[str, int], inputs_from: dict[str, str],
+def kept_share(masks: Masks, cost: dict[str, int], inputs_from: dict[str, str],
                layers: Iterable[str] | None = None) -> float:
     """Share of the layers' cost (MACs or parameters) left: a layer's cost scales with its kept
     filters and with the kept filters of the layer feeding it (when exactly one does).
@@ -66,14 +86,13 @@ def kept_share(masks: dict[str, Tensor], cost: dict[str, int], inputs_from: dict
 
 
 def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int], inputs_from: dict[str, str],
-          expand: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
-          layers: Iterable[str] | None = None) -> dict[str, Tensor]:
+          expand: Callable[[Masks], Masks] | None = None, layers: Iterable[str] | None = None) -> Masks:
     """The smallest uniform ratio whose masks remove at least `reduction` of the MACs (bisection).
     `expand` maps the masks of `scores`' keys to per-layer masks (channel groups); `layers` are
     the layers whose MACs count (default: the masked ones)."""
     expand = expand or (lambda m: m)
 
-    def at(r: float) -> dict[str, Tensor]:
+    def at(r: float) -> Masks:
         return expand(uniform(scores, r))
 
     lo, hi = 0.0, 0.99
@@ -86,34 +105,14 @@ def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int], inp
     return at(hi)
 
 
-def allocate(kind: str, scores: dict[str, Tensor], *, ratio: float = 0.5, flops_reduction: float = 0.5,
-             macs: dict[str, int] | None = None, inputs_from: dict[str, str] | None = None) -> dict[str, Tensor]:
-    if kind == "uniform":
-        return uniform(scores, ratio)
-    if kind == "global":
-        return global_(scores, ratio)
-    if kind == "flops":
-        return flops(scores, flops_reduction, macs or {}, inputs_from or {})
-    raise EvopruneError(f"unknown allocator {kind!r}; known: {', '.join(ALLOCATORS)}")
-
-
-def mask_hash(masks: dict[str, Tensor]) -> str:
-    """Identical masks on the same task give identical fitness (common random numbers)."""
-    h = hashlib.sha256()
-    for n in sorted(masks):
-        h.update(n.encode())
-        h.update(masks[n].numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def mask_targets(model, masks: dict[str, Tensor], bn_of: dict[str, str | None]) -> list[tuple[Tensor, Tensor]]:
-    """(parameter, keep mask) for everything pruning a filter must zero: the filter, its bias,
-    and its BN scale and shift (`bn_of` names each layer's BN module, or None)."""
-    modules = dict(model.named_modules())
-    out = []
-    for name, keep in masks.items():
-        layer, bn = modules[name], modules[bn_of[name]] if bn_of.get(name) else None
-        for p in (layer.weight, layer.bias, bn.weight if bn is not None else None, bn.bias if bn is not None else None):
-            if p is not None:
-                out.append((p, keep.to(p.device)))
-    return out
+def allocate(scores: dict[str, Tensor], allocation: Allocation, *, macs: dict[str, int],
+             inputs_from: dict[str, str], expand: Callable[[Masks], Masks] | None = None,
+             layers: Iterable[str] | None = None) -> Masks:
+    """Per-layer keep masks for `scores` (one tensor per layer, or per channel group whose
+    members `expand` lists); `layers`: the layers whose MACs a FLOPs target counts."""
+    expand = expand or (lambda m: m)
+    if allocation.kind == "uniform":
+        return expand(uniform(scores, allocation.ratio))
+    if allocation.kind == "global":
+        return expand(global_(scores, allocation.ratio))
+    return flops(scores, allocation.flops_reduction, macs, inputs_from, expand=expand, layers=layers)

@@ -1,0 +1,65 @@
+"""Progress of long work, with an ETA: a live bar on a terminal, plain lines in a log.
+
+    with progress("retrain", 120, console, show, fields={"loss": ".3f", "val": ".2%"}) as update:
+        update(epoch, loss=..., val=...)
+
+On a terminal the bar shows done/total, the fields, the time spent and the time left; in a
+log file (CI, `ray submit`, a pipe) one line is printed once `log_every` steps have passed
+since the last one, and at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+Update = Callable[..., None]  # update(completed, **fields)
+
+
+def _eta(done: int, total: int, elapsed: float) -> str:
+    if done <= 0 or done >= total:
+        return ""
+    left = elapsed / done * (total - done)
+    return f"  eta {int(left // 60)}:{int(left % 60):02d}"
+
+
+@contextlib.contextmanager
+def progress(label: str, total: int, console: Console | None, show: bool, *, fields: dict[str, str] | None = None,
+             log_every: int = 1) -> Iterator[Update]:
+    """An `update(completed, **values)` callback; `fields` maps a value's name to its format spec."""
+    fields = fields or {}
+    console = console or Console(stderr=True)
+    if not show:
+        yield lambda completed, **values: None
+        return
+    if not console.is_terminal:
+        t0, last = time.perf_counter(), [0]
+
+        def log(completed: int, **values) -> None:
+            if completed - last[0] >= log_every or completed >= total:
+                last[0] = completed
+                shown = "  ".join(f"{k} {format(values[k], spec)}" for k, spec in fields.items() if k in values)
+                console.print(f"{label} {completed}/{total}  {shown}{_eta(completed, total, time.perf_counter() - t0)}",
+                              highlight=False)
+        yield log
+        return
+    text = "  ".join(f"{k} {{task.fields[{k}]:{spec}}}" for k, spec in fields.items())
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(text),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console) as prog:
+        bar = prog.add_task(label, total=total, **{k: "" if spec.endswith("s") else float("nan")
+                                                   for k, spec in fields.items()})
+
+        def update(completed: int, **values) -> None:
+            prog.update(bar, completed=completed, **values)
+        yield update
+
+
+@contextlib.contextmanager
+def epoch_progress(label: str, total: int, console: Console | None, show: bool):
+    """An `on_epoch(epoch, loss, val)` callback for `evoprune.train.train`."""
+    with progress(label, total, console, show, fields={"loss": ".3f", "val": ".2%"}) as update:
+        yield lambda e, loss, val: update(e, loss=loss, val=val)
