@@ -4,14 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-
-from evoprune.cli import main
-
-
-def run(capsys, *args):
-    rc = main(list(args))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+from helpers import run
 
 
 def test_version_and_listings(capsys):

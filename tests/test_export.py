@@ -11,14 +11,15 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch_pruning as tp
+from evoprune.primitives.baselines import BASELINES
+from evoprune.primitives.collect import collect_stats
+from evoprune.primitives.expr import evaluate, parse, scores_by_layer
+from helpers import run
 from torch import nn
 
 from evoprune.data import iterate, load_dataset
 from evoprune.export import MetricSource, export
 from evoprune.models import build_model
-from evoprune.primitives.baselines import BASELINES
-from evoprune.primitives.collect import collect_stats
-from evoprune.primitives.expr import evaluate, parse, scores_by_layer
 
 FORMULAS = {
     "evolved": "div(w_l1, add(zscore(act_mean), 3.0))",
@@ -86,3 +87,22 @@ def test_torch_pruning_export_prunes_a_cifar_resnet20(shortcut, shared_data, tmp
     with torch.no_grad():
         out = model(x)
     assert out.shape == (64, 10) and torch.isfinite(out).all()
+
+
+def test_export_by_id_name_and_baseline(searched, tmp_path, capsys):
+    db, result = searched
+    best = result.finalists[0]
+    rc, out, _ = run(capsys, "export", str(best.candidate_id), "--db", str(db), "-f", "sympy")
+    assert rc == 0 and out.strip() == best.canonical
+    run(capsys, "metrics", "promote", str(best.candidate_id), "exported", "--db", str(db))
+    target = tmp_path / "exported.py"
+    rc, out, _ = run(capsys, "export", "exported", "--db", str(db), "-o", str(target))
+    assert rc == 0 and "EXPRESSION = " in target.read_text() and "import evoprune" not in target.read_text()
+    rc, out, _ = run(capsys, "export", "baseline:fisher", "-f", "latex")
+    assert rc == 0 and r"\mu_P" in out
+    for args, words in [(("export", "424242", "--db", str(db)), "no candidate with ID 424242"),
+                        (("export", "baseline:l7"), "unknown baseline 'l7'"),
+                        (("export", "baseline:l1", "-f", "onnx"), "unknown format 'onnx'")]:
+        rc, _, err = run(capsys, *args)
+        assert rc == 2 and words in err, args
+

@@ -14,25 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from evoprune.cli import main
-from evoprune.data import iterate, load_dataset
 from evoprune.db import queries, store
-from evoprune.errors import EvopruneError
-from evoprune.models import build_model
 from evoprune.primitives.layers import discover, structure
-from evoprune.train import accuracy
 from evoprune.transfer.prune import PruneConfig, choose_groups
 from evoprune.transfer.surgery import channel_groups, surgery, zero_pruned
+from helpers import run
+
 from evoprune.allocators import uniform
+from evoprune.data import iterate, load_dataset
+from evoprune.errors import EvopruneError
+from evoprune.models import build_model
+from evoprune.train import accuracy
 
 FAST_TPP = ["--reg-step", "0.05", "--update-every", "2", "--stabilize-iters", "20"]
-
-
-def run(capsys, *args):
-    rc = main(list(args))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def cli(*args, env=None) -> subprocess.Popen:
@@ -229,8 +223,9 @@ class _Stop(Exception):
 
 def test_resume_mid_tpp_continues_the_regularization(digits_pretrained, cache_dir, tmp_path, monkeypatch):
     import evoprune.transfer.prune as P
-    from evoprune.tasks import Recipe
     from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
+
+    from evoprune.tasks import Recipe
 
     cfg = PruneConfig(task="digits-cnn", metric="baseline:l1", expression="w_l1", ratio=0.5,
                       tpp=TPPConfig(reg_step=0.05, update_every=2, stabilize_iters=20),

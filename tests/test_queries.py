@@ -7,16 +7,10 @@ import io
 import json
 import threading
 
-
-from evoprune.cli import main
 from evoprune.db import queries, store
+from helpers import run
+
 from evoprune.records import CandidateRecord, FitnessRecord, TaskResult
-
-
-def run(capsys, *args):
-    rc = main(list(args))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def test_runs_and_top_in_three_formats(searched, capsys):
@@ -107,35 +101,3 @@ def test_reader_never_sees_database_is_locked(tmp_path):
     t.join()
     assert not errors, errors
     assert reads > 5 and len(queries.top(reader_engine, run_id, limit=1000)) == 150
-
-
-def test_export_by_id_name_and_baseline(searched, tmp_path, capsys):
-    db, result = searched
-    best = result.finalists[0]
-    rc, out, _ = run(capsys, "export", str(best.candidate_id), "--db", str(db), "-f", "sympy")
-    assert rc == 0 and out.strip() == best.canonical
-    run(capsys, "metrics", "promote", str(best.candidate_id), "exported", "--db", str(db))
-    target = tmp_path / "exported.py"
-    rc, out, _ = run(capsys, "export", "exported", "--db", str(db), "-o", str(target))
-    assert rc == 0 and "EXPRESSION = " in target.read_text() and "import evoprune" not in target.read_text()
-    rc, out, _ = run(capsys, "export", "baseline:fisher", "-f", "latex")
-    assert rc == 0 and r"\mu_P" in out
-    for args, words in [(("export", "424242", "--db", str(db)), "no candidate with ID 424242"),
-                        (("export", "baseline:l7"), "unknown baseline 'l7'"),
-                        (("export", "baseline:l1", "-f", "onnx"), "unknown format 'onnx'")]:
-        rc, _, err = run(capsys, *args)
-        assert rc == 2 and words in err, args
-
-
-def test_report_writes_a_page_with_plots(searched, tmp_path, capsys):
-    db, result = searched
-    rc, out, _ = run(capsys, "report", str(result.run_id), "--db", str(db), "-o", str(tmp_path / "rep"))
-    assert rc == 0
-    page = (tmp_path / "rep" / "index.html").read_text()
-    for png in ("fitness.png", "pareto.png"):
-        data = (tmp_path / "rep" / png).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000 and png in page
-    assert f"evoprune run {result.run_id}" in page and "Seeded baselines" in page
-    assert result.finalists[0].expression in page
-    rc, _, err = run(capsys, "report", "77", "--db", str(db), "-o", str(tmp_path / "x"))
-    assert rc == 2 and "no run with ID 77" in err

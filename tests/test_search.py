@@ -11,19 +11,19 @@ import time
 from dataclasses import replace
 
 import pytest
-from scipy.stats import spearmanr
-
-from evoprune.cli import main
 from evoprune.db import store
-from evoprune.errors import EvopruneError
 from evoprune.evolve.config import Config, ProxyConfig, SearchConfig, load_config
 from evoprune.evolve.engine import Search
 from evoprune.evolve.service import StoreRecorder
-from evoprune.masks import TaskMasks, mask_hash
 from evoprune.primitives.expr import check_scores, evaluate, parse, scores_by_layer
 from evoprune.primitives.stats import STATS
-from evoprune.records import FitnessRecord, TaskResult
 from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
+from scipy.stats import spearmanr
+
+from evoprune.cli import main
+from evoprune.errors import EvopruneError
+from evoprune.masks import TaskMasks, mask_hash
+from evoprune.records import FitnessRecord, TaskResult
 
 TINY_PROXY = ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128)
 
@@ -212,3 +212,32 @@ def test_bad_workers_flag(tmp_path, capsys):
     assert main(["evolve", "--workers", "many", "--db", str(tmp_path / "w.db")]) == 2
     err = capsys.readouterr().err
     assert "--workers takes a number or 'auto'" in err and err.count("\n") == 1
+
+
+def _generation_rows(db):
+    with sqlite3.connect(db) as c:
+        return c.execute('SELECT "index", evaluations, cache_hits, population FROM generations '
+                         'ORDER BY "index"').fetchall()
+
+
+def test_a_resumed_run_makes_the_cache_decisions_of_an_uninterrupted_one(digits_pretrained, cache_dir, tmp_path):
+    from evoprune.evolve.service import run_search
+
+    cfg = Config(search=SearchConfig(population=10, generations=3, seed=4, seeds=("l1", "l2", "bn_scale")),
+                 proxy=TINY_PROXY)
+    cfg = replace(cfg, run=replace(cfg.run, cache_dir=str(cache_dir), device="cpu"))
+    run_search(cfg, db_url=str(tmp_path / "straight.db"))
+
+    def stop_after_generation_1(kind, info):
+        if kind == "generation" and info["report"].index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg, db_url=str(tmp_path / "cut.db"), on_progress=stop_after_generation_1)
+    with sqlite3.connect(tmp_path / "cut.db") as c:
+        assert c.execute("SELECT status FROM runs").fetchone()[0] == "interrupted"
+    run_search(cfg, db_url=str(tmp_path / "cut.db"), resume=1)
+    straight, resumed = _generation_rows(tmp_path / "straight.db"), _generation_rows(tmp_path / "cut.db")
+    assert [r[0] for r in resumed] == [0, 1, 2, 3]
+    # the same proxy runs and the same cache hits in every generation, and the same populations
+    assert resumed == straight

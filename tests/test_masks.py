@@ -1,0 +1,89 @@
+"""Masks are made once, in the driver, and the hash stored for an evaluation is the hash of the
+masks the worker trained: on Ray workers, on CUDA, and in the transfer stage alike."""
+from __future__ import annotations
+
+import pytest
+import torch
+from evoprune.db import store
+from evoprune.evolve.config import Config, ProxyConfig, SearchConfig
+from evoprune.evolve.engine import Search
+from evoprune.evolve.service import StoreRecorder, run_search
+from evoprune.primitives.expr import parse
+from evoprune.primitives.stats import STATS
+from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
+
+from evoprune.allocators import Allocation
+from evoprune.masks import TaskMasks, UnusableMetric, make_masks, mask_hash
+
+TINY_PROXY = ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128)
+
+
+@pytest.fixture(scope="module")
+def masker(digits_pretrained, cache_dir) -> TaskMasks:
+    return TaskMasks.load("digits-cnn", TINY_PROXY.allocation, list(STATS), stat_images=128, seed=0,
+                          cache_dir=cache_dir)
+
+
+def _stored_masks_match_the_driver(engine, run_id: int, masker: TaskMasks, worker_prefix: str) -> int:
+    checked = 0
+    for c in store.candidates(engine, run_id):
+        if not c.valid:
+            continue
+        want = mask_hash(masker(parse(c.expression)))
+        for e in c.evaluations:
+            assert e.mask == want, (c.expression, e.stage)
+            assert e.worker.startswith(worker_prefix), e.worker
+            checked += 1
+    return checked
+
+
+def test_ray_workers_train_the_masks_the_driver_made(ray_session, masker, cache_dir, tmp_path):
+    cfg = Config(search=SearchConfig(population=8, generations=1, seed=5, seeds=("l1", "fpgm", "pfp")),
+                 proxy=TINY_PROXY)
+    evaluator = RayEvaluator(WorkerSpec(proxy=cfg.proxy, cache_dir=str(cache_dir)), workers=2)
+    engine = store.connect(f"sqlite:///{tmp_path / 'ray.db'}")
+    recorder = StoreRecorder.new_run(engine, cfg)
+    try:
+        Search(cfg, evaluator, {"digits-cnn": masker}, recorder).run()
+        held = evaluator.ray.get([a.__ray_call__.remote(lambda self: sorted(vars(self.contexts["digits-cnn"])))
+                                  for a in evaluator.actors])
+        assert all("base" in h and "table" not in h for h in held), held  # the model, no statistics
+    finally:
+        evaluator.close()
+    assert _stored_masks_match_the_driver(engine, recorder.run_id, masker, "ray-") >= 3
+
+
+@pytest.mark.gpu
+def test_cuda_workers_train_the_masks_the_driver_made(masker, cache_dir, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cfg = Config(search=SearchConfig(population=8, generations=1, seed=5, seeds=("l1", "fpgm", "pfp")),
+                 proxy=TINY_PROXY)
+    cfg = Config(search=cfg.search, proxy=cfg.proxy, run=type(cfg.run)(cache_dir=str(cache_dir), device="cuda"))
+    res = run_search(cfg, db_url=f"sqlite:///{tmp_path / 'cuda.db'}")
+    engine = store.connect(f"sqlite:///{tmp_path / 'cuda.db'}")
+    assert _stored_masks_match_the_driver(engine, res.run_id, masker, "local-") >= 3
+
+
+def test_one_function_makes_the_masks_of_search_and_transfer(masker):
+    """The same formula, table and allocation give the same masks whether the search asks
+    (every layer alone) or the transfer stage does (explicit singleton groups)."""
+    node = parse("div(w_l1, add(bn_abs_gamma, 0.1))")
+    alone = masker(node)
+    groups = [[n] for n in masker.table.layers]
+    assert mask_hash(alone) == mask_hash(make_masks(node, masker.table, masker.allocation, masker.structure, groups))
+    assert all(int(m.sum()) == max(1, -(-len(m) // 4)) for m in alone.values())  # ratio 0.75: a quarter kept
+    two = make_masks(node, masker.table, masker.allocation, masker.structure, [masker.table.layers[:2]])
+    a, b = masker.table.layers[:2]
+    assert list(two) == [a, b] and torch.equal(two[a], two[b])  # a group shares one mask
+    with pytest.raises(UnusableMetric, match="constant"):
+        masker(parse("add(layer_width, 1.0)"))  # the same score for every filter of a layer
+    with pytest.raises(UnusableMetric, match="reads no statistic"):
+        masker(parse("1.0"))
+
+
+def test_flops_target_out_of_reach_is_an_error(masker):
+    node = parse("w_l1")
+    last = [[masker.table.layers[-1]]]  # one layer's MACs cannot make half the model's
+    with pytest.raises(Exception, match="removes at most"):
+        make_masks(node, masker.table, Allocation(kind="flops", flops_reduction=0.5), masker.structure, last)

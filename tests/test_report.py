@@ -1,0 +1,18 @@
+"""`evoprune report`: an HTML page with plots of a real search."""
+from __future__ import annotations
+
+from helpers import run
+
+
+def test_report_writes_a_page_with_plots(searched, tmp_path, capsys):
+    db, result = searched
+    rc, out, _ = run(capsys, "report", str(result.run_id), "--db", str(db), "-o", str(tmp_path / "rep"))
+    assert rc == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    for png in ("fitness.png", "pareto.png"):
+        data = (tmp_path / "rep" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000 and png in page
+    assert f"evoprune run {result.run_id}" in page and "Seeded baselines" in page
+    assert result.finalists[0].expression in page
+    rc, _, err = run(capsys, "report", "77", "--db", str(db), "-o", str(tmp_path / "x"))
+    assert rc == 2 and "no run with ID 77" in err
