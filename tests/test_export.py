@@ -11,15 +11,16 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch_pruning as tp
-from evoprune.primitives.baselines import BASELINES
-from evoprune.primitives.collect import collect_stats
-from evoprune.primitives.expr import evaluate, parse, scores_by_layer
-from helpers import run
 from torch import nn
 
 from evoprune.data import iterate, load_dataset
 from evoprune.export import MetricSource, export
 from evoprune.models import build_model
+from evoprune.primitives.baselines import BASELINES
+from evoprune.primitives.collect import collect_stats
+from evoprune.primitives.expr import evaluate, parse, scores_by_layer
+
+from helpers import run
 
 FORMULAS = {
     "evolved": "div(w_l1, add(zscore(act_mean), 3.0))",

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from evoprune.allocators import Allocation
 from evoprune.db import store
 from evoprune.evolve.config import Config, ProxyConfig, SearchConfig
 from evoprune.evolve.engine import Search
 from evoprune.evolve.service import StoreRecorder, run_search
+from evoprune.masks import TaskMasks, UnusableMetric, make_masks, mask_hash
 from evoprune.primitives.expr import parse
 from evoprune.primitives.stats import STATS
 from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
-
-from evoprune.allocators import Allocation
-from evoprune.masks import TaskMasks, UnusableMetric, make_masks, mask_hash
 
 TINY_PROXY = ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128)
 

@@ -14,17 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from evoprune.db import queries, store
-from evoprune.primitives.layers import discover, structure
-from evoprune.transfer.prune import PruneConfig, choose_groups
-from evoprune.transfer.surgery import channel_groups, surgery, zero_pruned
-from helpers import run
 
 from evoprune.allocators import uniform
 from evoprune.data import iterate, load_dataset
+from evoprune.db import queries, store
 from evoprune.errors import EvopruneError
 from evoprune.models import build_model
+from evoprune.primitives.layers import discover, structure
 from evoprune.train import accuracy
+from evoprune.transfer.prune import PruneConfig, choose_groups
+from evoprune.transfer.surgery import channel_groups, surgery, zero_pruned
+
+from helpers import run
 
 FAST_TPP = ["--reg-step", "0.05", "--update-every", "2", "--stabilize-iters", "20"]
 
@@ -223,9 +224,8 @@ class _Stop(Exception):
 
 def test_resume_mid_tpp_continues_the_regularization(digits_pretrained, cache_dir, tmp_path, monkeypatch):
     import evoprune.transfer.prune as P
-    from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
-
     from evoprune.tasks import Recipe
+    from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
 
     cfg = PruneConfig(task="digits-cnn", metric="baseline:l1", expression="w_l1", ratio=0.5,
                       tpp=TPPConfig(reg_step=0.05, update_every=2, stabilize_iters=20),

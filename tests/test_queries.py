@@ -8,9 +8,9 @@ import json
 import threading
 
 from evoprune.db import queries, store
-from helpers import run
-
 from evoprune.records import CandidateRecord, FitnessRecord, TaskResult
+
+from helpers import run
 
 
 def test_runs_and_top_in_three_formats(searched, capsys):

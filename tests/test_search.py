@@ -11,19 +11,19 @@ import time
 from dataclasses import replace
 
 import pytest
-from evoprune.db import store
-from evoprune.evolve.config import Config, ProxyConfig, SearchConfig, load_config
-from evoprune.evolve.engine import Search
-from evoprune.evolve.service import StoreRecorder
-from evoprune.primitives.expr import check_scores, evaluate, parse, scores_by_layer
-from evoprune.primitives.stats import STATS
-from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
 from scipy.stats import spearmanr
 
 from evoprune.cli import main
+from evoprune.db import store
 from evoprune.errors import EvopruneError
+from evoprune.evolve.config import Config, ProxyConfig, SearchConfig, load_config
+from evoprune.evolve.engine import Search
+from evoprune.evolve.service import StoreRecorder
 from evoprune.masks import TaskMasks, mask_hash
+from evoprune.primitives.expr import check_scores, evaluate, parse, scores_by_layer
+from evoprune.primitives.stats import STATS
 from evoprune.records import FitnessRecord, TaskResult
+from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
 
 TINY_PROXY = ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128)
 

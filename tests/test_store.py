@@ -3,7 +3,6 @@ candidate named or to the newest one with the same formula."""
 from __future__ import annotations
 
 from evoprune.db import store
-
 from evoprune.records import CandidateRecord, FitnessRecord, TaskResult, TransferRecord
 
 

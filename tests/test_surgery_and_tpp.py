@@ -6,16 +6,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from evoprune.primitives.collect import collect_stats
-from evoprune.primitives.expr import evaluate, parse, scores_by_layer
-from evoprune.primitives.layers import discover
-from evoprune.transfer.surgery import independent_layers, surgery, zero_pruned
-from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
 
 from evoprune.allocators import uniform
 from evoprune.data import iterate, load_dataset
 from evoprune.errors import EvopruneError
 from evoprune.models import build_model
+from evoprune.primitives.collect import collect_stats
+from evoprune.primitives.expr import evaluate, parse, scores_by_layer
+from evoprune.primitives.layers import discover
+from evoprune.transfer.surgery import independent_layers, surgery, zero_pruned
+from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
 
 
 def _masks(model, x, y, names=None, ratio=0.5, expr="div(w_l1, add(act_mean, 0.1))"):
