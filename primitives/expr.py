@@ -9,8 +9,11 @@ vectorized over a StatTable: all layers at once, padded to [L, C_max].
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import signal
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -25,6 +28,9 @@ from evoprune.primitives.stats import STATS
 
 MAX_LENGTH = 20_000  # characters
 MAX_DEPTH = 64
+CONST_RANGE = (1e-30, 1e30)  # |constant| (or 0): float32 holds it, and the runtime's clamp (1e30) leaves it be
+CANON_MAX_SIZE = 120  # nodes: larger formulas are not simplified (sympy's time grows fast with size)
+CANON_SECONDS = 5.0  # time budget of one simplification (main thread); past it, the unsimplified key
 
 
 class ExpressionError(EvopruneError):
@@ -78,8 +84,9 @@ def const(v: float) -> Node:
 
 
 # --------------------------------------------------------------------------- parsing
-_TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
-                    r"|(?P<punct>[(),]))")
+# ASCII digits only: \d would read Arabic-Indic and other Unicode digits as numbers
+_TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)"
+                    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>[(),]))")
 
 
 def _tokens(text: str):
@@ -112,15 +119,17 @@ def parse(text: str) -> Node:
 
 
 def _parse_at(toks, i, text, depth) -> tuple[Node, int]:
-    if depth > MAX_DEPTH:
-        raise ExpressionError(f"nested deeper than {MAX_DEPTH}", toks[i][2], text)
     if i >= len(toks):
         raise ExpressionError("expression ends too early", len(text), text)
+    if depth > MAX_DEPTH:
+        raise ExpressionError(f"nested deeper than {MAX_DEPTH}", toks[i][2], text)
     kind, val, pos = toks[i]
     if kind == "num":
         v = float(val)
-        if v != v or abs(v) == float("inf"):
-            raise ExpressionError(f"number out of range: {val}", pos, text)
+        lo, hi = CONST_RANGE
+        if not (v == 0 or lo <= abs(v) <= hi):  # NaN fails too
+            raise ExpressionError(f"number out of range: {val} (constants are 0 or between {lo:g} and {hi:g} in "
+                                  "size: evaluation is float32, clamped at 1e30)", pos, text)
         return const(v), i + 1
     if kind == "punct":
         raise ExpressionError(f"expected a name or a number, found {val!r}", pos, text)
@@ -226,54 +235,102 @@ def to_sympy(node: Node) -> sympy.Expr:
     return OPS[node.name].sympy(*(to_sympy(a) for a in node.args))
 
 
-@lru_cache(maxsize=65536)
-def _canonical(text: str) -> str:
-    expr = to_sympy(parse(text))
+class _OutOfTime(BaseException):  # not an Exception: sympy's own `except Exception` must not swallow it
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _OutOfTime in the block after `seconds` (SIGALRM: main thread only; elsewhere the
+    size bound alone applies)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _OutOfTime
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        expr = sympy.simplify(expr)
-    except Exception:  # sympy gives up on some Min/Max/Abs combinations; keep the plain form
-        pass
-    return sympy.sstr(expr, order="lex")
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@lru_cache(maxsize=65536)
+def _canonical(text: str) -> tuple[str, bool]:
+    """(canonical string, simplified?). Formulas past CANON_MAX_SIZE nodes or CANON_SECONDS of
+    sympy get their own prefix form instead: a key that is exact but misses equalities."""
+    node = parse(text)
+    if node.size > CANON_MAX_SIZE:
+        return str(node), False
+    try:
+        with _time_limit(CANON_SECONDS):
+            expr = to_sympy(node)
+            try:
+                expr = sympy.simplify(expr)
+            except Exception:  # sympy gives up on some Min/Max/Abs combinations; keep the plain form
+                pass
+            return sympy.sstr(expr, order="lex"), True
+    except (_OutOfTime, RecursionError):
+        return str(node), False
 
 
 def canonical(node: Node) -> str:
-    """A sympy-simplified canonical string: equal for expressions equal as formulas."""
-    return _canonical(str(node))
+    """A sympy-simplified canonical string: equal for expressions equal as formulas (for a
+    formula too large or too slow to simplify, its own prefix form)."""
+    return _canonical(str(node))[0]
+
+
+def is_simplified(node: Node) -> bool:
+    return _canonical(str(node))[1]
 
 
 def canonical_hash(node: Node) -> str:
-    return hashlib.sha256(canonical(node).encode()).hexdigest()[:16]
+    text, simplified = _canonical(str(node))
+    return hashlib.sha256((text if simplified else "raw:" + text).encode()).hexdigest()[:16]
 
 
 LATEX_NAMES = {"cls_mean_in": r"\mu_P", "cls_mean_out": r"\mu_Q", "cls_var_in": r"\sigma^2_P",
                "cls_var_out": r"\sigma^2_Q", "cls_n_in": "n_P", "cls_n_out": "n_Q"}
 
 
+def _latex_name(stat: str) -> str:
+    return LATEX_NAMES.get(stat, r"\mathrm{" + stat.replace("_", r"\_") + "}")
+
+
+def _latex_tree(node: Node) -> str:
+    """LaTeX straight from the tree (formulas sympy does not simplify)."""
+    if node.is_const:
+        return f"{node.value:.6g}"
+    if node.name in STATS:
+        return _latex_name(node.name)
+    return OPS[node.name].latex.format(*(_latex_tree(a) for a in node.args))
+
+
 def to_latex(node: Node, simplify: bool = True) -> str:
     """LaTeX of the (simplified) formula; class-conditional moments as ETPF writes them
     (P: images of class k, Q: the rest), other statistics by name."""
+    if not is_simplified(node):
+        return _latex_tree(node)
     expr = sympy.sympify(canonical(node), locals=_sympy_locals()) if simplify else to_sympy(node)
     exponents = {p.exp for p in expr.atoms(sympy.Pow)}  # sqrt stays sqrt, not x^0.5
     expr = expr.xreplace({r: sympy.Float(r, 6) for r in expr.atoms(sympy.Rational)
                           if not r.is_Integer and r not in exponents})
-    names = {symbol(n): LATEX_NAMES.get(n, r"\mathrm{" + n.replace("_", r"\_") + "}") for n in node.stats()}
+    names = {symbol(n): _latex_name(n) for n in node.stats()}
     return sympy.latex(expr, symbol_names=names)
 
 
 @lru_cache(maxsize=1)
 def _sympy_locals() -> dict:
-    from evoprune.primitives import ops
-
+    """Names a canonical string may contain: our statistics and our own sympy functions."""
     names = {n: symbol(n) for n in STATS}
-    return {**names, "pdiv": ops.pdiv, "zscore": ops.zscore, "rank": ops.rank, "meannorm": ops.meannorm}
+    return {**names, **{o.sympy_class.__name__: o.sympy_class for o in OPS.values() if o.sympy_class}}
 
 
 # --------------------------------------------------------------------------- torch source
-_RUNTIME_NAME = {"add": "add", "sub": "sub", "mul": "mul", "div": "pdiv", "abs": "pabs", "sqrt": "psqrt",
-                 "log": "plog", "square": "square", "neg": "neg", "min": "pmin", "max": "pmax",
-                 "zscore": "zscore", "rank": "rank", "mnorm": "mnorm"}
-
-
 def to_torch_source(node: Node, stats_var: str = "S", padded: bool = False) -> str:
     """A Python expression calling the functions of primitives/runtime.py: over `S[stat]`
     (one layer's tensors), or with padded=True over `T.padded(stat)` and the mask `T.mask` of a
@@ -282,12 +339,11 @@ def to_torch_source(node: Node, stats_var: str = "S", padded: bool = False) -> s
         return f"torch.tensor({node.value!r}, dtype=T.dtype)" if padded else f"torch.tensor({node.value!r})"
     if node.name in STATS:
         return f"T.padded({node.name!r})" if padded else f"{stats_var}[{node.name!r}]"
-    assert OPS[node.name].torch.__name__ == _RUNTIME_NAME[node.name]
+    op = OPS[node.name]
     args = [to_torch_source(a, stats_var, padded) for a in node.args]
-    if padded and OPS[node.name].normalizer:
-        a = args[0]
-        args = [f"full({a}, T.mask)", "T.mask"]
-    return f"{_RUNTIME_NAME[node.name]}({', '.join(args)})"
+    if padded and op.normalizer:
+        args = [f"full({args[0]}, T.mask)", "T.mask"]
+    return f"{op.torch.__name__}({', '.join(args)})"
 
 
 # --------------------------------------------------------------------------- ranking structure
@@ -296,13 +352,12 @@ def is_nonneg(node: Node) -> bool:
         return node.value >= 0
     if node.name in STATS:
         return STATS[node.name].nonneg
-    if node.name in ("abs", "sqrt", "square", "rank"):
-        return True
-    if node.name in ("add", "mul", "div", "min"):
+    rule = OPS[node.name].nonneg
+    if rule == "all":
         return all(is_nonneg(a) for a in node.args)
-    if node.name == "max":
+    if rule == "any":
         return any(is_nonneg(a) for a in node.args)
-    return False
+    return rule == "always"
 
 
 def is_per_class(node: Node) -> bool:
@@ -326,18 +381,14 @@ def strip_monotone(node: Node) -> tuple[Node, bool]:
             if op.monotone == "dec":
                 node, reversed_ = a, not reversed_
                 continue
-        if op and op.arity == 2:
-            a, b = node.args
-            if node.name in ("add", "sub") and b.is_const:
-                node = a
-                continue
-            if node.name == "add" and a.is_const:
-                node = b
-                continue
-            if node.name in ("mul", "div") and b.is_const and abs(b.value) >= 1e-6:
-                node, reversed_ = a, reversed_ ^ (b.value < 0)
-                continue
-            if node.name == "mul" and a.is_const and a.value != 0:
-                node, reversed_ = b, reversed_ ^ (a.value < 0)
-                continue
+        if op and op.affine:
+            side = next((i for i in op.const_sides if node.args[i].is_const), None)
+            if side is not None:
+                c, other = node.args[side].value, node.args[1 - side]
+                if op.affine == "shift":
+                    node = other
+                    continue
+                if abs(c) >= rt.EPS:  # a scale nearer 0 is a protected division's or a zero product's
+                    node, reversed_ = other, reversed_ ^ (c < 0)
+                    continue
         return node, reversed_

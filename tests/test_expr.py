@@ -127,6 +127,11 @@ def test_parser_rejects_garbage_with_its_own_error(text):
     ("", 0, "empty"),
     ("1e999", 0, "out of range"),
     ("neg(" * 100 + "w_l1" + ")" * 100, 256, "nested deeper"),
+    ("neg(" * 64, 256, "ends too early"),  # unclosed, at the depth limit: once an IndexError
+    ("add(w_l1, 1e39)", 10, "out of range"),  # beyond float32: inf in the evaluation, finite in sympy
+    ("mul(w_l1, 1e-40)", 10, "out of range"),  # 0 in float32, a scale in sympy
+    ("add(w_l1, \u0661)", 10, "unexpected character"),  # Arabic-Indic one: ASCII digits only
+    ("add(w_l1, \uff11)", 10, "unexpected character"),  # fullwidth one
 ])
 def test_parse_errors_name_the_position(text, pos, words):
     with pytest.raises(ExpressionError) as e:
@@ -198,3 +203,45 @@ def test_latex_and_torch_source_of_the_baselines(tmp_path):
             got = got.mean(0) if got.dim() == 2 else got
             want = scores_by_layer(evaluate(node, table), table)[layer]
             assert torch.allclose(got.expand_as(want).to(want.dtype), want, rtol=1e-6), b.name
+
+
+def test_latex_of_a_protected_division_raised_to_a_power():
+    # sympy hands our functions an `exp` when the call is raised to a power (once a TypeError)
+    tex = to_latex(parse("square(div(neg(w_linf), sqrt(min(bn_abs_gamma, min(bn_beta, bn_var)))))"))
+    assert tex.startswith(r"\left(\frac{") and tex.endswith("^{2}")
+    assert to_latex(parse("square(zscore(w_l1))")).endswith("^{2}")
+
+
+@pytest.mark.parametrize("text", [
+    "log(" * 60 + "w_l1" + ")" * 60,  # sympy's automatic evaluation alone took seconds per level
+    "zscore(" * 60 + "w_l1" + ")" * 60,
+    "abs(sub(" * 30 + "w_l1" + ", w_l2))" * 30,
+    "add(" * 9 + "w_l1" + "".join(f", mul(bn_var, {i}.5))" for i in range(9)),
+])
+def test_simplification_is_bounded_with_an_exact_fallback(text):
+    import time
+
+    from evoprune.primitives.expr import CANON_SECONDS, is_simplified
+
+    node = parse(text)
+    t0 = time.perf_counter()
+    key, tex = canonical_hash(node), to_latex(node)
+    assert time.perf_counter() - t0 < CANON_SECONDS + 3
+    assert tex and len(key) == 16
+    if not is_simplified(node):  # the fallback key is the formula itself, never another formula's
+        assert canonical(node) == str(node) and canonical_hash(node) != canonical_hash(parse("w_l1"))
+
+
+def test_a_bushy_tree_is_not_simplified_at_all():
+    import time
+
+    from evoprune.primitives.expr import CANON_MAX_SIZE, is_simplified
+
+    leaves = [f"mul(w_l1, {i}.0)" for i in range(200)]
+    while len(leaves) > 1:
+        leaves = [f"add({a}, {b})" if b else a for a, b in zip(leaves[::2], leaves[1::2] + [""])]
+    node = parse(leaves[0])
+    assert node.size > CANON_MAX_SIZE and len(leaves[0]) > 4000
+    t0 = time.perf_counter()
+    assert not is_simplified(node) and canonical(node) == str(node)
+    assert time.perf_counter() - t0 < 1
