@@ -32,6 +32,7 @@ def _library_source() -> str:
                 continue
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in _LEAVE_OUT:
                 continue
+            _drop_signature_annotations(node)
             body.append(node)
             for name in _top_level_names(node):
                 if name in defined and defined[name] != mod.__name__:  # one namespace: a clash changes results
@@ -40,6 +41,22 @@ def _library_source() -> str:
         tree.body = body
         parts.append(f"# ---- from evoprune.{mod.__name__.split('.', 1)[1]} ----\n{ast.unparse(tree)}")
     return "\n\n\n".join(parts)
+
+
+def _drop_signature_annotations(tree: ast.AST) -> None:
+    """Remove the annotations of function signatures. The export has no `from __future__ import
+    annotations`: with it, a dataclass looks its module up in sys.modules to read string
+    annotations, which fails when the file is loaded by spec_from_file_location + exec_module
+    without registering it. Without it, annotations are evaluated: those of signatures may name
+    things defined later, so they go; those of dataclass fields stay (they are what a dataclass
+    is made of) and must name things defined before them."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is not None:
+                    arg.annotation = None
 
 
 def _top_level_names(node: ast.stmt) -> list[str]:
@@ -66,7 +83,6 @@ Needs only torch. Higher scores keep the filter:
 by class-conditional and gradient statistics); {max_images} images are used by default.
 Statistics: {stats}.
 """
-from __future__ import annotations
 
 
 class EvopruneError(Exception):
@@ -91,6 +107,10 @@ def score(model, loader, *, max_images=MAX_IMAGES, device="cpu"):
     T = collect_stats(model, loader, STATISTICS, max_images=max_images, device=device)
     s = scores_of(T)
     return {{name: s[i, :w].clone() for i, (name, w) in enumerate(zip(T.layers, T.widths))}}
+
+
+if __name__ == "__main__":  # `python this_file.py`: what the metric is and how to use it
+    print(__doc__)
 '''
 
 _TORCH_PRUNING = '''

@@ -107,3 +107,23 @@ def test_export_by_id_name_and_baseline(searched, tmp_path, capsys):
         rc, _, err = run(capsys, *args)
         assert rc == 2 and words in err, args
 
+
+def test_an_export_loads_by_importlib_by_import_and_as_a_script(tmp_path):
+    """The plain importlib recipe (no sys.modules registration) once failed on a dataclass under
+    `from __future__ import annotations`."""
+    path = tmp_path / "c.py"
+    path.write_text(export(MetricSource("c", "square(cls_var_out)", "test"), "python"))
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("c", {str(path)!r})
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)  # not registered in sys.modules first
+        assert "c" not in sys.modules and mod.EXPRESSION == "square(cls_var_out)"
+        sys.path.insert(0, {str(tmp_path)!r})
+        import c
+        assert c.STATISTICS == ["cls_var_out"]
+    """)
+    for args in ([sys.executable, "-c", script], [sys.executable, str(path)]):
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cls_var_out**2" in proc.stdout  # the script prints what the metric is
