@@ -9,6 +9,8 @@ A config file is TOML with up to three tables, every key optional:
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,10 @@ from evoprune.primitives.ops import OPS
 from evoprune.primitives.stats import STATS
 from evoprune.workers.proxy import ProxyConfig
 
+MAX_POPULATION = 10_000
+MAX_HEIGHT = 17
+MAX_SIZE = 500
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 DEFAULT_SEEDS = ("l1", "l2", "bn_scale", "fpgm", "taylor", "apoz", "pfp", "fisher", "symdiv", "etpf_a")
 
 
@@ -47,18 +53,26 @@ class SearchConfig:
     def __post_init__(self):
         checks = [
             (self.population >= 4, "population must be >= 4"),
+            (self.population <= MAX_POPULATION, f"population must be <= {MAX_POPULATION} (a larger one outgrows "
+             "the driver's memory and every generation's time: run several searches)"),
             (self.generations >= 0, "generations must be >= 0"),
+            (self.generations <= 100_000, "generations must be <= 100000"),
             (1 <= self.init_min_depth <= self.init_max_depth, "need 1 <= init_min_depth <= init_max_depth"),
             (self.max_height >= self.init_max_depth + 1, "max_height must exceed init_max_depth"),
+            (self.max_height <= MAX_HEIGHT, f"max_height must be <= {MAX_HEIGHT} (Koza's limit: a full tree of "
+             "depth d has up to 2^d nodes, and deeper trees only bloat)"),
             (self.max_size >= 3, "max_size must be >= 3"),
+            (self.max_size <= MAX_SIZE, f"max_size must be <= {MAX_SIZE} (larger formulas are neither simplified "
+             "nor readable)"),
             (2 <= self.tournament <= self.population, "tournament must be in [2, population]"),
             (0 <= self.elites < self.population, "elites must be in [0, population)"),
             (0 <= self.p_crossover and 0 <= self.p_mutation and self.p_crossover + self.p_mutation <= 1,
              "p_crossover + p_mutation must be in [0, 1]"),
-            (len(self.mutation_weights) == 4 and all(w >= 0 for w in self.mutation_weights)
-             and sum(self.mutation_weights) > 0, "mutation_weights: four non-negative numbers"),
-            (self.parsimony >= 0, "parsimony must be >= 0"),
-            (self.hall_of_fame >= 1, "hall_of_fame must be >= 1"),
+            (len(self.mutation_weights) == 4 and all(math.isfinite(w) and w >= 0 for w in self.mutation_weights)
+             and sum(self.mutation_weights) > 0, "mutation_weights: four finite non-negative numbers, not all 0"),
+            (0 <= self.parsimony <= 1, "parsimony must be in [0, 1] (fitness is in [0, 1]: more than 1 per node "
+             "ranks formulas by size alone)"),
+            (1 <= self.hall_of_fame <= 1000, "hall_of_fame must be in [1, 1000]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -88,10 +102,12 @@ class RunConfig:
     tasks_file: str = ""  # extra task definitions
 
     def __post_init__(self):
-        if self.workers < -1:
-            raise EvopruneError("[run] workers must be >= 0, or -1 for all the cluster offers")
+        if not -1 <= self.workers <= 10_000:
+            raise EvopruneError("[run] workers must be in [0, 10000], or -1 for all the cluster offers")
         if not 0 <= self.gpus_per_worker <= 8:
             raise EvopruneError("[run] gpus_per_worker must be in [0, 8]")
+        if not DEVICE.fullmatch(self.device):
+            raise EvopruneError(f"[run] device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -118,28 +134,35 @@ class Config:
             raise EvopruneError(f"{source}: {e}") from None
 
 
+def _value(v, default, where: str):
+    """`v` checked against the type of the field's default (lists element by element; numbers
+    finite: TOML's inf and nan are never a setting)."""
+    if isinstance(default, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise EvopruneError(f"{where} must be a list")
+        item = default[0] if default else ""  # an empty default is a list of names
+        return tuple(_value(x, item, f"{where}[{i}]") for i, x in enumerate(v))
+    if isinstance(default, (bool, str)):
+        if not isinstance(v, type(default)):
+            raise EvopruneError(f"{where} must be a {type(default).__name__}, got {v!r}"[:200])
+        return v
+    if isinstance(default, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(default, int)
+                                                                       and not isinstance(v, int)):
+            raise EvopruneError(f"{where} must be a {type(default).__name__}, got {v!r}"[:200])
+        if not math.isfinite(v):
+            raise EvopruneError(f"{where} must be a finite number, got {v!r}")
+    return v
+
+
 def _build(cls, d: dict, table: str):
     if not isinstance(d, dict):
         raise EvopruneError(f"[{table}] must be a table")
     known = {f.name: f for f in fields(cls)}
     if extra := set(d) - set(known):
         raise EvopruneError(f"[{table}] unknown keys {sorted(extra)} (allowed: {sorted(known)})")
-    vals = {}
-    for k, v in d.items():
-        default = known[k].default
-        if isinstance(default, tuple):
-            if not isinstance(v, (list, tuple)):
-                raise EvopruneError(f"[{table}] {k} must be a list")
-            v = tuple(v)
-        elif isinstance(default, bool) or isinstance(default, str):
-            if not isinstance(v, type(default)):
-                raise EvopruneError(f"[{table}] {k} must be a {type(default).__name__}")
-        elif isinstance(default, (int, float)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(default, int)
-                                                                           and not isinstance(v, int)):
-                raise EvopruneError(f"[{table}] {k} must be a {type(default).__name__}, got {v!r}")
-        vals[k] = v
-    return cls(**vals)
+    default = cls()
+    return cls(**{k: _value(v, getattr(default, k), f"[{table}] {k}") for k, v in d.items()})
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -11,6 +11,7 @@ from typing import Callable
 
 from evoprune import __version__
 from evoprune.db import store
+from evoprune.errors import EvopruneError
 from evoprune.evolve.config import Config
 from evoprune.evolve.engine import GenerationReport, ResumePoint, Search
 from evoprune.masks import TaskMasks
@@ -94,7 +95,10 @@ def check_inputs(cfg: Config) -> None:
     pick_device(cfg.run.device)
     for name in cfg.proxy.tasks:
         task = get_task(name, cfg.run.tasks_file or None)
-        load_dataset(task.dataset, cfg.run.data_root or None)  # cached: the search reads it again for free
+        data = load_dataset(task.dataset, cfg.run.data_root or None)  # cached: the search reads it again for free
+        if cfg.proxy.finetune_steps and cfg.proxy.batch_size > len(data.train):
+            raise EvopruneError(f"[proxy] batch_size {cfg.proxy.batch_size} is larger than the train split of {name} "
+                                f"({len(data.train)} images): the fine-tune would never take a step")
 
 
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,

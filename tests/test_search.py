@@ -179,6 +179,17 @@ def test_driver_killed_between_generations_resumes_to_the_same_population(digits
     ("[search]\nseeds = ['l7']\n", "seeds: unknown ['l7']"),
     ("[serach]\n", "unknown tables ['serach']"),
     ("[search\n", "not valid TOML"),
+    ("[search]\nmutation_weights = ['a', 'b', 'c', 'd']\n", "mutation_weights[0] must be a float"),
+    ("[search]\nmutation_weights = [inf, 0, 0, 0]\n", "must be a finite number"),
+    ("[search]\nops = { add = 1 }\n", "ops must be a list"),
+    ("[search]\nseeds = [['l1']]\n", "seeds[0] must be a str"),
+    ("[search]\npopulation = 9223372036854775807\n", "population must be <= 10000"),
+    ("[search]\ninit_min_depth = 500\ninit_max_depth = 500\nmax_height = 501\n", "max_height must be <= 17"),
+    ("[search]\nparsimony = inf\n", "must be a finite number"),
+    ("[proxy]\nlr = inf\n", "must be a finite number"),
+    ("[proxy]\nlr = 1e9\n", "lr must be in (0, 10]"),
+    ("[proxy]\nweight_decay = nan\n", "must be a finite number"),
+    ("[run]\ndevice = 'tpu'\n", "device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_malformed_config_is_refused_with_one_clear_line(text, words, tmp_path, capsys):
     f = tmp_path / "bad.toml"
@@ -190,6 +201,38 @@ def test_malformed_config_is_refused_with_one_clear_line(text, words, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and words in err
     assert not (tmp_path / "x.db").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary", "latin-1", "utf-16", "symlink-loop"])
+def test_unreadable_config_files_are_one_clear_line(kind, tmp_path, capsys):
+    f = tmp_path / "c.toml"
+    if kind == "directory":
+        f.mkdir()
+    elif kind == "binary":
+        f.write_bytes(bytes(range(256)) * 4)
+    elif kind == "latin-1":
+        f.write_bytes("[search]\n# r\xe9sum\xe9\npopulation = 8\n".encode("latin-1"))
+    elif kind == "utf-16":
+        f.write_bytes("[search]\npopulation = 8\n".encode("utf-16"))
+    else:
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        f = tmp_path / "loop"
+    rc = main(["evolve", "--config", str(f), "--db", str(tmp_path / "x.db")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: config file") and err.count("\n") == 1, err
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_unknown_task_or_bad_batch_is_refused_before_a_database_exists(tmp_path, capsys, digits_pretrained,
+                                                                       cache_dir):
+    for text, words in [("[proxy]\ntasks = ['digits-cnnn']\n", "unknown task 'digits-cnnn'"),
+                        ("[proxy]\nbatch_size = 60000\n", "larger than the train split of digits-cnn")]:
+        f = tmp_path / "c.toml"
+        f.write_text(text)
+        rc = main(["evolve", "--config", str(f), "--db", str(tmp_path / "x.db"), "--cache-dir", str(cache_dir)])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and err.count("\n") == 1, err
+        assert not (tmp_path / "x.db").exists()
 
 
 def test_missing_config_and_unknown_run(tmp_path, capsys):

@@ -58,15 +58,15 @@ class ProxyConfig:
             (self.allocator in ALLOCATORS, f"allocator must be one of {ALLOCATORS}"),
             (0 < self.ratio < 1, "ratio must be in (0, 1)"),
             (0 < self.flops_reduction < 1, "flops_reduction must be in (0, 1)"),
-            (self.finetune_steps >= 0, "finetune_steps must be >= 0"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.stat_images >= 1, "stat_images must be >= 1"),
-            (self.recalibrate_images >= 0, "recalibrate_images must be >= 0"),
+            (0 <= self.finetune_steps <= 1_000_000, "finetune_steps must be in [0, 1000000]"),
+            (1 <= self.batch_size <= 65_536, "batch_size must be in [1, 65536]"),
+            (0 < self.lr <= 10, "lr must be in (0, 10] (SGD diverges long before)"),
+            (0 <= self.weight_decay <= 1, "weight_decay must be in [0, 1]"),
+            (1 <= self.stat_images <= 100_000, "stat_images must be in [1, 100000]"),
+            (0 <= self.recalibrate_images <= 10_000_000, "recalibrate_images must be in [0, 10000000]"),
             (self.val_images >= 0, "val_images must be >= 0"),
             (0 < self.promote <= 1, "promote must be in (0, 1]"),
-            (self.timeout_s > 0, "timeout_s must be > 0"),
+            (0 < self.timeout_s <= 7 * 86400, "timeout_s must be in (0, 604800] (a week)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -154,6 +154,7 @@ class TaskContext:
         model.train()
         step, epoch = 0, 0
         while step < c.finetune_steps:
+            before = step
             for x, y in iterate(self.data, self.data.train, batch_size=c.batch_size, shuffle=True,
                                 augment=self.data.augment, seed=c.data_seed * 1000 + epoch, device=self.device,
                                 drop_last=True):
@@ -165,6 +166,9 @@ class TaskContext:
                 step += 1
                 if step >= c.finetune_steps:
                     break
+            if step == before:
+                raise EvopruneError(f"[proxy] batch_size {c.batch_size} is larger than the train split of "
+                                    f"{self.name} ({len(self.data.train)} images)")
             epoch += 1
         model.eval()
 
