@@ -485,13 +485,15 @@ def prune_cmd(
         t.add_column(col)
     t.add_row("before", f"{rep['params'][0]:,}", f"{rep['macs'][0]:,}", f"{rep['latency_ms'][0]:.2f} ms",
               f"{acc['pretrained']:.2%}")
+    if "after_tpp" in acc:
+        t.add_row("after TPP", "", "", "", f"{acc['after_tpp']:.2%}")
     t.add_row("after surgery", "", "", "", f"{acc['pruned']:.2%}")
     t.add_row("retrained", f"{rep['params'][1]:,} ({rep['params_kept']:.0%})",
               f"{rep['macs'][1]:,} ({rep['speedup']:.2f}x fewer)",
               f"{rep['latency_ms'][1]:.2f} ms ({rep['measured_speedup']:.2f}x)", f"{acc['retrained']:.2%}")
     out.print(t)
     where = rep.get("recorded")
-    out.print(f"model   {rep['files']['model']}\nreport  {rep['files']['report']}\n"
+    out.print(f"schedule {rep['schedule']}\nmodel   {rep['files']['model']}\nreport  {rep['files']['report']}\n"
               + (f"stored  evaluation {where['evaluation']} of candidate {where['candidate']}" if where else
                  "stored  not in the database (no candidate has this formula)" if record else ""),
               highlight=False, markup=False)

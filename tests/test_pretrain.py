@@ -89,3 +89,22 @@ def test_bad_tasks_files(tmp_path):
 def test_builtin_tasks_are_valid():
     t = get_task("cifar10-resnet20")
     assert t.dataset == "cifar10" and t.model == "resnet20" and t.recipe.epochs > 0
+
+
+def test_transfer_recipes_in_a_tasks_file(tmp_path):
+    f = tmp_path / "t.toml"
+    base = "[x]\ndataset='digits'\nmodel='cnn'\n"
+    f.write_text(base + "transfer = { tpp = { reg_step = 0.01, update_every = 2 }, retrain = { epochs = 7 } }\n")
+    t = read_tasks_file(f)["x"]
+    tpp = t.transfer.tpp_config()
+    assert (tpp.reg_step, tpp.update_every, tpp.stabilize_iters) == (0.01, 2, 1000)  # the rest: TPP's CIFAR
+    assert (t.transfer.retrain.epochs, t.transfer.retrain.lr, t.transfer.retrain.schedule) == (7, 0.01, "step")
+    assert get_task("cifar10-resnet20").transfer.tpp_config().total_iterations == 101_000  # the paper's
+    for text, msg in [("transfer = { tpp = { reg_stp = 1 } }", "unknown transfer.tpp keys"),
+                      ("transfer = { retrain = { epochs = -1 } }", "transfer.retrain: epochs must be >= 0"),
+                      ("transfer = { tpp = { reg_step = 0 } }", "reg_step must be > 0"),
+                      ("transfer = { foo = 1 }", "unknown transfer keys"),
+                      ("transfer = 3", "transfer must be a table")]:
+        f.write_text(base + text + "\n")
+        with pytest.raises(EvopruneError, match=msg):
+            read_tasks_file(f)

@@ -251,3 +251,21 @@ def test_resume_mid_tpp_continues_the_regularization(digits_pretrained, cache_di
     a = torch.load(tmp_path / "full" / "pruned_model.pt", weights_only=False).state_dict()
     b = torch.load(tmp_path / "cut" / "pruned_model.pt", weights_only=False).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_digits_defaults_fit_the_task_and_tpp_still_zeroes_the_pruned_filters(digits_pretrained, cache_dir,
+                                                                                tmp_path, capsys):
+    """The task's own transfer recipe (not TPP's 101,000 CIFAR iterations): TPP drives the pruned
+    filters to ~0, so surgery costs no accuracy."""
+    out = tmp_path / "defaults"
+    rc, text, err = run(capsys, "prune", "--task", "digits-cnn", "--metric", "baseline:l1", "--ratio", "0.5",
+                        "--epochs", "1", "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu",
+                        "--no-record")
+    assert rc == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["tpp"]["reg_step"] == 0.002 and rep["config"]["retrain"]["epochs"] == 1
+    assert rep["schedule"].startswith("TPP 1000 iterations") and "schedule TPP 1000 iterations" in text
+    norms = rep["tpp_norms"]
+    assert norms["pruned"] < 1e-3 * norms["kept"] and norms["pruned_bn"] < 1e-3, norms
+    acc = rep["test_acc"]
+    assert acc["pruned"] >= acc["pretrained"] - 0.01, acc

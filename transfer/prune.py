@@ -126,6 +126,7 @@ class PruneState:
     after_tpp_test: float | None = None  # test accuracy after TPP, before the pruned filters are zeroed
     pruned_test: float | None = None  # right after surgery, before retraining
     equivalence_max_diff: float | None = None
+    tpp_norms: list[float] | None = None  # after TPP: mean L2 of pruned filters, |gamma|+|beta| of their BN, kept
 
     @classmethod
     def from_checkpoint(cls, ck: dict) -> "PruneState":
@@ -415,6 +416,7 @@ def regularize(run: PruneRun, state: PruneState, ck: dict | None) -> None:
             if reg.done or time.perf_counter() - last_save >= TPP_SAVE_EVERY_S:
                 run.save(state, opt)
                 last_save = time.perf_counter()
+    state.tpp_norms = list(reg.pruned_norms())
     state.after_tpp_test = run.test()  # before the pruned filters are hard-zeroed
 
 
@@ -472,6 +474,7 @@ def report(run: PruneRun, state: PruneState, result: TrainResult, seconds: dict[
         "measured_speedup": base.latency_ms / max(latency1, 1e-9),
         "test_acc": {k: v for k, v in tests.items() if v is not None},
         "val_acc": result.val_acc, "equivalence_max_diff": state.equivalence_max_diff,
+        "tpp_norms": None if state.tpp_norms is None else dict(zip(("pruned", "pruned_bn", "kept"), state.tpp_norms)),
         "seconds": seconds, "device": str(run.device), "processes": dist.world(), "host": socket.gethostname(),
         "files": {"model": str(run.out / "pruned_model.pt"), "report": str(run.out / "report.json")},
     }
