@@ -14,7 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from evoprune.records import RunStatus
 
-SCHEMA_HEAD = "0002"  # the newest Alembic revision (db/migrations/versions); create_all builds this schema
+SCHEMA_HEAD = "0003"  # the newest Alembic revision (db/migrations/versions); create_all builds this schema
 
 intpk = Annotated[int, mapped_column(primary_key=True)]
 expression = Annotated[str, mapped_column(Text)]
@@ -46,6 +46,7 @@ class Run(Base):
     ended: Mapped[Optional[datetime]]
     note: Mapped[str] = mapped_column(Text, default="")
     host: Mapped[str] = mapped_column(String(255), default="", server_default="")  # the driver's machine
+    driver: Mapped[str] = mapped_column(String(64), default="", server_default="")  # "PID:START" of its process
     generations: Mapped[list["Generation"]] = relationship(back_populates="run", order_by="Generation.index")
 
 

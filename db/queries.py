@@ -19,12 +19,22 @@ def runs(engine: Engine) -> list[dict]:
         count = dict(s.execute(select(Candidate.run_id, func.count()).group_by(Candidate.run_id)).all())
         out = []
         for r in s.scalars(select(Run).order_by(Run.id)):
-            out.append({"id": r.id, "status": r.status.value, "started": r.started.isoformat(timespec="seconds"),
+            out.append({"id": r.id, "status": _status(r), "started": r.started.isoformat(timespec="seconds"),
                         "ended": r.ended.isoformat(timespec="seconds") if r.ended else "",
                         "seed": r.seed, "tasks": ",".join(r.config.get("proxy", {}).get("tasks", [])),
                         "generations": gens.get(r.id, -1) + 1, "candidates": count.get(r.id, 0),
                         "best_fitness": best.get(r.id)})
         return out
+
+
+def _status(r: Run) -> str:
+    """A run marked running whose driver process is gone was interrupted (killed, or its machine
+    rebooted): say so, and that --resume continues it."""
+    from evoprune.db.store import driver_alive
+
+    if r.status.value == "running" and driver_alive(r.host, r.driver) is False:
+        return "interrupted (driver gone; --resume continues it)"
+    return r.status.value
 
 
 def _cand_row(c: Candidate) -> dict:

@@ -3,6 +3,7 @@ transaction (`with Session(engine) as s, s.begin():`); the models never commit."
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 from typing import Iterable
 
@@ -33,25 +34,64 @@ def _sqlite_pragmas(dbapi_conn, _record):
     cur.close()
 
 
+def known_revisions() -> set[str]:
+    """The schema revisions this evoprune can read (db/migrations/versions)."""
+    return {p.name.split("_")[0] for p in (Path(__file__).parent / "migrations" / "versions").glob("[0-9]*.py")}
+
+
+def _peek_sqlite(path: Path) -> set[str]:
+    """Look at an existing SQLite file read-only before anything opens it for writing: a file
+    that is not ours, is damaged, or was written by a newer evoprune is refused, byte for byte
+    untouched (opening it normally would already switch its journal to WAL)."""
+    try:
+        con = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            revs = ([r[0] for r in con.execute("SELECT version_num FROM alembic_version")]
+                    if "alembic_version" in names else [])
+        finally:
+            con.close()
+    except sqlite3.Error as e:  # not a database at all, or a damaged one
+        raise EvopruneError(f"{path} is not an evoprune database ({e})") from None
+    if names and "evoprune_meta" not in names:
+        raise EvopruneError(f"{path} is a database of something else (tables: {sorted(names)[:5]})")
+    if unknown := [r for r in revs if r not in known_revisions()]:
+        raise EvopruneError(f"{path} was written by a newer evoprune (schema revision {unknown[0]}; this one knows "
+                            f"up to {max(known_revisions())}): upgrade evoprune to read it")
+    return names
+
+
 def connect(url: str | None = None, *, create: bool = True) -> Engine:
     """An engine on `url` with the schema in place; a file that is not an evoprune database is
     refused with one clear message and left untouched."""
     url = resolve_url(url)
-    if url.startswith("sqlite:///") and not create:
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.exists():
+    if url == "sqlite://" or ":memory:" in url or "mode=memory" in url:
+        raise EvopruneError(f"{url} is an in-memory database: everything in it is lost when evoprune exits; "
+                            "give a file path or a server URL")
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///").split("?")[0])
+        if path.exists():
+            if not _peek_sqlite(path) and not create:
+                raise EvopruneError(f"{path} holds no evoprune database (it is empty); run `evoprune evolve` first")
+        elif not create:
             raise EvopruneError(f"no database at {path.resolve()} (run `evoprune evolve` first, or pass --db)")
     try:
         engine = create_engine(url)
-    except (ArgumentError, ImportError) as e:
+    except (ArgumentError, ImportError, ValueError) as e:
         raise EvopruneError(f"bad database URL {url!r}: {e}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    from alembic.util.exc import CommandError
+
     try:
         _ensure_schema(engine)
+    except CommandError as e:  # a revision this evoprune does not know: a newer evoprune wrote it
+        engine.dispose()
+        raise EvopruneError(f"{url}: the database was written by a newer evoprune ({e}); upgrade evoprune") from None
     except DatabaseError as e:
         engine.dispose()
-        raise EvopruneError(f"{url} is not an evoprune database ({e.orig or e})") from None
+        raise EvopruneError(f"{url} cannot be used as an evoprune database ({str(e.orig or e).splitlines()[0]})") \
+            from None
     return engine
 
 
@@ -87,14 +127,65 @@ def _ensure_schema(engine: Engine) -> None:
 
 
 # --------------------------------------------------------------------------- runs
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused PID is not taken
+    for the driver; "" where /proc does not exist."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def this_driver() -> str:
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def driver_alive(host: str, driver: str) -> bool | None:
+    """Whether a run's driver process still runs: True or False when it ran on this machine,
+    None when that cannot be told from here (another machine, or a run from before 0003)."""
+    import socket
+
+    if not driver or host != socket.gethostname():
+        return None
+    pid, _, start = driver.partition(":")
+    if start:
+        return _start_time(int(pid)) == start
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def create_run(engine: Engine, config: dict, seed: int, code_version: str) -> int:
     import socket
 
     with Session(engine) as s, s.begin():
-        run = Run(config=config, seed=seed, code_version=code_version, host=socket.gethostname())
+        run = Run(config=config, seed=seed, code_version=code_version, host=socket.gethostname(),
+                  driver=this_driver())
         s.add(run)
         s.flush()
         return run.id
+
+
+def claim_run(engine: Engine, run_id: int) -> Run:
+    """Make this process the driver of a stored run (--resume); refused while its own driver
+    still runs, and for a run that finished."""
+    import socket
+
+    with Session(engine, expire_on_commit=False) as s, s.begin():
+        run = s.get(Run, run_id)
+        if run is None:
+            raise EvopruneError(f"no run with ID {run_id} in {engine.url}")
+        if run.status == RunStatus.finished:
+            raise EvopruneError(f"run {run_id} already finished; start a new search instead")
+        if run.status == RunStatus.running and driver_alive(run.host, run.driver):
+            raise EvopruneError(f"run {run_id} is still running (driver process {run.driver.split(':')[0]} on "
+                                f"{run.host}); stop it before resuming")
+        run.host, run.driver, run.status, run.ended = socket.gethostname(), this_driver(), RunStatus.running, None
+        return run
 
 
 def set_status(engine: Engine, run_id: int, status: RunStatus, note: str = "") -> None:

@@ -42,7 +42,9 @@ class SearchDisplay:
         return t
 
     def update(self, kind: str, info: dict) -> None:
-        if kind == "status":
+        if kind == "config":
+            self.cfg = info["config"]
+        elif kind == "status":
             self.status = info["text"]
             if not self.live:
                 self.console.print(info["text"], highlight=False)

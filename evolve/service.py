@@ -107,11 +107,12 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
         check_inputs(cfg)
     engine = store.connect(store.resolve_url(db_url, cfg.run.db), create=resume is None)
     if resume is not None:  # what is searched comes from the run; where it runs, from this call
-        stored = Config.from_dict(store.get_run(engine, resume).config, f"run {resume}")
+        stored = Config.from_dict(store.claim_run(engine, resume).config, f"run {resume}")
         cfg = replace(stored, run=cfg.run)
         check_inputs(cfg)
     device = str(pick_device(cfg.run.device))
     on_progress = on_progress or (lambda kind, info: None)
+    on_progress("config", {"config": cfg})  # a resumed run's settings are the stored ones
     on_progress("status", {"text": f"loading tasks {', '.join(cfg.proxy.tasks)} (pretraining on first use)"})
     r, p = cfg.run, cfg.proxy
     maskers = {t: TaskMasks.load(t, p.allocation, cfg.search.stat_names, stat_images=p.stat_images, seed=p.data_seed,
@@ -129,7 +130,6 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
         else:
             recorder = StoreRecorder(engine, resume)
             point = ResumePoint(store.candidate_records(engine, resume), store.last_generation(engine, resume))
-            recorder.status(RunStatus.running)
         search = Search(cfg, evaluator, maskers, recorder, on_progress)
         on_progress("status", {"text": "searching"})
         search.run(point)

@@ -52,6 +52,18 @@ TasksFile = Annotated[Optional[Path], typer.Option("--tasks-file", help="A TOML 
                       "(else $EVOPRUNE_TASKS).", show_default=False)]
 
 
+def parse_id(value: str) -> int:
+    """A database ID: ASCII digits (int() would read Arabic-Indic ones), below 2^63."""
+    from evoprune.metricref import MAX_ID
+
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit()):
+        raise typer.BadParameter(f"{value!r} is not an ID (a whole number, ASCII digits)")
+    if not 1 <= int(text) <= MAX_ID:
+        raise typer.BadParameter(f"{text} is not an ID in this database (IDs are 1 to 2^63 - 1)")
+    return int(text)
+
+
 @app.command()
 def version():
     """Print the evoprune version and the versions of the libraries it runs on."""
@@ -199,8 +211,8 @@ def pretrain(task: Annotated[str, typer.Argument(help="Task name (see `evoprune 
 @app.command()
 def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Search config (TOML); "
                                                           "defaults: the digits task, 8 generations x 32.")] = None,
-           resume: Annotated[Optional[int], typer.Option("--resume", help="Continue run RUN_ID from its last "
-                                                         "completed generation.")] = None,
+           resume: Annotated[Optional[int], typer.Option("--resume", parser=parse_id, help="Continue run RUN_ID "
+                                                         "from its last completed generation.")] = None,
            db: Annotated[Optional[str], typer.Option("--db", help="Database URL or SQLite path (else "
                                                      "$EVOPRUNE_DB, else the config, else ./evoprune.db).")] = None,
            workers: Annotated[Optional[str], typer.Option("--workers", help="Ray actors: N, or auto for "
@@ -281,7 +293,7 @@ _TOP_COLS = ["id", "run", "fitness", "stage", "size", "kept_flops", "baseline", 
 
 
 @metrics_app.command("top")
-def metrics_top(run: Annotated[Optional[int], typer.Option("--run", help="Only this run.")] = None,
+def metrics_top(run: Annotated[Optional[int], typer.Option("--run", parser=parse_id, help="Only this run.")] = None,
                 task: Annotated[Optional[str], typer.Option("--task", help="Rank by this task's accuracy.")] = None,
                 limit: Annotated[int, typer.Option("--limit", min=1)] = 10,
                 db: Db = None, as_json: Json = False, as_csv: Csv = False):
@@ -295,7 +307,8 @@ def metrics_top(run: Annotated[Optional[int], typer.Option("--run", help="Only t
 
 
 @metrics_app.command("show")
-def metrics_show(candidate_id: Annotated[int, typer.Argument(help="Candidate ID (see `evoprune metrics top`).")],
+def metrics_show(candidate_id: Annotated[int, typer.Argument(parser=parse_id, help="Candidate ID (see `evoprune "
+                                                              "metrics top`).")],
                  db: Db = None, as_json: Json = False, as_csv: Csv = False):
     """One formula: raw, simplified, LaTeX, per-task results, lineage (--csv: its evaluations)."""
     import json
@@ -325,8 +338,8 @@ def metrics_show(candidate_id: Annotated[int, typer.Argument(help="Candidate ID 
 
 
 @metrics_app.command("pareto")
-def metrics_pareto(run: Annotated[int, typer.Argument(help="Run ID.")], db: Db = None, as_json: Json = False,
-                   as_csv: Csv = False):
+def metrics_pareto(run: Annotated[int, typer.Argument(parser=parse_id, help="Run ID.")], db: Db = None,
+                   as_json: Json = False, as_csv: Csv = False):
     """The run's Pareto front of fitness against formula size."""
     from evoprune.db import queries
 
@@ -335,7 +348,7 @@ def metrics_pareto(run: Annotated[int, typer.Argument(help="Run ID.")], db: Db =
 
 
 @metrics_app.command("compare")
-def metrics_compare(ids: Annotated[list[int], typer.Argument(help="Candidate IDs.")], db: Db = None,
+def metrics_compare(ids: Annotated[list[int], typer.Argument(parser=parse_id, help="Candidate IDs.")], db: Db = None,
                     as_json: Json = False, as_csv: Csv = False):
     """Formulas side by side, with the baselines seeded into the same runs."""
     from evoprune.db import queries
@@ -350,7 +363,7 @@ def metrics_compare(ids: Annotated[list[int], typer.Argument(help="Candidate IDs
 
 
 @metrics_app.command("promote")
-def metrics_promote(candidate_id: Annotated[int, typer.Argument(help="Candidate ID.")],
+def metrics_promote(candidate_id: Annotated[int, typer.Argument(parser=parse_id, help="Candidate ID.")],
                     name: Annotated[str, typer.Argument(help="A name to use the formula by.")], db: Db = None,
                     as_json: Json = False, as_csv: Csv = False):
     """Give a formula a name for reuse (`evoprune export NAME`)."""
@@ -364,9 +377,12 @@ def metrics_promote(candidate_id: Annotated[int, typer.Argument(help="Candidate 
 
 
 @app.command()
-def export(ref: Annotated[str, typer.Argument(help="A candidate ID, a promoted metric's NAME, or baseline:NAME.")],
-           fmt: Annotated[str, typer.Option("--format", "-f", help="python | torch-pruning | sympy | latex")] = "python",
-           output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write to FILE (else stdout).")] = None,
+def export(ref: Annotated[str, typer.Argument(help="A candidate ID, a promoted metric's NAME, baseline:NAME or "
+                                                  "expr:EXPRESSION.")],
+           fmt: Annotated[str, typer.Option("--format", "-f", help="python | torch-pruning | sympy | "
+                                            "latex")] = "python",
+           output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write to FILE (else "
+                                                          "stdout).")] = None,
            max_images: Annotated[int, typer.Option("--max-images", min=1, help="Images the statistics use.")] = 256,
            db: Db = None):
     """Export a metric as a standalone Python module (needs only torch), a Torch-Pruning
@@ -378,12 +394,17 @@ def export(ref: Annotated[str, typer.Argument(help="A candidate ID, a promoted m
     if output is None:
         sys.stdout.write(code)
         return
-    output.write_text(code)
+    if output.is_dir():
+        raise EvopruneError(f"-o {output} is a folder: give a file name, e.g. {output / 'metric.py'}")
+    try:
+        output.write_text(code)
+    except OSError as e:
+        raise EvopruneError(f"cannot write {output}: {e.strerror or e}") from None
     out.print(f"wrote {fmt} export of {ref} to {output}", highlight=False, markup=False)
 
 
 @app.command()
-def report(run: Annotated[int, typer.Argument(help="Run ID.")],
+def report(run: Annotated[int, typer.Argument(parser=parse_id, help="Run ID.")],
            output: Annotated[Path, typer.Option("-o", "--output", help="Directory for index.html and the PNGs.")]
            = Path("report"),
            db: Db = None):
@@ -450,30 +471,15 @@ def prune_cmd(
     data_root: DataRoot = None, cache_dir: CacheDir = None, tasks_file: TasksFile = None, db: Db = None):
     """Prune a task's pretrained model with a metric: TPP regularization, surgery, retraining,
     a report. Run under torchrun for multi-GPU retraining (docs/transfer.md)."""
-    from dataclasses import replace
+    from evoprune.transfer.prune import prune, prune_config
 
-    from evoprune.metricref import resolve
-    from evoprune.tasks import get_task
-    from evoprune.transfer.prune import PruneConfig, prune
-
-    if (ratio is None) == (flops_reduction is None):
-        raise EvopruneError("give exactly one of --ratio R and --flops-reduction F")
-    allocator = allocator or ("flops" if flops_reduction is not None else "uniform")
-    if (allocator == "flops") != (flops_reduction is not None):
-        raise EvopruneError("--flops-reduction goes with --allocator flops, --ratio with uniform or global")
-    recipe = get_task(task, tasks_file).transfer  # the task's defaults; the flags given replace them
-    source = resolve(metric, db)
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
-    tpp_cfg = recipe.tpp_config(**given(reg_step=reg_step, update_every=update_every, reg_ceiling=reg_ceiling,
-                                        gram_weight=gram_weight, stabilize_iters=stabilize_iters, lr=tpp_lr))
-    cfg = PruneConfig(
-        task=task, metric=metric, expression=source.expression, allocator=allocator,
-        ratio=ratio if ratio is not None else 0.5,
-        flops_reduction=flops_reduction if flops_reduction is not None else 0.5, scope=scope,
-        skip=tuple(skip or ()), stat_images=stat_images, latency_batch=latency_batch,
-        tpp=tpp_cfg if tpp else None,
-        retrain=replace(recipe.retrain, **given(epochs=epochs, lr=lr, schedule=schedule, batch_size=batch_size,
-                                                weight_decay=weight_decay)))
+    cfg = prune_config(task=task, metric=metric, ratio=ratio, flops_reduction=flops_reduction, allocator=allocator,
+                       scope=scope, skip=tuple(skip or ()), stat_images=stat_images, latency_batch=latency_batch,
+                       tpp=given(reg_step=reg_step, update_every=update_every, reg_ceiling=reg_ceiling,
+                                 gram_weight=gram_weight, stabilize_iters=stabilize_iters, lr=tpp_lr) if tpp else None,
+                       retrain=given(epochs=epochs, lr=lr, schedule=schedule, batch_size=batch_size,
+                                     weight_decay=weight_decay), tasks_file=tasks_file, db=db)
     out_dir = out_dir or Path("pruned") / f"{task}-{_slug(metric)}"
     rep = prune(cfg, out=out_dir, resume=resume, data_root=data_root, cache_dir=cache_dir, tasks_file=tasks_file,
                 device=device, db=db, record=record, console=out)
@@ -499,6 +505,12 @@ def prune_cmd(
               highlight=False, markup=False)
 
 
+def _database_error(e: Exception) -> bool:
+    """A database that is damaged, read-only or gone (not a bug of ours): one line, not a traceback."""
+    exc = sys.modules.get("sqlalchemy.exc")
+    return exc is not None and isinstance(e, (exc.OperationalError, exc.DatabaseError))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning user mistakes into one line and exit status 2."""
     err = Console(stderr=True, soft_wrap=True)  # one error, one line
@@ -510,11 +522,20 @@ def main(argv: list[str] | None = None) -> int:
         print(e.ctx.get_help() if e.ctx else str(e))
         return 0
     except click_exc.UsageError as e:
+        msg = e.format_message()
+        if isinstance(e, click_exc.NoSuchOption) and e.option_name[1:2].isdigit():
+            msg += f"; to pass a negative number, put -- before it: `... -- {e.option_name}`"
         where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
-        err.print(f"error: {e.format_message()}{where}", markup=False, highlight=False)
+        err.print(f"error: {msg}{where}", markup=False, highlight=False)
         return 2
     except EvopruneError as e:
         err.print(f"error: {e}", markup=False, highlight=False)
+        return 2
+    except Exception as e:
+        if not _database_error(e):
+            raise
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        err.print(f"error: the database cannot be used: {first}", markup=False, highlight=False)
         return 2
     except typer.Exit as e:
         return e.exit_code

@@ -25,6 +25,11 @@ class UnusableMetric(EvopruneError):
     """A formula that cannot rank this model's filters (non-finite or constant scores)."""
 
 
+def require_statistics(node: Node) -> None:
+    if not node.stats():
+        raise UnusableMetric("the formula reads no statistic: a constant ranks no filters")
+
+
 def group_scores(groups: list[list[str]], scores: dict[str, Tensor]) -> dict[str, Tensor]:
     """One score per channel of each group (keyed by its first layer): the layer's own scores,
     or for tied layers the mean of their per-layer ranks (metrics need not share a scale)."""
@@ -42,8 +47,7 @@ def make_masks(node: Node, table: StatTable, allocation: Allocation, structure: 
     """Keep masks for every layer of `groups` (default: every layer of the table, each alone);
     the layers of a group share one mask. Raises UnusableMetric for a formula that cannot
     rank the filters, EvopruneError for a FLOPs target the layers cannot reach."""
-    if not node.stats():
-        raise UnusableMetric("the formula reads no statistic: a constant ranks no filters")
+    require_statistics(node)
     scores = evaluate(node, table)
     validity = check_scores(scores, table)
     if not validity.ok:

@@ -64,6 +64,10 @@ def _load(task: Task, data: DataSet, pt: Path, meta_path: Path) -> tuple[nn.Modu
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise CorruptCache(f"metadata {meta_path.name} unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise CorruptCache(f"metadata {meta_path.name} holds {type(meta).__name__}, not a table")
+    if not pt.is_file():
+        raise CorruptCache(f"{pt.name} is not a file")
     if meta.get("sha256") != _sha256(pt):
         raise CorruptCache(f"{pt.name} does not match its recorded sha256")
     model = new_model(task, data)
@@ -74,8 +78,18 @@ def _load(task: Task, data: DataSet, pt: Path, meta_path: Path) -> tuple[nn.Modu
     return model.eval(), meta
 
 
-def _save(model: nn.Module, meta: dict, pt: Path, meta_path: Path) -> None:
+def _set_aside(path: Path, console: Console | None) -> None:
+    """A folder (or anything not a file) where a cache file belongs is renamed, not deleted."""
+    if path.exists() and not path.is_file():
+        aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        (console or Console(stderr=True)).print(f"[yellow]{path} was not a file: moved to {aside}[/]")
+
+
+def _save(model: nn.Module, meta: dict, pt: Path, meta_path: Path, console: Console | None = None) -> None:
     pt.parent.mkdir(parents=True, exist_ok=True)
+    for path in (pt, meta_path):
+        _set_aside(path, console)
     tmp = pt.with_suffix(f".pt.tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
     meta["sha256"] = _sha256(tmp)
@@ -107,5 +121,5 @@ def pretrained(task: Task, *, data_root=None, cache_dir=None, device="auto", dow
             "data_fingerprint": data.fingerprint(), "model": task.model, "model_args": task.model_kwargs,
             "recipe": asdict(task.recipe), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "torch": torch.__version__, **asdict(result)}
-    _save(model, meta, pt, meta_path)
+    _save(model, meta, pt, meta_path, console)
     return Pretrained(task, data, model, meta, cached=False, path=pt)

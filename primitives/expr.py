@@ -14,6 +14,7 @@ import hashlib
 import re
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -242,14 +243,20 @@ class _OutOfTime(BaseException):  # not an Exception: sympy's own `except Except
 @contextlib.contextmanager
 def _time_limit(seconds: float):
     """Raise _OutOfTime in the block after `seconds` (SIGALRM: main thread only; elsewhere the
-    size bound alone applies)."""
+    size bound alone applies). A timer someone else set keeps running: if it is due sooner it
+    is left alone, else it is set again, less the time spent here, when the block ends."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    outer_left, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    if 0 < outer_left <= seconds:
         yield
         return
 
     def on_alarm(signum, frame):
         raise _OutOfTime
 
+    t0 = time.monotonic()
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -257,6 +264,8 @@ def _time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if outer_left > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - t0), 1e-3), outer_interval)
 
 
 @lru_cache(maxsize=65536)

@@ -74,6 +74,24 @@ def test_corrupt_cache_is_detected_and_rebuilt(short_task, tmp_path, damage, cap
     assert pretrained(short_task, cache_dir=tmp_path, device="cpu").cached
 
 
+@pytest.mark.parametrize("damage", ["meta-list", "meta-null", "pt-folder", "meta-folder"])
+def test_cache_entries_of_the_wrong_kind_are_rebuilt(short_task, tmp_path, damage, capsys):
+    first = pretrained(short_task, cache_dir=tmp_path, device="cpu")
+    pt, meta = first.path, first.path.with_suffix(".json")
+    if damage in ("meta-list", "meta-null"):
+        meta.write_text("[]" if damage == "meta-list" else "null")
+    else:
+        victim = pt if damage == "pt-folder" else meta
+        victim.unlink()
+        (victim / "inside").mkdir(parents=True)  # a folder where a file belongs: moved aside, not deleted
+    again = pretrained(short_task, cache_dir=tmp_path, device="cpu")
+    assert not again.cached and "cache file corrupt" in capsys.readouterr().err
+    assert _same_weights(first.model, again.model) and pt.is_file() and meta.is_file()
+    if damage.endswith("folder"):
+        assert [p.name for p in tmp_path.glob("*.broken-*/inside")] == ["inside"]
+    assert pretrained(short_task, cache_dir=tmp_path, device="cpu").cached
+
+
 def test_bad_tasks_files(tmp_path):
     f = tmp_path / "t.toml"
     for text, msg in [("[x]\ndataset='digits'\nmodel='cnn'\nrecipe={epochs=-1}", "epochs must be >= 0"),

@@ -44,7 +44,7 @@ from evoprune import dist
 from evoprune.allocators import ALLOCATORS, Allocation, Masks
 from evoprune.data import iterate
 from evoprune.errors import EvopruneError
-from evoprune.masks import UnusableMetric, make_masks, mask_hash
+from evoprune.masks import UnusableMetric, make_masks, mask_hash, require_statistics
 from evoprune.metricref import MetricRef
 from evoprune.primitives.collect import task_stats
 from evoprune.primitives.expr import canonical, canonical_hash, parse
@@ -104,6 +104,32 @@ class PruneConfig:
         return f"{tpp}; retraining {r.epochs} epochs, lr {r.lr:g} {r.schedule}, batch {r.batch_size}"
 
 
+def prune_config(*, task: str, metric: str, ratio: float | None = None, flops_reduction: float | None = None,
+                 allocator: str | None = None, tpp: dict | None, retrain: dict, tasks_file=None, db=None,
+                 **settings) -> PruneConfig:
+    """The settings of a run from what the user gave: the metric resolved, the task's transfer
+    recipe with `tpp` and `retrain` overrides over it (`tpp=None`: no TPP), exactly one of a
+    ratio and a FLOPs target."""
+    from evoprune.metricref import resolve
+
+    if (ratio is None) == (flops_reduction is None):
+        raise EvopruneError("give exactly one of --ratio R and --flops-reduction F")
+    allocator = allocator or ("flops" if flops_reduction is not None else "uniform")
+    if (allocator == "flops") != (flops_reduction is not None):
+        raise EvopruneError("--flops-reduction goes with --allocator flops, --ratio with uniform or global")
+    recipe = get_task(task, tasks_file).transfer  # the task's defaults; what is given replaces them
+    source = resolve(metric, db)
+    try:
+        require_statistics(parse(source.expression))
+    except UnusableMetric as e:
+        raise EvopruneError(f"metric {metric}: {e}") from None
+    return PruneConfig(task=task, metric=metric, expression=source.expression, allocator=allocator,
+                       ratio=ratio if ratio is not None else 0.5,
+                       flops_reduction=flops_reduction if flops_reduction is not None else 0.5,
+                       tpp=None if tpp is None else recipe.tpp_config(**tpp),
+                       retrain=replace(recipe.retrain, **retrain), **settings)
+
+
 @dataclass
 class Measured:
     """The unpruned model."""
@@ -161,10 +187,9 @@ def compute_masks(pre, model: nn.Module, example: Tensor, s: Structure, cfg: Pru
     """Keep masks (True = keep) for every pruned layer; tied layers get the same mask."""
     node = parse(cfg.expression)
     groups = choose_groups(model, example, s, cfg)
-    if not node.stats():
-        raise EvopruneError(f"metric {cfg.metric} reads no statistic: a constant ranks no filters")
-    table = task_stats(replace(pre, model=model), node.stats(), n_images=cfg.stat_images, seed=0, device=device)
     try:
+        require_statistics(node)
+        table = task_stats(replace(pre, model=model), node.stats(), n_images=cfg.stat_images, seed=0, device=device)
         return make_masks(node, table, cfg.allocation, s, groups)
     except UnusableMetric as e:
         raise EvopruneError(f"metric {cfg.metric} cannot rank the filters of {cfg.task}: {e}") from None
@@ -276,10 +301,9 @@ def _prepare_out(out: Path, cfg: PruneConfig, resume: bool) -> None:
 def _load(path: Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's message suggests weights_only=False: advice never to follow here
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise EvopruneError(f"--resume: {path} does not load as {what} ({first}); start again with another "
-                            "--out") from None
+    except Exception as e:  # torch's own message advises weights_only=False: advice never to pass on
+        raise EvopruneError(f"--resume: {path} does not load as {what} ({type(e).__name__}: damaged, or not "
+                            "written by evoprune prune); start again with another --out") from None
 
 
 def _checkpoint(out: Path) -> dict | None:
