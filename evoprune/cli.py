@@ -427,11 +427,15 @@ def prune_cmd(
     metric: Annotated[str, typer.Option("--metric", help="Candidate ID, promoted NAME, baseline:NAME or "
                                                          "expr:EXPRESSION.")],
     ratio: Annotated[Optional[float], typer.Option("--ratio", help="Share of filters pruned in each layer "
-                                                   "(uniform) or overall (--allocator global).")] = None,
+                                                   "(uniform) or overall (global, pfp, spectral).")] = None,
     flops_reduction: Annotated[Optional[float], typer.Option("--flops-reduction", help="Share of the prunable "
-                                                             "layers' MACs to remove (allocator flops).")] = None,
-    allocator: Annotated[Optional[str], typer.Option("--allocator", help="uniform | global | flops (default: "
-                                                     "uniform with --ratio, flops with --flops-reduction).")] = None,
+                                                             "layers' MACs to remove (flops, pfp, spectral).")] = None,
+    allocator: Annotated[Optional[str], typer.Option("--allocator", help="uniform | global | flops | pfp | "
+                                                     "spectral (default: uniform with --ratio, flops with "
+                                                     "--flops-reduction; docs/allocators.md).")] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", help="spectral: share of each layer's spectral energy "
+                                                 "it may lose (0.01); alone, without --ratio or "
+                                                 "--flops-reduction, each layer keeps its rank.")] = None,
     scope: Annotated[str, typer.Option("--scope", help="in-block: only layers whose channels no other layer "
                                        "shares (TPP's scripts); coupled: also residual-tied layers, pruned "
                                        "together.")] = "in-block",
@@ -475,7 +479,7 @@ def prune_cmd(
 
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     cfg = prune_config(task=task, metric=metric, ratio=ratio, flops_reduction=flops_reduction, allocator=allocator,
-                       scope=scope, skip=tuple(skip or ()), stat_images=stat_images, latency_batch=latency_batch,
+                       tau=tau, scope=scope, skip=tuple(skip or ()), stat_images=stat_images, latency_batch=latency_batch,
                        tpp=given(reg_step=reg_step, update_every=update_every, reg_ceiling=reg_ceiling,
                                  gram_weight=gram_weight, stabilize_iters=stabilize_iters, lr=tpp_lr) if tpp else None,
                        retrain=given(epochs=epochs, lr=lr, schedule=schedule, batch_size=batch_size,

@@ -8,12 +8,13 @@ with its channel groups. Masks are {layer name: BoolTensor[C_out]} on the CPU, T
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from evoprune.allocators import Allocation, Masks, allocate, kept_share
+from evoprune.allocators import Allocation, LayerBudgetData, Masks, allocate, kept_share, spectral_rank
 from evoprune.errors import EvopruneError
 from evoprune.primitives.collect import StatTable
 from evoprune.primitives.expr import Node, check_scores, evaluate, scores_by_layer
@@ -61,13 +62,44 @@ def make_masks(node: Node, table: StatTable, allocation: Allocation, structure: 
 
     every = list(structure.macs)
     masks = allocate(group_scores(groups, by_layer), allocation, macs=structure.macs,
-                     inputs_from=structure.inputs_from, expand=expand, layers=every)
-    if allocation.kind == "flops":
+                     inputs_from=structure.inputs_from, expand=expand, layers=every,
+                     data=budget_data(groups, table, allocation))
+    if allocation.target == "flops":
         removed = 1 - kept_share(masks, structure.macs, structure.inputs_from, layers=every)
         if removed < allocation.flops_reduction - 1e-6:
             raise EvopruneError(f"pruning these {len(masks)} layers removes at most {removed:.0%} of the prunable "
                                 f"MACs; ask for less than {allocation.flops_reduction:.0%}")
+    elif allocation.target == "ratio" and allocation.kind in ("pfp", "spectral"):
+        kept, total = sum(int(masks[g[0]].sum()) for g in groups), sum(len(masks[g[0]]) for g in groups)
+        want = max(1, math.ceil((1 - allocation.ratio) * total - 1e-9))
+        if kept > want:
+            raise EvopruneError(f"keeping one filter in each of {len(groups)} layers already keeps {kept} of {total}: "
+                                f"a ratio of {allocation.ratio:g} (keep {want}) cannot be met; ask for at most "
+                                f"{1 - kept / total:.3f}")
     return masks
+
+
+def budget_data(groups: list[list[str]], table: StatTable, allocation: Allocation) -> dict[str, LayerBudgetData]:
+    """What the pfp and spectral allocators read, per group (keyed by its first layer): a tied
+    group takes the channel-wise largest sensitivity and the largest eta of its members, and
+    the spectrum of its member with the highest rank at tau."""
+    if not allocation.needs:
+        return {}
+    sens = table.values.get("pfp_sens")
+    spectra, sites = table.meta.get("spectra"), table.meta.get("sites", {})
+    if "pfp_sens" in allocation.needs and sens is None:
+        raise EvopruneError("allocator pfp needs the pfp_sens statistic, which these statistics lack")
+    if "spectra" in allocation.needs and spectra is None:
+        raise EvopruneError("allocator spectral needs the layers' singular values (collect_stats(spectra=True))")
+    out = {}
+    for g in groups:
+        spectrum = None
+        if spectra is not None:
+            spectrum = max((spectra[n] for n in g), key=lambda v: spectral_rank(v, allocation.tau))
+        out[g[0]] = LayerBudgetData(
+            sensitivity=torch.stack([sens[n] for n in g]).amax(0) if sens is not None else None,
+            sites=max(sites.get(n, 1) for n in g), spectrum=spectrum)
+    return out
 
 
 def mask_hash(masks: Masks) -> str:
@@ -92,6 +124,15 @@ def mask_targets(model, masks: Masks, bn_of: dict[str, str | None]) -> list[tupl
     return out
 
 
+def stat_table(pre, stats: list[str], allocation: Allocation, **kw) -> StatTable:
+    """`task_stats` of `stats` plus what the allocator reads (pfp: the PFP sensitivities;
+    spectral: the singular values)."""
+    from evoprune.primitives.collect import task_stats
+
+    names = list(dict.fromkeys([*stats, *(n for n in allocation.needs if n != "spectra")]))
+    return task_stats(pre, names, spectra="spectra" in allocation.needs, **kw)
+
+
 @dataclass
 class TaskMasks:
     """One task as the search's driver sees it: statistics and layer structure, formula -> masks."""
@@ -112,11 +153,10 @@ class TaskMasks:
         where the driver or the workers run."""
         from evoprune.data import iterate
         from evoprune.pretrain import pretrained
-        from evoprune.primitives.collect import task_stats
         from evoprune.primitives.layers import structure
         from evoprune.tasks import get_task
 
         pre = pretrained(get_task(task_name, tasks_file), data_root=data_root, cache_dir=cache_dir, device=device)
-        table = task_stats(pre, stats, n_images=stat_images, seed=seed, device="cpu")
+        table = stat_table(pre, stats, allocation, n_images=stat_images, seed=seed, device="cpu")
         example = next(iterate(pre.data, pre.data.train, batch_size=2))[0]
         return cls(task_name, table, structure(pre.model, example), allocation)

@@ -97,10 +97,12 @@ def _no_inplace_relu(model: nn.Module):
 
 def collect_stats(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], names: Iterable[str] | None = None,
                   *, max_images: int = 256, pfp_images: int = 64, spectral_tol: float = 0.1,
-                  device: str | torch.device = "cpu") -> StatTable:
+                  device: str | torch.device = "cpu", spectra: bool = False) -> StatTable:
     """Compute statistics `names` (all when None) for every prunable layer of `model`.
 
     `batches` yields (x [B, C, H, W], y [B]) already normalized; at most `max_images` are used.
+    `meta` holds, per layer, PFP's `sites` (what the pfp allocator reads) and, with
+    `spectra=True`, the singular values of the filters (what the spectral allocator reads).
     """
     names = check_names(names if names is not None else STATS)
     cost = max((STATS[n].cost for n in names), default=Cost.WEIGHTS)
@@ -126,7 +128,9 @@ def collect_stats(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], na
                 raise AssertionError(f"statistic {s} on {name}: shape {tuple(v.shape)}")
             values[s][name] = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     meta = {"images": data[infos[0].name].act.n_images if cost >= Cost.FORWARD else 0,
-            "spectral_tol": spectral_tol}
+            "spectral_tol": spectral_tol, "sites": {i.name: i.sites for i in infos}}
+    if spectra:
+        meta["spectra"] = {i.name: torch.linalg.svdvals(data[i.name].w) for i in infos}
     return StatTable([i.name for i in infos], [i.out_channels for i in infos], values, meta)
 
 

@@ -25,6 +25,7 @@ class LayerInfo:
     bn: nn.BatchNorm2d | nn.BatchNorm1d | None = None
     consumers: list[str] = field(default_factory=list)  # layers whose inputs carry our channels
     macs: int = 0  # multiply-accumulates for one input image
+    sites: int = 1  # PFP's eta: max over consumers of (output positions + 1) x the inputs each channel feeds
 
     def filters(self) -> Tensor:
         """The layer's filters flattened: [C_out, fan_in] (detached)."""
@@ -107,8 +108,17 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
             continue
         infos.append(LayerInfo(name=names[m], module=m, index=len(infos), out_channels=_out_width(m),
                                bn=bn_of.get(m), consumers=[names[c] for c in consumers[m]],
-                               macs=_macs(m, outputs[m], n_img)))
+                               macs=_macs(m, outputs[m], n_img),
+                               sites=max(_sites(c, outputs[c], n_img, _out_width(m)) for c in consumers[m])))
     return infos
+
+
+def _sites(consumer: nn.Module, out: Tensor, n_img: int, channels: int) -> int:
+    """(output positions + 1) x the weights each input channel meets per output: PFP's eta."""
+    positions = out.numel() // n_img // _out_width(consumer)
+    per_channel = consumer.weight[0, 0].numel() if isinstance(consumer, nn.Conv2d) else \
+        max(1, _in_width(consumer) // channels)
+    return (positions + 1) * per_channel
 
 
 def _producers(x: Tensor, node_owner: dict) -> list[nn.Module]:

@@ -80,3 +80,144 @@ def test_allocation_is_validated():
             Allocation(**kw)
     s = _scores(4, 4)
     assert allocate(s, Allocation(kind="uniform", ratio=0.5), macs={}, inputs_from={}).keys() == s.keys()
+
+
+# --------------------------------------------------------------------------- pfp and spectral
+def _conv_with_spectrum(sigmas: list[float], out_ch: int, in_ch: int, g: torch.Generator) -> torch.nn.Conv2d:
+    """A 3x3 conv whose filters, flattened to [out_ch, in_ch * 9], have singular values `sigmas`."""
+    conv = torch.nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+    u, _ = torch.linalg.qr(torch.randn(out_ch, out_ch, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_ch * 9, in_ch * 9, generator=g, dtype=torch.float64))
+    s = torch.zeros(out_ch, in_ch * 9, dtype=torch.float64)
+    s[range(len(sigmas)), range(len(sigmas))] = torch.tensor(sigmas, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_((u @ s @ v.T).reshape(out_ch, in_ch, 3, 3).float())
+    return conv
+
+
+def test_spectral_keeps_the_analytic_ranks_of_a_hand_built_network():
+    from evoprune.masks import make_masks, stat_table
+    from evoprune.primitives.expr import parse
+    from evoprune.primitives.layers import structure
+
+    g = torch.Generator().manual_seed(0)
+    spectra = {"0": [10, 1, 0.1, 0.01, 0, 0, 0, 0],  # energy 101.0101: the first holds 99.0%, two 99.99%
+               "2": [3, 3, 3, 3, 1, 1, 0, 0, 0, 0, 0, 0],  # 38: 3 hold 71%, 4 hold 94.7%, 5 hold 97.4%
+               "4": [1.0] * 16}  # flat: r directions hold r/16
+    model = torch.nn.Sequential(_conv_with_spectrum(spectra["0"], 8, 2, g), torch.nn.ReLU(),
+                                _conv_with_spectrum(spectra["2"], 12, 8, g), torch.nn.ReLU(),
+                                _conv_with_spectrum(spectra["4"], 16, 12, g), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(4, 2, 6, 6, generator=g)
+
+    class Pre:  # what stat_table needs of a pretrained task
+        def __init__(self):
+            self.model = model
+            self.task = type("T", (), {"name": "hand-built"})()
+            from evoprune.data import DataSet, TensorSplit
+            split = TensorSplit(x, torch.zeros(4, dtype=torch.long))
+            self.data = DataSet("hand", 4, (2, 6, 6), (0.0, 0.0), (1.0, 1.0), split, split, split, "test")
+
+    node = parse("w_l1")
+    for tau, want in [(0.02, {"0": 1, "2": 6, "4": 16}), (0.04, {"0": 1, "2": 5, "4": 16}),
+                      (0.06, {"0": 1, "2": 4, "4": 16}), (1e-3, {"0": 2, "2": 6, "4": 16}),
+                      (0.3, {"0": 1, "2": 3, "4": 12}), (0.5, {"0": 1, "2": 3, "4": 8})]:
+        alloc = Allocation(kind="spectral", target="tau", tau=tau)
+        table = stat_table(Pre(), ["w_l1"], alloc, n_images=4)
+        s = structure(model, x[:2])
+        masks = make_masks(node, table, alloc, s)
+        assert {n: int(m.sum()) for n, m in masks.items()} == want, tau
+    # scaled to a global ratio: the ranks keep their proportions and the total is met to the filter
+    alloc = Allocation(kind="spectral", ratio=0.5, tau=0.06)
+    masks = make_masks(node, stat_table(Pre(), ["w_l1"], alloc, n_images=4), alloc, structure(model, x[:2]))
+    assert {n: int(m.sum()) for n, m in masks.items()} == {"0": 1, "2": 4, "4": 13}  # ceil(0.8 r), 18 of 36
+
+
+def test_spectral_rank_rule():
+    from evoprune.allocators import spectral_rank
+
+    sig = torch.tensor([4.0, 2.0, 1.0, 0.0])  # energies 16, 4, 1, 0 of 21
+    assert [spectral_rank(sig, t) for t in (0.5, 0.24, 0.2, 0.05, 0.04, 1e-9)] == [1, 1, 2, 2, 3, 3]
+    assert spectral_rank(torch.zeros(5), 0.1) == 1
+
+
+def _pfp_data(widths, scale=None, seed=0):
+    from evoprune.allocators import LayerBudgetData
+
+    g = torch.Generator().manual_seed(seed)
+    return {f"l{i}": LayerBudgetData(sensitivity=torch.rand(w, generator=g) * (scale or {}).get(f"l{i}", 1.0),
+                                     sites=100) for i, w in enumerate(widths)}
+
+
+def test_pfp_meets_a_ratio_to_the_filter_and_keeps_one_per_layer():
+    from evoprune.allocators import budgets
+
+    widths = (16, 32, 64, 8)
+    scores = _scores(*widths)
+    data = _pfp_data(widths)
+    n = sum(widths)
+    for ratio in (0.1, 0.3, 0.5, 0.77, 0.9, 0.97):
+        counts = budgets(scores, Allocation(kind="pfp", ratio=ratio), data, removed=lambda c: 0.0)
+        assert sum(counts.values()) == max(len(widths), math.ceil((1 - ratio) * n - 1e-9)), ratio
+        assert all(1 <= counts[k] <= len(scores[k]) for k in counts)
+    again = budgets(scores, Allocation(kind="pfp", ratio=0.5), data, removed=lambda c: 0.0)
+    assert again == budgets(scores, Allocation(kind="pfp", ratio=0.5), data, removed=lambda c: 0.0)
+
+
+def test_pfp_ties_are_broken_in_layer_order():
+    from evoprune.allocators import LayerBudgetData, budgets
+
+    same = {f"l{i}": LayerBudgetData(sensitivity=torch.ones(10), sites=50) for i in range(3)}
+    scores = {k: torch.ones(10) for k in same}
+    counts = budgets(scores, Allocation(kind="pfp", ratio=0.5), same, removed=lambda c: 0.0)
+    assert sum(counts.values()) == 15 and list(counts.values()) == sorted(counts.values(), reverse=True)
+    assert max(counts.values()) - min(counts.values()) <= 1  # equal layers, equal budgets but for one filter
+
+
+@pytest.mark.parametrize("task", ["digits-cnn", "resnet20"])
+def test_pfp_gives_more_filters_to_more_sensitive_layers(task, digits_pretrained, shared_data):
+    """On real networks and real images: the budgets meet the target, and a layer whose
+    sensitivities are raised gets more of the budget (the others less)."""
+    from dataclasses import replace
+
+    from evoprune.allocators import LayerBudgetData, budgets
+    from evoprune.data import iterate, load_dataset
+    from evoprune.masks import budget_data, stat_table
+    from evoprune.models import build_model
+
+    if task == "digits-cnn":
+        pre = digits_pretrained
+    else:  # ResNet-20 on real CIFAR-10 images (random weights: pretraining it takes 10 minutes here)
+        ds = load_dataset("cifar10", shared_data)
+        torch.manual_seed(0)
+        pre = replace(digits_pretrained, model=build_model("resnet20", 10, 3).eval(), data=ds)
+    alloc = Allocation(kind="pfp", ratio=0.6)
+    table = stat_table(pre, ["w_l1"], alloc, n_images=64)
+    groups = [[n] for n in table.layers]
+    data = budget_data(groups, table, alloc)
+    scores = {n: table.values["w_l1"][n] for n in table.layers}
+    base = budgets(scores, alloc, data, removed=lambda c: 0.0)
+    n = sum(table.widths)
+    assert sum(base.values()) == math.ceil(0.4 * n)
+    for layer in (table.layers[0], table.layers[len(table.layers) // 2]):
+        raised = dict(data)
+        raised[layer] = LayerBudgetData(sensitivity=data[layer].sensitivity * 10, sites=data[layer].sites)
+        more = budgets(scores, alloc, raised, removed=lambda c: 0.0)
+        assert sum(more.values()) == sum(base.values())
+        assert more[layer] > base[layer] or more[layer] == len(scores[layer]), (layer, base[layer], more[layer])
+        assert all(more[k] <= base[k] for k in base if k != layer)
+    _ = iterate  # the data stream is the task's own
+
+
+def test_unreachable_targets_are_refused_in_one_line(digits_pretrained, cache_dir, tmp_path, capsys):
+    from helpers import run
+
+    common = ["prune", "--task", "digits-cnn", "--metric", "baseline:l1", "--no-tpp", "--epochs", "0",
+              "--cache-dir", str(cache_dir), "--no-record", "--device", "cpu"]
+    for extra, words in [(["--allocator", "pfp", "--flops-reduction", "0.5", "--skip", "features.0", "--skip",
+                           "features.3", "--skip", "features.7"], "removes at most"),
+                         (["--allocator", "spectral", "--ratio", "0.999"], "cannot be met"),
+                         (["--allocator", "spectral", "--ratio", "0.5", "--tau", "2"], "tau must be in (0, 1)"),
+                         (["--allocator", "pfp"], "exactly one of --ratio")]:
+        rc, _, err = run(capsys, *common, *extra, "--out", str(tmp_path / f"o{len(extra)}"))
+        assert rc == 2 and words in err and err.count("\n") == 1, err

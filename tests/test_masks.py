@@ -87,3 +87,22 @@ def test_flops_target_out_of_reach_is_an_error(masker):
     last = [[masker.table.layers[-1]]]  # one layer's MACs cannot make half the model's
     with pytest.raises(Exception, match="removes at most"):
         make_masks(node, masker.table, Allocation(kind="flops", flops_reduction=0.5), masker.structure, last)
+
+
+@pytest.mark.parametrize("allocator, extra", [("pfp", {"ratio": 0.6}), ("spectral", {"target": "tau", "tau": 0.05}),
+                                              ("spectral", {"target": "flops", "flops_reduction": 0.6})])
+def test_the_search_runs_with_the_budget_allocators(allocator, extra, digits_pretrained, cache_dir, tmp_path):
+    """The allocator reads what it needs (PFP's sensitivities, the spectra) even when the search
+    may not use those statistics in its formulas."""
+    from dataclasses import replace
+
+    cfg = Config(search=SearchConfig(population=6, generations=1, seed=0, seeds=("l1", "bn_scale"),
+                                     stats=("w_l1", "w_l2", "bn_abs_gamma")),
+                 proxy=ProxyConfig(finetune_steps=2, recalibrate_images=64, stat_images=64, allocator=allocator,
+                                   **extra))
+    cfg = replace(cfg, run=replace(cfg.run, cache_dir=str(cache_dir), device="cpu"))
+    res = run_search(cfg, db_url=f"sqlite:///{tmp_path / 'a.db'}")
+    rows = [r for f in res.finalists for r in f.record.tasks.values()]
+    assert rows and all(0 < r.kept_params < 1 for r in rows)
+    if extra.get("target") == "flops":
+        assert all(r.kept_flops <= 0.4 + 1e-6 for r in rows)

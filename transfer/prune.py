@@ -41,12 +41,11 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from evoprune import dist
-from evoprune.allocators import ALLOCATORS, Allocation, Masks
+from evoprune.allocators import Allocation, Masks
 from evoprune.data import iterate
 from evoprune.errors import EvopruneError
-from evoprune.masks import UnusableMetric, make_masks, mask_hash, require_statistics
+from evoprune.masks import UnusableMetric, make_masks, mask_hash, require_statistics, stat_table
 from evoprune.metricref import MetricRef
-from evoprune.primitives.collect import task_stats
 from evoprune.primitives.expr import canonical, canonical_hash, parse
 from evoprune.primitives.layers import Structure, structure
 from evoprune.progress import epoch_progress, progress
@@ -67,9 +66,11 @@ class PruneConfig:
     task: str
     metric: str  # as given: ID, NAME, baseline:NAME or expr:EXPRESSION
     expression: str  # what it resolved to
-    allocator: str = "uniform"  # uniform (per-layer ratio) | global | flops
-    ratio: float = 0.5  # share of filters pruned (uniform: per layer; global: overall)
-    flops_reduction: float = 0.5  # allocator flops: share of the prunable layers' MACs removed
+    allocator: str = "uniform"  # uniform (per-layer ratio) | global | flops | pfp | spectral
+    ratio: float = 0.5  # share of filters pruned (uniform: per layer; the others: overall)
+    flops_reduction: float = 0.5  # share of the prunable layers' MACs removed (flops; pfp, spectral)
+    target: str = ""  # ratio | flops | tau (spectral alone); "": what the allocator takes by default
+    tau: float = 0.01  # spectral: share of each layer's spectral energy it may lose
     scope: str = "in-block"  # in-block (TPP's scripts) | coupled (tied channels pruned together)
     skip: tuple[str, ...] = ()  # glob patterns of layer names left whole
     stat_images: int = 256  # training images the metric's statistics are collected on
@@ -78,10 +79,11 @@ class PruneConfig:
     latency_batch: int = 64  # images per forward pass when timing
 
     def __post_init__(self):
-        checks = [(self.allocator in ALLOCATORS, f"allocator must be one of {', '.join(ALLOCATORS)}"),
-                  (0 < self.ratio < 1, "ratio must be in (0, 1)"),
-                  (0 < self.flops_reduction < 1, "flops reduction must be in (0, 1)"),
-                  (self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}"),
+        try:
+            self.allocation
+        except EvopruneError as e:
+            raise EvopruneError(f"prune: {e}") from None
+        checks = [(self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}"),
                   (self.stat_images >= 1, "stat images must be >= 1"),
                   (self.latency_batch >= 1, "latency batch must be >= 1")]
         for ok, msg in checks:
@@ -90,7 +92,8 @@ class PruneConfig:
 
     @property
     def allocation(self) -> Allocation:
-        return Allocation(kind=self.allocator, ratio=self.ratio, flops_reduction=self.flops_reduction)
+        return Allocation(kind=self.allocator, ratio=self.ratio, flops_reduction=self.flops_reduction,
+                          target=self.target, tau=self.tau)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # tuples become lists, as they come back from JSON
@@ -105,27 +108,33 @@ class PruneConfig:
 
 
 def prune_config(*, task: str, metric: str, ratio: float | None = None, flops_reduction: float | None = None,
-                 allocator: str | None = None, tpp: dict | None, retrain: dict, tasks_file=None, db=None,
-                 **settings) -> PruneConfig:
+                 allocator: str | None = None, tau: float | None = None, tpp: dict | None, retrain: dict,
+                 tasks_file=None, db=None, **settings) -> PruneConfig:
     """The settings of a run from what the user gave: the metric resolved, the task's transfer
-    recipe with `tpp` and `retrain` overrides over it (`tpp=None`: no TPP), exactly one of a
-    ratio and a FLOPs target."""
+    recipe with `tpp` and `retrain` overrides over it (`tpp=None`: no TPP), one target (a
+    ratio, a FLOPs reduction, or for the spectral allocator its tolerance alone)."""
     from evoprune.metricref import resolve
 
-    if (ratio is None) == (flops_reduction is None):
-        raise EvopruneError("give exactly one of --ratio R and --flops-reduction F")
     allocator = allocator or ("flops" if flops_reduction is not None else "uniform")
-    if (allocator == "flops") != (flops_reduction is not None):
-        raise EvopruneError("--flops-reduction goes with --allocator flops, --ratio with uniform or global")
+    rank_only = allocator == "spectral" and ratio is None and flops_reduction is None
+    if (ratio is None) == (flops_reduction is None) and not rank_only:
+        raise EvopruneError("give exactly one of --ratio R and --flops-reduction F (or --allocator spectral with "
+                            "--tau T alone)")
+    if (allocator == "flops" and ratio is not None) or (allocator in ("uniform", "global") and
+                                                         flops_reduction is not None):
+        raise EvopruneError("--flops-reduction goes with --allocator flops, --ratio with uniform or global "
+                            "(pfp and spectral take either)")
     recipe = get_task(task, tasks_file).transfer  # the task's defaults; what is given replaces them
     source = resolve(metric, db)
     try:
         require_statistics(parse(source.expression))
     except UnusableMetric as e:
         raise EvopruneError(f"metric {metric}: {e}") from None
+    target = "tau" if rank_only else "flops" if flops_reduction is not None else "ratio"
     return PruneConfig(task=task, metric=metric, expression=source.expression, allocator=allocator,
                        ratio=ratio if ratio is not None else 0.5,
                        flops_reduction=flops_reduction if flops_reduction is not None else 0.5,
+                       target=target, tau=tau if tau is not None else 0.01,
                        tpp=None if tpp is None else recipe.tpp_config(**tpp),
                        retrain=replace(recipe.retrain, **retrain), **settings)
 
@@ -189,7 +198,8 @@ def compute_masks(pre, model: nn.Module, example: Tensor, s: Structure, cfg: Pru
     groups = choose_groups(model, example, s, cfg)
     try:
         require_statistics(node)
-        table = task_stats(replace(pre, model=model), node.stats(), n_images=cfg.stat_images, seed=0, device=device)
+        table = stat_table(replace(pre, model=model), node.stats(), cfg.allocation, n_images=cfg.stat_images, seed=0,
+                           device=device)
         return make_masks(node, table, cfg.allocation, s, groups)
     except UnusableMetric as e:
         raise EvopruneError(f"metric {cfg.metric} cannot rank the filters of {cfg.task}: {e}") from None

@@ -36,10 +36,12 @@ STAGES = ("screen", "full")
 @dataclass(frozen=True, kw_only=True)
 class ProxyConfig:
     tasks: tuple[str, ...] = ("digits-cnn",)  # fitness = geometric mean of their val accuracies
-    allocator: str = "uniform"  # uniform | global | flops
-    ratio: float = 0.75  # share of filters pruned (uniform: per layer; global: overall); at 0.5 the
+    allocator: str = "uniform"  # uniform | global | flops | pfp | spectral (docs/allocators.md)
+    ratio: float = 0.75  # share of filters pruned (uniform: per layer; others: overall); at 0.5 the
     #                      digits proxy recovers ~99% with any metric and cannot tell them apart
-    flops_reduction: float = 0.5  # allocator "flops": share of prunable-layer MACs removed
+    flops_reduction: float = 0.5  # share of prunable-layer MACs removed (flops; pfp/spectral, target "flops")
+    target: str = ""  # ratio | flops | tau (spectral alone); "": flops for the flops allocator, else ratio
+    tau: float = 0.01  # spectral: share of each layer's spectral energy it may lose
     finetune_steps: int = 15  # SGD steps of the full proxy
     batch_size: int = 64  # images per fine-tune step
     lr: float = 0.01  # fine-tune learning rate (constant, Nesterov momentum 0.9)
@@ -58,6 +60,7 @@ class ProxyConfig:
             (self.allocator in ALLOCATORS, f"allocator must be one of {ALLOCATORS}"),
             (0 < self.ratio < 1, "ratio must be in (0, 1)"),
             (0 < self.flops_reduction < 1, "flops_reduction must be in (0, 1)"),
+            (0 < self.tau < 1, "tau must be in (0, 1)"),
             (0 <= self.finetune_steps <= 1_000_000, "finetune_steps must be in [0, 1000000]"),
             (1 <= self.batch_size <= 65_536, "batch_size must be in [1, 65536]"),
             (0 < self.lr <= 10, "lr must be in (0, 10] (SGD diverges long before)"),
@@ -71,10 +74,15 @@ class ProxyConfig:
         for ok, msg in checks:
             if not ok:
                 raise EvopruneError(f"[proxy] {msg}")
+        try:
+            self.allocation
+        except EvopruneError as e:
+            raise EvopruneError(f"[proxy] {e}") from None
 
     @property
     def allocation(self) -> Allocation:
-        return Allocation(kind=self.allocator, ratio=self.ratio, flops_reduction=self.flops_reduction)
+        return Allocation(kind=self.allocator, ratio=self.ratio, flops_reduction=self.flops_reduction,
+                          target=self.target, tau=self.tau)
 
 
 @dataclass(frozen=True)
