@@ -14,7 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from evoprune.records import RunStatus
 
-SCHEMA_HEAD = "0003"  # the newest Alembic revision (db/migrations/versions); create_all builds this schema
+SCHEMA_HEAD = "0004"  # the newest Alembic revision (db/migrations/versions); create_all builds this schema
 
 intpk = Annotated[int, mapped_column(primary_key=True)]
 expression = Annotated[str, mapped_column(Text)]
@@ -104,8 +104,10 @@ class Evaluation(Base):
     id: Mapped[intpk]
     candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"), index=True)
     task: Mapped[str] = mapped_column(String(128))
-    stage: Mapped[str] = mapped_column(String(16))  # screen | full | transfer
+    stage: Mapped[str] = mapped_column(String(16))  # screen | full | validation | transfer
     accuracy: Mapped[float]
+    score: Mapped[Optional[float]]  # what the fitness used, when not the accuracy ([proxy] score)
+    seed: Mapped[Optional[int]]  # the data order (validation) or retraining seed (transfer), when it varies
     kept_flops: Mapped[float]
     kept_params: Mapped[float]
     seconds: Mapped[float]

@@ -115,6 +115,26 @@ def pareto(engine: Engine, run: int) -> list[dict]:
         return front
 
 
+def validation(engine: Engine, run: int) -> dict[int, dict]:
+    """Candidate ID -> its validation on fresh data orders (mean fitness and 95% CI; the paired
+    difference to the run's best baseline, with its CI, and the verdict), for the candidates
+    of `run` that were validated."""
+    from evoprune.db.store import validation_scores
+    from evoprune.uncertainty import against_best
+
+    with Session(engine) as s:
+        baselines = dict(s.execute(select(Candidate.id, Candidate.is_baseline)
+                                   .where(Candidate.run_id == run, Candidate.is_baseline != "")).all())
+    best, results = against_best(validation_scores(engine, run), set(baselines))
+    out = {}
+    for cid, r in results.items():
+        out[cid] = {"val_fitness": r.fitness.mean, "val_low": r.fitness.low, "val_high": r.fitness.high,
+                    "val_orders": r.fitness.n, "best_baseline": baselines.get(best, ""),
+                    "diff": r.diff.mean if r.diff else None, "diff_low": r.diff.low if r.diff else None,
+                    "diff_high": r.diff.high if r.diff else None, "verdict": r.verdict or "best baseline"}
+    return out
+
+
 def promote(engine: Engine, cid: int, name: str) -> dict:
     if not name or not name.replace("-", "_").replace(".", "_").isidentifier():
         raise EvopruneError(f"metric name {name!r}: use letters, digits, '_', '-' or '.'")

@@ -224,7 +224,7 @@ def record_candidates(engine: Engine, run_id: int, rows: Iterable[CandidateRecor
                 continue
             cand.fitness, cand.stage, cand.valid, cand.reason = rec.fitness, rec.stage, rec.valid, rec.reason
             for task, r in rec.tasks.items():
-                cand.evaluations.append(Evaluation(task=task, stage=rec.stage, accuracy=r.accuracy,
+                cand.evaluations.append(Evaluation(task=task, stage=rec.stage, accuracy=r.accuracy, score=r.score,
                                                    kept_flops=r.kept_flops, kept_params=r.kept_params,
                                                    seconds=r.seconds, mask=r.mask, worker=rec.worker))
 
@@ -235,6 +235,30 @@ def record_generation(engine: Engine, run_id: int, g: GenerationRecord) -> None:
                          size_mean=g.size_mean, diversity=g.diversity, evaluations=g.evaluations,
                          cache_hits=g.cache_hits, seconds=g.seconds, population=[list(p) for p in g.population],
                          rng_state=g.rng_state))
+
+
+def record_validation(engine: Engine, candidate_id: int, seed: int, rec: FitnessRecord) -> None:
+    """A candidate re-scored on a fresh data order (stage "validation"); its search fitness stays."""
+    with Session(engine) as s, s.begin():
+        for task, r in rec.tasks.items():
+            s.add(Evaluation(candidate_id=candidate_id, task=task, stage="validation", accuracy=r.accuracy,
+                             score=r.score, seed=seed, kept_flops=r.kept_flops, kept_params=r.kept_params,
+                             seconds=r.seconds, mask=r.mask, worker=rec.worker))
+
+
+def validation_scores(engine: Engine, run_id: int) -> dict[int, dict[int, float]]:
+    """Candidate ID -> {data order: fitness} of the run's validation evaluations (the geometric
+    mean over tasks of what the fitness used)."""
+    from evoprune.records import geometric_mean
+
+    with Session(engine) as s:
+        rows = s.execute(select(Evaluation.candidate_id, Evaluation.seed, Evaluation.task, Evaluation.accuracy,
+                                Evaluation.score).join(Candidate)
+                         .where(Candidate.run_id == run_id, Evaluation.stage == "validation")).all()
+    by: dict[int, dict[int, dict[str, float]]] = {}
+    for cid, seed, task, acc, score in rows:
+        by.setdefault(cid, {}).setdefault(seed, {})[task] = acc if score is None else score
+    return {cid: {seed: geometric_mean(list(t.values())) for seed, t in seeds.items()} for cid, seeds in by.items()}
 
 
 def record_transfer(engine: Engine, candidate_id: int | None, canonical_hash: str,
@@ -272,7 +296,7 @@ def candidate_records(engine: Engine, run_id: int) -> list[CandidateRecord]:
 
 def _candidate_record(c: Candidate) -> CandidateRecord:
     evals = [e for e in c.evaluations if e.stage == c.stage]
-    tasks = {e.task: TaskResult(e.accuracy, e.kept_flops, e.kept_params, e.seconds, e.mask) for e in evals}
+    tasks = {e.task: TaskResult(e.accuracy, e.kept_flops, e.kept_params, e.seconds, e.mask, e.score) for e in evals}
     rec = FitnessRecord(c.expression, c.stage, c.fitness, c.valid, c.reason, tasks, sum(e.seconds for e in evals),
                         evals[0].worker if evals else "")
     return CandidateRecord(c.expression, c.canonical, c.canonical_hash, c.size, c.depth, tuple(c.parents),

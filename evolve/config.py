@@ -45,6 +45,8 @@ class SearchConfig:
     mutation_weights: tuple[float, float, float, float] = (0.4, 0.2, 0.2, 0.2)  # uniform subtree, node
     #                                   replacement, shrink, ephemeral-constant tweak
     parsimony: float = 0.002  # selection fitness = fitness - parsimony * size
+    unique_retries: int = 10  # a child already in the next population is bred again up to this often
+    #                            (0 allows copies; with copies the default search converged in 2 generations)
     hall_of_fame: int = 10  # best distinct formulas kept
     seeds: tuple[str, ...] = DEFAULT_SEEDS  # baseline metrics put into the initial population
     stats: tuple[str, ...] = ()  # statistics the search may use (empty: all)
@@ -72,6 +74,7 @@ class SearchConfig:
              and sum(self.mutation_weights) > 0, "mutation_weights: four finite non-negative numbers, not all 0"),
             (0 <= self.parsimony <= 1, "parsimony must be in [0, 1] (fitness is in [0, 1]: more than 1 per node "
              "ranks formulas by size alone)"),
+            (0 <= self.unique_retries <= 1000, "unique_retries must be in [0, 1000]"),
             (1 <= self.hall_of_fame <= 1000, "hall_of_fame must be in [1, 1000]"),
         ]
         for ok, msg in checks:

@@ -305,32 +305,47 @@ class Search:
         ind.fitness.values = (rec.fitness - self.cfg.search.parsimony * len(ind),)
 
     # ------------------------------------------------------------------ variation
-    def offspring(self, pop: list) -> list:
+    def offspring(self, pop: list, taken: set[str] | None = None) -> list:
+        """The next generation's new individuals. A child whose formula (canonical form) is already
+        in `taken` (the elites, the other children) is bred again, up to `unique_retries` times:
+        a population of copies explores nothing, and copies cost no evaluation but a place."""
         s, tb = self.cfg.search, self.toolbox
-        clone = tb.clone  # DEAP's toolbox registers deepcopy as clone
+        taken = set() if taken is None else taken
         kids = []
         while len(kids) < s.population - s.elites:
-            r = random.random()
-            if r < s.p_crossover:
-                p1, p2 = (clone(x) for x in tb.select(pop, 2))
-                parents = [str(p1), str(p2)]
-                child, _ = tb.mate(p1, p2)
-            elif r < s.p_crossover + s.p_mutation:
-                (p1,) = (clone(x) for x in tb.select(pop, 1))
-                parents = [str(p1)]
-                kind = random.choices(range(4), weights=s.mutation_weights)[0]
-                (child,) = self.mutations[kind](p1)
-            else:
-                kids.append(clone(tb.select(pop, 1)[0]))
-                continue
-            child.parents = parents
-            del child.fitness.values
+            for attempt in range(s.unique_retries + 1):
+                child = self._breed(pop)
+                h = self._canonical(str(child))[1]
+                if h not in taken:
+                    break
+            taken.add(h)
             kids.append(child)
         return kids
 
+    def _breed(self, pop: list):
+        s, tb = self.cfg.search, self.toolbox
+        clone = tb.clone  # DEAP's toolbox registers deepcopy as clone
+        r = random.random()
+        if r < s.p_crossover:
+            p1, p2 = (clone(x) for x in tb.select(pop, 2))
+            parents = [str(p1), str(p2)]
+            child, _ = tb.mate(p1, p2)
+        elif r < s.p_crossover + s.p_mutation:
+            (p1,) = (clone(x) for x in tb.select(pop, 1))
+            parents = [str(p1)]
+            kind = random.choices(range(4), weights=s.mutation_weights)[0]
+            (child,) = self.mutations[kind](p1)
+        else:
+            return clone(tb.select(pop, 1)[0])
+        child.parents = parents
+        del child.fitness.values
+        return child
+
     # ------------------------------------------------------------------ the run
     def run(self, resume: ResumePoint | None = None) -> list:
-        """Evolve to the configured number of generations; returns the last population."""
+        """Evolve to the configured number of generations; returns the last population. A run
+        that stops on an error or an interrupt is recorded as failed or interrupted; marking it
+        finished is the caller's (the service validates the finalists first)."""
         s = self.cfg.search
         try:
             if resume is not None:
@@ -344,7 +359,7 @@ class Search:
             for g in range(start + 1, s.generations + 1):
                 t0 = time.perf_counter()
                 elites = [self.toolbox.clone(x) for x in tools.selBest(pop, s.elites)]
-                kids = self.offspring(pop)
+                kids = self.offspring(pop, {self._canonical(str(e))[1] for e in elites})
                 pop = elites + kids
                 self._generation(g, pop, t0)
         except KeyboardInterrupt:
@@ -353,7 +368,6 @@ class Search:
         except Exception as e:
             self.recorder.status(RunStatus.failed, f"{type(e).__name__}: {e}")
             raise
-        self.recorder.status(RunStatus.finished)
         return pop
 
     def _generation(self, g: int, pop: list, t0: float) -> None:

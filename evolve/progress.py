@@ -67,8 +67,9 @@ class SearchDisplay:
     def summary(self, result) -> None:
         c = self.console
         tasks = list(self.cfg.proxy.tasks)
-        t = Table(title=f"run {result.run_id}: top formulas (full proxy, validation accuracy)")
-        for col in ("ID", "fitness", *tasks, "kept FLOPs", "size", "formula (simplified)"):
+        t = Table(title=f"run {result.run_id}: top formulas (full proxy on the search's data order; fitness: "
+                        f"{self.cfg.proxy.score} on val, geometric mean over tasks)")
+        for col in ("ID", "fitness", *[f"{k} acc" for k in tasks], "kept FLOPs", "size", "formula (simplified)"):
             t.add_column(col)
         for f in result.finalists:
             r = f.record
@@ -79,6 +80,8 @@ class SearchDisplay:
             b = result.baselines[0]
             c.print(f"best baseline on the same proxy: {b.baseline} ({b.expression}) fitness {b.record.fitness:.4f}; "
                     f"{len(result.baselines)} baselines were seeded", highlight=False)
+        if result.validation is not None:
+            self._validation(result)
         k = result.counters
         c.print(f"proxy runs {k['evaluations']} ({k['full']} full fine-tunes, {k['screened_only']} candidates only "
                 f"screened); cache hits: {k['canonical_hits']} same formula, {k['mask_hits']} same masks; "
@@ -90,6 +93,44 @@ class SearchDisplay:
                     f"(or -f torch-pruning | sympy | latex)\n"
                     f"details: evoprune metrics show {best}{db}    all: evoprune metrics top --run {result.run_id}{db}"
                     f"    report: evoprune report {result.run_id}{db} -o report/", highlight=False, markup=False)
+
+
+    def _validation(self, result) -> None:
+        """The finalists and the baselines on fresh data orders: mean +- 95% CI, the paired
+        difference to the best baseline, and what it shows in words."""
+        v, c = result.validation, self.console
+        by_id = {f.candidate_id: f for f in result.finalists + result.baselines}
+        if v.best_baseline is None:
+            return
+        best = by_id[v.best_baseline]
+        t = Table(title=f"validation on {len(v.seeds)} fresh data orders (never used by the search): fitness mean "
+                        f"+- 95% CI, and the paired difference to the best baseline, {best.baseline}")
+        for col in ("ID", "formula", "fitness", f"- {best.baseline}", "verdict"):
+            t.add_column(col)
+        rows = [f for f in result.finalists if v.of(f.candidate_id)]
+        rows += [best] if best not in rows else []
+        for f in rows:
+            r = v.of(f.candidate_id)
+            t.add_row(str(f.candidate_id), (f.baseline + ": " if f.baseline else "") + f.canonical[:60], str(r.fitness),
+                      "" if r.diff is None else f"{r.diff.mean:+.4f} ({r.diff.low:+.4f} to {r.diff.high:+.4f})",
+                      r.verdict or "best baseline")
+        c.print(t)
+        c.print(validation_sentence(v, result.finalists, best), highlight=False, markup=False)
+
+
+def validation_sentence(v, finalists, best) -> str:
+    """What the validation shows, in words: a win only where the CI supports one."""
+    evolved = [f for f in finalists if not f.baseline and v.of(f.candidate_id) and v.of(f.candidate_id).diff]
+    if not evolved:
+        return f"No evolved formula reached the finalists: the best is the baseline {best.baseline}."
+    winners = [f for f in evolved if v.of(f.candidate_id).verdict == "beats"]
+    top = max(winners or evolved, key=lambda f: v.of(f.candidate_id).diff.mean)
+    d = v.of(top.candidate_id).diff
+    span = f"{d.mean:+.4f}, 95% CI {d.low:+.4f} to {d.high:+.4f}, over {d.n} fresh data orders"
+    if winners:
+        return f"Candidate {top.candidate_id} beats the best baseline ({best.baseline}) beyond noise ({span})."
+    return (f"No evolved formula beats the best baseline ({best.baseline}) beyond noise: the closest, candidate "
+            f"{top.candidate_id}, {v.of(top.candidate_id).verdict} it ({span}).")
 
 
 def statistics_mean(xs) -> float:

@@ -5,6 +5,7 @@ The service validates what it can before anything is written, builds the driver'
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -14,6 +15,7 @@ from evoprune.db import store
 from evoprune.errors import EvopruneError
 from evoprune.evolve.config import Config
 from evoprune.evolve.engine import GenerationReport, ResumePoint, Search
+from evoprune.evolve.validation import Validation, validate
 from evoprune.masks import TaskMasks
 from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus
 from evoprune.train import pick_device
@@ -41,6 +43,7 @@ class SearchResult:
     baselines: list[Finalist]  # the seeded baselines, fully evaluated
     history: list[GenerationReport]
     counters: dict
+    validation: Validation | None = None  # finalists and baselines on fresh data orders
 
 
 class StoreRecorder:
@@ -89,20 +92,22 @@ def _workers(requested: int, gpus_per_worker: float) -> tuple[int, float]:
 def check_inputs(cfg: Config) -> None:
     """What can be checked without running anything: the tasks exist and their data sets load,
     the device exists. Called before the database is touched."""
-    from evoprune.data import load_dataset
     from evoprune.tasks import get_task
 
     pick_device(cfg.run.device)
     for name in cfg.proxy.tasks:
         task = get_task(name, cfg.run.tasks_file or None)
-        data = load_dataset(task.dataset, cfg.run.data_root or None)  # cached: the search reads it again for free
+        data = task.data(cfg.run.data_root or None)  # cached: the search reads it again for free
         if cfg.proxy.finetune_steps and cfg.proxy.batch_size > len(data.train):
             raise EvopruneError(f"[proxy] batch_size {cfg.proxy.batch_size} is larger than the train split of {name} "
                                 f"({len(data.train)} images): the fine-tune would never take a step")
 
 
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,
+               validate_orders: int = 5,
                on_progress: Callable[[str, dict], None] | None = None) -> SearchResult:
+    """Search, score the finalists and the baselines with the full proxy, validate them on
+    `validate_orders` fresh data orders (0: not), and mark the run finished."""
     if resume is None:
         check_inputs(cfg)
     engine = store.connect(store.resolve_url(db_url, cfg.run.db), create=resume is None)
@@ -133,11 +138,30 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
         search = Search(cfg, evaluator, maskers, recorder, on_progress)
         on_progress("status", {"text": "searching"})
         search.run(point)
-        on_progress("status", {"text": "fine-tuning the finalists and the baselines for the summary"})
-        finalists, baselines = _final_round(search, engine, recorder.run_id, top)
+        with _status_on_error(recorder):
+            on_progress("status", {"text": "fine-tuning the finalists and the baselines for the summary"})
+            finalists, baselines = _final_round(search, engine, recorder.run_id, top)
+            checked = None
+            if validate_orders:
+                checked = validate(cfg, engine, recorder.run_id, evaluator,
+                                   {f.candidate_id: f.expression for f in finalists + baselines},
+                                   {b.candidate_id for b in baselines}, validate_orders, device, on_progress)
+        recorder.status(RunStatus.finished)
     finally:
         evaluator.close()
-    return SearchResult(recorder.run_id, finalists, baselines, search.history, search.counters.snapshot())
+    return SearchResult(recorder.run_id, finalists, baselines, search.history, search.counters.snapshot(), checked)
+
+
+@contextlib.contextmanager
+def _status_on_error(recorder: StoreRecorder):
+    try:
+        yield
+    except KeyboardInterrupt:
+        recorder.status(RunStatus.interrupted, "interrupted; resume with --resume")
+        raise
+    except Exception as e:
+        recorder.status(RunStatus.failed, f"{type(e).__name__}: {e}")
+        raise
 
 
 def _ranked(cands: list[CandidateRecord]) -> list[CandidateRecord]:

@@ -2,7 +2,8 @@
 scores). True = keep.
 
     uniform   every layer loses the same share of its filters (the default)
-    global    one ranking over all filters of all layers (scores must be comparable)
+    global    one ranking over all filters of all layers (scores must be comparable); for a FLOPs
+              target, the smallest share of that ranking that reaches it
     flops     the smallest uniform share that removes at least a target fraction of the MACs
     pfp       PFP's sensitivity-based budgets (Liebenwein et al., ICLR 2020): each layer's sample
               size from one shared error bound eps, solved for the global target
@@ -57,8 +58,8 @@ class Allocation:
             object.__setattr__(self, "target", "flops" if self.kind == "flops" else "ratio")
         if self.target not in TARGETS:
             raise EvopruneError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        allowed = {"uniform": ("ratio",), "global": ("ratio",), "flops": ("flops",), "pfp": ("ratio", "flops"),
-                   "spectral": TARGETS}[self.kind]
+        allowed = {"uniform": ("ratio",), "global": ("ratio", "flops"), "flops": ("flops",),
+                   "pfp": ("ratio", "flops"), "spectral": TARGETS}[self.kind]
         if self.target not in allowed:
             raise EvopruneError(f"allocator {self.kind} takes a {' or '.join(allowed)} target, not {self.target}")
         if not 0 < self.ratio < 1:
@@ -139,14 +140,16 @@ def kept_share(masks: Masks, cost: dict[str, int], inputs_from: dict[str, str],
 
 
 def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int], inputs_from: dict[str, str],
-          expand: Callable[[Masks], Masks] | None = None, layers: Iterable[str] | None = None) -> Masks:
-    """The smallest uniform ratio whose masks remove at least `reduction` of the MACs (bisection).
+          expand: Callable[[Masks], Masks] | None = None, layers: Iterable[str] | None = None,
+          by: Callable[[dict[str, Tensor], float], Masks] | None = None) -> Masks:
+    """The smallest ratio whose masks remove at least `reduction` of the MACs (bisection), the
+    ratio applied by `by` (uniform by default; global for the global allocator's FLOPs target).
     `expand` maps the masks of `scores`' keys to per-layer masks (channel groups); `layers` are
     the layers whose MACs count (default: the masked ones)."""
-    expand = expand or (lambda m: m)
+    expand, by = expand or (lambda m: m), by or uniform
 
     def at(r: float) -> Masks:
-        return expand(uniform(scores, r))
+        return expand(by(scores, r))
 
     lo, hi = 0.0, 0.99
     for _ in range(30):
@@ -281,10 +284,11 @@ def allocate(scores: dict[str, Tensor], allocation: Allocation, *, macs: dict[st
     expand = expand or (lambda m: m)
     if allocation.kind == "uniform":
         return expand(uniform(scores, allocation.ratio))
+    if allocation.kind in ("flops", "global") and allocation.target == "flops":
+        return flops(scores, allocation.flops_reduction, macs, inputs_from, expand=expand, layers=layers,
+                     by=global_ if allocation.kind == "global" else uniform)
     if allocation.kind == "global":
         return expand(global_(scores, allocation.ratio))
-    if allocation.kind == "flops":
-        return flops(scores, allocation.flops_reduction, macs, inputs_from, expand=expand, layers=layers)
 
     def removed(counts: Counts) -> float:
         return 1 - kept_share(expand(from_counts(scores, counts)), macs, inputs_from, layers)

@@ -29,6 +29,8 @@ metrics_app = typer.Typer(help="Query the formulas a search found.", no_args_is_
 app.add_typer(metrics_app, name="metrics")
 primitives_app = typer.Typer(help="The search space: statistics, operators, baseline metrics.", no_args_is_help=True)
 app.add_typer(primitives_app, name="primitives")
+proxy_app = typer.Typer(help="The fitness proxy: its noise and its fidelity.", no_args_is_help=True)
+app.add_typer(proxy_app, name="proxy")
 
 # long formulas stay on one line when piped; tables get room for formulas in logs and pipes
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -245,6 +247,61 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
     display.summary(result)
 
 
+@proxy_app.command("check")
+def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help="Search config (TOML) whose "
+                                                               "proxy is checked; default: the default search's.")]
+                = None,
+                orders: Annotated[int, typer.Option("--orders", min=2, max=100, help="Data orders the noise is "
+                                                    "measured over (>= 5 for a verdict).")] = 5,
+                random_formulas: Annotated[int, typer.Option("--random", min=0, max=100, help="Random formulas "
+                                                             "besides the seeded baselines (at least 12 metrics "
+                                                             "in all).")] = 6,
+                reference_factor: Annotated[int, typer.Option("--reference-factor", min=2, max=1000, help="The "
+                                                              "reference fine-tune is this many times longer.")]
+                = 10,
+                reference_seeds: Annotated[int, typer.Option("--reference-seeds", min=1, max=20, help="Data orders "
+                                                             "the reference is averaged over.")] = 3,
+                plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write the plot here (PNG); "
+                                                                  "default proxy-check.png.")] = None,
+                as_json: Json = False, data_root: DataRoot = None, cache_dir: CacheDir = None,
+                device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None):
+    """Measure the proxy's noise over data orders and its fidelity to a long fine-tune."""
+    import json
+    from dataclasses import replace
+
+    from evoprune.evolve.config import load_config
+    from evoprune.evolve.proxy_check import check_proxy, plot
+    from evoprune.evolve.service import check_inputs
+    from evoprune.progress import progress
+
+    cfg = load_config(config)
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
+                 dict(data_root=data_root, cache_dir=cache_dir, device=device).items() if v is not None}
+    cfg = replace(cfg, run=replace(cfg.run, **overrides))
+    check_inputs(cfg)
+    with progress("proxy check", orders + reference_seeds, Console(stderr=True), not as_json,
+                  fields={"stage": "s"}) as update:
+        res = check_proxy(cfg, orders=orders, n_random=random_formulas, reference_factor=reference_factor,
+                          reference_seeds=reference_seeds,
+                          on_progress=lambda kind, done, total: update(done, stage=kind))
+    png = plot_path or Path("proxy-check.png")
+    plot(res, png)
+    if as_json:
+        print(json.dumps(res.to_dict(), indent=2, default=str))
+        return
+    t = Table(title=f"proxy check: {', '.join(res.tasks)}, {res.finetune_steps} steps, {res.orders} data orders; "
+                    f"reference {res.reference_steps} steps x {res.reference_seeds}")
+    for col in ("metric", "proxy mean", "std", "reference", "formula"):
+        t.add_column(col)
+    for m in sorted(res.metrics, key=lambda m: -m.mean):
+        t.add_row(m.name + (" (baseline)" if m.baseline else ""), f"{m.mean:.4f}", f"{m.std:.4f}",
+                  f"{m.reference_mean:.4f}", m.expression[:60])
+    out.print(t)
+    out.print(f"noise (mean std) {res.noise:.4f}; spread of the means {res.spread:.4f}; best - median baseline "
+              f"{res.gap:.4f}; Kendall tau {res.tau:.2f} (95% CI {res.tau_ci[0]:.2f} to {res.tau_ci[1]:.2f}); "
+              f"{res.seconds:.0f} s\n{res.verdict}\nplot: {png}", highlight=False, markup=False)
+
+
 def emit(rows: list[dict], title: str, as_json: bool = False, as_csv: bool = False,
          columns: list[str] | None = None) -> None:
     """Rows as a table, or as JSON / CSV for scripts."""
@@ -357,9 +414,18 @@ def metrics_compare(ids: Annotated[list[int], typer.Argument(parser=parse_id, he
     rows = [queries.candidate(engine, i) for i in ids]
     for run in sorted({r["run"] for r in rows}):
         rows += [r for r in queries.top(engine, run=run, limit=10**6) if r["baseline"] and r["id"] not in ids]
+    checked = {cid: v for run in sorted({r["run"] for r in rows}) for cid, v in queries.validation(engine, run).items()}
+    for r in rows:
+        v = checked.get(r["id"])
+        if v:
+            r.update(v)
+            r["validated"] = f"{v['val_fitness']:.4f} ({v['val_low']:.4f} to {v['val_high']:.4f})"
+            r["vs best baseline"] = "" if v["diff"] is None else \
+                f"{v['diff']:+.4f} ({v['diff_low']:+.4f} to {v['diff_high']:+.4f}) {v['verdict']} {v['best_baseline']}"
     acc = sorted({k for r in rows for k in r if k.startswith("acc:")})
-    emit(rows, "comparison", as_json, as_csv, columns=None if (as_json or as_csv) else _TOP_COLS[:3] + acc
-         + _TOP_COLS[3:])
+    extra = ["validated", "vs best baseline"] if checked else []
+    emit(rows, "comparison (validated: mean fitness and 95% CI over fresh data orders)", as_json, as_csv,
+         columns=None if (as_json or as_csv) else _TOP_COLS[:3] + acc + extra + _TOP_COLS[3:])
 
 
 @metrics_app.command("promote")

@@ -14,7 +14,7 @@ import gzip
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -345,12 +345,34 @@ def _load_cached(name: str, root: str, download: bool) -> DataSet:
     return DATASETS[name].loader(Path(root), download)
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool | None = None) -> DataSet:
-    """Load a registered data set by name, reading files under `root` (see resolve_data_root)."""
+@lru_cache(maxsize=8)
+def _with_val_fraction(name: str, root: str, download: bool, fraction: float) -> DataSet:
+    """The data set with val carved anew from train + val: `fraction` of each class (a search
+    task may want more validation images than the default tenth; the test split stays)."""
+    ds = _load_cached(name, root, download)
+    if abs(fraction - VAL_FRACTION) < 1e-12:
+        return ds
+    y = torch.cat([ds.train.y, ds.val.y])
+    rest, val = (torch.from_numpy(i) for i in stratified_split(y.numpy(), fraction, SPLIT_SEED))
+    if isinstance(ds.train, FileSplit):
+        paths = ds.train.paths + ds.val.paths
+        pick = lambda idx: FileSplit(tuple(paths[i] for i in idx.tolist()), y[idx], ds.train.image_size)  # noqa: E731
+    else:
+        x = torch.cat([ds.train.x, ds.val.x])
+        pick = lambda idx: TensorSplit(x[idx], y[idx])  # noqa: E731
+    return replace(ds, train=pick(rest), val=pick(val))
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool | None = None,
+                 val_fraction: float = VAL_FRACTION) -> DataSet:
+    """Load a registered data set by name, reading files under `root` (see resolve_data_root);
+    `val_fraction` of the training images (per class) form the validation split."""
+    if not 0 < val_fraction < 0.9:
+        raise EvopruneError(f"val_fraction must be in (0, 0.9), got {val_fraction}")
     root_path, _ = resolve_data_root(root)
     if download is None:
         download = os.environ.get("EVOPRUNE_DOWNLOAD", "") in ("1", "true", "yes")
-    return _load_cached(name, str(root_path), bool(download))
+    return _with_val_fraction(name, str(root_path), bool(download), float(val_fraction))
 
 
 # --------------------------------------------------------------------------- batching

@@ -206,7 +206,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("cnn", "4-layer conv-BN-ReLU CNN for small grey images", SmallCNN, 8),
         ModelSpec("lenet5", "LeNet-5 with BN (MNIST)", LeNet5, 28),
         *[ModelSpec(f"resnet{d}", f"CIFAR ResNet-{d} (He et al.; shortcut A default, B option)",
-                    lambda d=d, **kw: CifarResNet(depth=d, **kw), 32) for d in (20, 32, 56, 110)],
+                    lambda d=d, **kw: CifarResNet(depth=d, **kw), 32) for d in (8, 20, 32, 56, 110)],
         *[ModelSpec(f"vgg{d}", f"CIFAR VGG-{d} with BN", lambda d=d, **kw: CifarVGG(depth=d, **kw), 32)
           for d in (11, 16, 19)],
         *[ModelSpec(a, f"torchvision {a} (weights from a local file: weights=PATH)", _torchvision(a), 224)

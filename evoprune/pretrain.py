@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from evoprune.data import DataSet, load_dataset
+from evoprune.data import DataSet
 from evoprune.models import build_model
 from evoprune.progress import epoch_progress
 from evoprune.tasks import Task
@@ -102,7 +102,7 @@ def _save(model: nn.Module, meta: dict, pt: Path, meta_path: Path, console: Cons
 def pretrained(task: Task, *, data_root=None, cache_dir=None, device="auto", download=None,
                show_progress: bool = False, force: bool = False, console: Console | None = None) -> Pretrained:
     """The task's pretrained model: from the cache when present and intact, else trained now."""
-    data = load_dataset(task.dataset, data_root, download)
+    data = task.data(data_root, download)
     key = task.cache_key(data.fingerprint())
     cache = resolve_cache_dir(cache_dir)
     pt, meta_path = cache / f"{task.name}-{key}.pt", cache / f"{task.name}-{key}.json"

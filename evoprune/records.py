@@ -26,6 +26,11 @@ class TaskResult:
     kept_params: float  # share of their parameters left
     seconds: float
     mask: str  # hash of the masks the worker applied (evoprune.masks.mask_hash)
+    score: float | None = None  # what the fitness uses ([proxy] score); None: the accuracy
+
+    @property
+    def fitness_score(self) -> float:
+        return self.accuracy if self.score is None else self.score
 
 
 @dataclass

@@ -86,6 +86,28 @@ def _formula_png(latex: str, path: Path) -> bool:
         plt.close(fig)
 
 
+def _validation_html(engine, run: int, everything: list[dict]) -> str:
+    """The finalists and baselines on fresh data orders, if the run was validated."""
+    checked = queries.validation(engine, run)
+    if not checked:
+        return "<p>Not validated on fresh data orders (the run stopped before, or ran with no validation).</p>"
+    by_id = {r["id"]: r for r in everything}
+    rows = []
+    for cid, v in sorted(checked.items(), key=lambda kv: -kv[1]["val_fitness"]):
+        r = by_id.get(cid, {})
+        diff = "" if v["diff"] is None else f"{v['diff']:+.4f} ({v['diff_low']:+.4f} to {v['diff_high']:+.4f})"
+        rows.append(f"<tr><td>{cid}</td><td>{html.escape(r.get('baseline', ''))}</td>"
+                    f"<td><code>{html.escape(r.get('canonical', ''))}</code></td>"
+                    f"<td>{v['val_fitness']:.4f} ({v['val_low']:.4f} to {v['val_high']:.4f})</td><td>{diff}</td>"
+                    f"<td>{html.escape(v['verdict'])}</td></tr>")
+    best = next(iter(checked.values()))["best_baseline"]
+    n = next(iter(checked.values()))["val_orders"]
+    return (f"<p>{n} data orders the search never used; fitness mean with its 95% CI, and the paired difference to "
+            f"the best baseline ({html.escape(best)}) with its CI. A formula beats it only when that CI lies above "
+            f"0.</p><table><tr><th>ID</th><th>baseline</th><th>formula</th><th>fitness</th><th>- {html.escape(best)}"
+            f"</th><th>verdict</th></tr>{''.join(rows)}</table>")
+
+
 def build_report(engine, run: int, out_dir: str | Path, top: int = 5) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +140,7 @@ def build_report(engine, run: int, out_dir: str | Path, top: int = 5) -> Path:
     page = _PAGE.format(run=run, status=info["status"], tasks=html.escape(info["tasks"]), started=info["started"],
                         ended=info["ended"] or "-", gens=len(gens), cands=info["candidates"],
                         best=f"{info['best_fitness']:.4f}" if info["best_fitness"] is not None else "-",
-                        rows="".join(rows), base=base)
+                        rows="".join(rows), base=base, validation=_validation_html(engine, run, everything))
     (out / "index.html").write_text(page)
     return out / "index.html"
 
@@ -137,9 +159,11 @@ vertical-align: top }} th {{ background: #f3f3f3 }} code {{ font-size: 90% }} im
 <h2>Fitness against size</h2><img src="pareto.png" alt="Pareto front">
 <h2>Top formulas (full proxy; one per set of pruned filters)</h2>
 <table><tr><th>ID</th><th>fitness</th><th>per task</th><th>size</th><th>formula</th></tr>{rows}</table>
+<h2>Validation on fresh data orders</h2>{validation}
 <h2>Seeded baselines</h2>
 <table><tr><th>ID</th><th>baseline</th><th>fitness</th><th>stage</th><th>expression</th></tr>{base}</table>
-<p><small>Fitness is validation accuracy after the proxy (prune, recalibrate BN, fine-tune briefly).
+<p><small>Fitness is the geometric mean over tasks of the validation score (accuracy, or the true
+class's probability) after the proxy (prune, recalibrate BN, fine-tune briefly).
 Export a formula with <code>evoprune export ID</code>.</small></p>
 </body></html>
 """

@@ -81,10 +81,17 @@ class Task:
     model_args: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs, hashable
     description: str = ""
     transfer: TransferRecipe = field(default_factory=TransferRecipe)
+    val_fraction: float = 0.1  # share of the training images held out as val (search tasks: more)
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
         return {k: os.path.expandvars(v) if isinstance(v, str) else v for k, v in self.model_args}
+
+    def data(self, data_root=None, download=None):
+        """The task's data set, with its validation split."""
+        from evoprune.data import load_dataset
+
+        return load_dataset(self.dataset, data_root, download, val_fraction=self.val_fraction)
 
     def cache_key(self, data_fingerprint: str) -> str:
         """Hash of everything that decides the pretrained weights: data, model, recipe, code."""
@@ -95,7 +102,7 @@ class Task:
 
 def _task_from_table(name: str, t: dict[str, Any], source: str) -> Task:
     where = f"task {name!r} in {source}"
-    allowed = {"description", "dataset", "model", "model_args", "recipe", "transfer"}
+    allowed = {"description", "dataset", "model", "model_args", "recipe", "transfer", "val_fraction"}
     if not isinstance(t, dict):
         raise EvopruneError(f"{where}: expected a table")
     if extra := set(t) - allowed:
@@ -106,7 +113,10 @@ def _task_from_table(name: str, t: dict[str, Any], source: str) -> Task:
     if t["model"] not in MODELS:
         raise EvopruneError(f"{where}: unknown model {t['model']!r}; known: {', '.join(MODELS)}")
     r = _recipe(t.get("recipe", {}), Recipe(), where, "recipe")
-    return Task(name=name, dataset=t["dataset"], model=t["model"], recipe=r,
+    vf = t.get("val_fraction", 0.1)
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 0.9:
+        raise EvopruneError(f"{where}: val_fraction must be a number in (0, 0.9), got {vf!r}")
+    return Task(name=name, dataset=t["dataset"], model=t["model"], recipe=r, val_fraction=float(vf),
                 model_args=tuple(sorted(_table(t.get("model_args", {}), f"{where}: model_args").items())),
                 description=t.get("description", ""), transfer=_transfer(t.get("transfer", {}), where))
 

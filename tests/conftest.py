@@ -55,7 +55,7 @@ def searched(digits_pretrained, cache_dir, tmp_path_factory):
 
     db = tmp_path_factory.mktemp("q") / "q.db"
     cfg = Config(search=SearchConfig(population=8, generations=1, seed=0, seeds=("l1", "bn_scale", "fpgm")),
-                 proxy=ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128))
+                 proxy=ProxyConfig(tasks=("digits-cnn",), finetune_steps=3, recalibrate_images=128, stat_images=128))
     cfg = Config(search=cfg.search, proxy=cfg.proxy, run=type(cfg.run)(cache_dir=str(cache_dir), device="cpu"))
     result = run_search(cfg, db_url=f"sqlite:///{db}")
     return db, result

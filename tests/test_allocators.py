@@ -221,3 +221,14 @@ def test_unreachable_targets_are_refused_in_one_line(digits_pretrained, cache_di
                          (["--allocator", "pfp"], "exactly one of --ratio")]:
         rc, _, err = run(capsys, *common, *extra, "--out", str(tmp_path / f"o{len(extra)}"))
         assert rc == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_global_meets_a_flops_target_with_the_smallest_share():
+    s = _scores(8, 16, 32)
+    macs = {"l0": 1000, "l1": 4000, "l2": 2000}
+    inputs = {"l1": "l0", "l2": "l1"}
+    m = allocate(s, Allocation(kind="global", target="flops", flops_reduction=0.6), macs=macs, inputs_from=inputs)
+    assert 1 - kept_share(m, macs, inputs) >= 0.6
+    kept = sum(int(v.sum()) for v in m.values())
+    fewer_pruned = global_(s, 1 - (kept + 1) / 56)  # one more filter kept: the target is missed
+    assert 1 - kept_share(fewer_pruned, macs, inputs) < 0.6 + 0.05

@@ -15,7 +15,7 @@ from evoprune.primitives.expr import parse
 from evoprune.primitives.stats import STATS
 from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
 
-TINY_PROXY = ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128)
+TINY_PROXY = ProxyConfig(tasks=("digits-cnn",), finetune_steps=3, recalibrate_images=128, stat_images=128)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_the_search_runs_with_the_budget_allocators(allocator, extra, digits_pre
 
     cfg = Config(search=SearchConfig(population=6, generations=1, seed=0, seeds=("l1", "bn_scale"),
                                      stats=("w_l1", "w_l2", "bn_abs_gamma")),
-                 proxy=ProxyConfig(finetune_steps=2, recalibrate_images=64, stat_images=64, allocator=allocator,
-                                   **extra))
+                 proxy=ProxyConfig(tasks=("digits-cnn",), finetune_steps=2, recalibrate_images=64, stat_images=64,
+                                   allocator=allocator, **extra))
     cfg = replace(cfg, run=replace(cfg.run, cache_dir=str(cache_dir), device="cpu"))
     res = run_search(cfg, db_url=f"sqlite:///{tmp_path / 'a.db'}")
     rows = [r for f in res.finalists for r in f.record.tasks.values()]

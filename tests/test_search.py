@@ -25,7 +25,7 @@ from evoprune.primitives.stats import STATS
 from evoprune.records import FitnessRecord, TaskResult
 from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
 
-TINY_PROXY = ProxyConfig(finetune_steps=3, recalibrate_images=128, stat_images=128)
+TINY_PROXY = ProxyConfig(tasks=("digits-cnn",), finetune_steps=3, recalibrate_images=128, stat_images=128)
 
 
 @pytest.fixture(scope="module")

@@ -120,10 +120,9 @@ def prune_config(*, task: str, metric: str, ratio: float | None = None, flops_re
     if (ratio is None) == (flops_reduction is None) and not rank_only:
         raise EvopruneError("give exactly one of --ratio R and --flops-reduction F (or --allocator spectral with "
                             "--tau T alone)")
-    if (allocator == "flops" and ratio is not None) or (allocator in ("uniform", "global") and
-                                                         flops_reduction is not None):
-        raise EvopruneError("--flops-reduction goes with --allocator flops, --ratio with uniform or global "
-                            "(pfp and spectral take either)")
+    if (allocator == "flops" and ratio is not None) or (allocator == "uniform" and flops_reduction is not None):
+        raise EvopruneError("--flops-reduction goes with --allocator flops, --ratio with uniform (global, pfp and "
+                            "spectral take either)")
     recipe = get_task(task, tasks_file).transfer  # the task's defaults; what is given replaces them
     source = resolve(metric, db)
     try:

@@ -31,11 +31,13 @@ from evoprune.records import FitnessRecord, TaskResult, geometric_mean
 from evoprune.tasks import get_task
 
 STAGES = ("screen", "full")
+SCORES = ("accuracy", "probability")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProxyConfig:
-    tasks: tuple[str, ...] = ("digits-cnn",)  # fitness = geometric mean of their val accuracies
+    tasks: tuple[str, ...] = ("digits-cnn", "digits-resnet8")  # fitness = geometric mean of their scores:
+    #                         two architectures, so a winner must work on more than the one it was found on
     allocator: str = "uniform"  # uniform | global | flops | pfp | spectral (docs/allocators.md)
     ratio: float = 0.75  # share of filters pruned (uniform: per layer; others: overall); at 0.5 the
     #                      digits proxy recovers ~99% with any metric and cannot tell them apart
@@ -50,6 +52,9 @@ class ProxyConfig:
     recalibrate_images: int = 512  # training images for BN recalibration (screen and full)
     val_images: int = 0  # validation images scored (0 = all)
     data_seed: int = 0  # the fixed data order shared by all candidates
+    score: str = "probability"  # what a task contributes to fitness: probability (mean softmax probability
+    #                         of the true class on val: continuous) | accuracy (top-1 on val: on 431 images
+    #                         it moves in steps of 0.23 points, and the proxy check found it too coarse)
     screen: bool = True  # racing: screen every new candidate, fine-tune only the best share
     promote: float = 0.5  # share of a generation's screened candidates that get the full proxy
     timeout_s: float = 600.0  # per evaluation (Ray evaluator)
@@ -69,6 +74,7 @@ class ProxyConfig:
             (0 <= self.recalibrate_images <= 10_000_000, "recalibrate_images must be in [0, 10000000]"),
             (self.val_images >= 0, "val_images must be >= 0"),
             (0 < self.promote <= 1, "promote must be in (0, 1]"),
+            (self.score in SCORES, f"score must be one of {', '.join(SCORES)}"),
             (0 < self.timeout_s <= 7 * 86400, "timeout_s must be in (0, 604800] (a week)"),
         ]
         for ok, msg in checks:
@@ -93,6 +99,7 @@ class Job:
     expression: str  # for the record and the logs; workers never parse it
     stage: str  # screen | full
     masks: dict[str, Masks]  # task -> layer -> BoolTensor[C_out] (True = keep)
+    data_seed: int | None = None  # another data order than the proxy's (validation); None: the proxy's
 
 
 class TaskContext:
@@ -111,21 +118,23 @@ class TaskContext:
         s = structure(self.base, example)
         self.macs, self.params, self.inputs_from, self.bn_of = s.macs, s.params, s.inputs_from, s.bn_of
 
-    def run(self, masks: Masks, stage: str) -> TaskResult:
+    def run(self, masks: Masks, stage: str, data_seed: int | None = None) -> TaskResult:
         t0 = time.perf_counter()
+        seed = self.cfg.data_seed if data_seed is None else data_seed
         model = copy.deepcopy(self.base)
         zero = self._zeroer(model, masks)
         zero()
         if self.cfg.recalibrate_images:
-            self._recalibrate(model)
+            self._recalibrate(model, seed)
         if stage == "full" and self.cfg.finetune_steps:
-            self._finetune(model, zero)
+            self._finetune(model, zero, seed)
             if self.cfg.recalibrate_images:
-                self._recalibrate(model)
-        acc = self._accuracy(model)
+                self._recalibrate(model, seed)
+        acc, prob = self._scores(model)
         return TaskResult(accuracy=acc, kept_flops=kept_share(masks, self.macs, self.inputs_from),
                           kept_params=kept_share(masks, self.params, self.inputs_from),
-                          seconds=time.perf_counter() - t0, mask=mask_hash(masks))
+                          seconds=time.perf_counter() - t0, mask=mask_hash(masks),
+                          score=prob if self.cfg.score == "probability" else None)
 
     def _zeroer(self, model: nn.Module, masks: Masks):
         """A function that (re)sets the pruned filters, their biases and BN scale/shift to 0."""
@@ -140,7 +149,7 @@ class TaskContext:
         return zero
 
     @torch.no_grad()
-    def _recalibrate(self, model: nn.Module) -> None:
+    def _recalibrate(self, model: nn.Module, seed: int) -> None:
         """Re-estimate BN running statistics for the pruned network (a cumulative average)."""
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not bns:
@@ -149,14 +158,14 @@ class TaskContext:
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        for x, _ in iterate(self.data, self.data.train, batch_size=256, shuffle=True, seed=self.cfg.data_seed + 1,
+        for x, _ in iterate(self.data, self.data.train, batch_size=256, shuffle=True, seed=seed + 1,
                             device=self.device, limit=self.cfg.recalibrate_images):
             model(x)
         for m in bns:
             m.momentum = 0.1
         model.eval()
 
-    def _finetune(self, model: nn.Module, zero) -> None:
+    def _finetune(self, model: nn.Module, zero, seed: int) -> None:
         c = self.cfg
         opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)
         model.train()
@@ -164,7 +173,7 @@ class TaskContext:
         while step < c.finetune_steps:
             before = step
             for x, y in iterate(self.data, self.data.train, batch_size=c.batch_size, shuffle=True,
-                                augment=self.data.augment, seed=c.data_seed * 1000 + epoch, device=self.device,
+                                augment=self.data.augment, seed=seed * 1000 + epoch, device=self.device,
                                 drop_last=True):
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
@@ -180,10 +189,11 @@ class TaskContext:
             epoch += 1
         model.eval()
 
-    def _accuracy(self, model: nn.Module) -> float:
-        from evoprune.train import accuracy
+    def _scores(self, model: nn.Module) -> tuple[float, float]:
+        from evoprune.train import true_class_probability
 
-        return accuracy(model, self.data, self.data.val, device=self.device, limit=self.cfg.val_images or None)
+        return true_class_probability(model, self.data, self.data.val, device=self.device,
+                                      limit=self.cfg.val_images or None)
 
 
 def evaluate_job(contexts: dict[str, TaskContext], job: Job, worker: str = "") -> FitnessRecord:
@@ -192,7 +202,7 @@ def evaluate_job(contexts: dict[str, TaskContext], job: Job, worker: str = "") -
     worker = worker or f"pid{os.getpid()}"
     if missing := sorted(set(contexts) - set(job.masks)):
         raise ValueError(f"job {job.key} carries no masks for {missing}")
-    results = {name: ctx.run(job.masks[name], job.stage) for name, ctx in contexts.items()}
-    fitness = geometric_mean([r.accuracy for r in results.values()])
+    results = {name: ctx.run(job.masks[name], job.stage, job.data_seed) for name, ctx in contexts.items()}
+    fitness = geometric_mean([r.fitness_score for r in results.values()])
     return FitnessRecord(job.expression, job.stage, fitness, True, "", results, time.perf_counter() - t0, worker)
 

@@ -1,0 +1,87 @@
+"""Numbers that claim something carry their uncertainty: means with 95% confidence intervals,
+paired differences, and the words for what a difference shows (beats, ties, loses)."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Estimate:
+    mean: float
+    low: float  # 95% CI (Student's t over the samples)
+    high: float
+    n: int
+    std: float
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f} +- {self.half:.4f}" if self.n > 1 else f"{self.mean:.4f}"
+
+    @property
+    def half(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def t_quantile(n: int, level: float = 0.95) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, n - 1)) if n > 1 else float("inf")
+
+
+def estimate(values: list[float], level: float = 0.95) -> Estimate:
+    """Mean and its CI; one value has an infinite interval (nothing is known of its spread)."""
+    n = len(values)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0, float("nan"))
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Estimate(mean, -math.inf, math.inf, 1, float("nan"))
+    sd = statistics.stdev(values)
+    half = t_quantile(n, level) * sd / math.sqrt(n)
+    return Estimate(mean, mean - half, mean + half, n, sd)
+
+
+def paired(a: list[float], b: list[float], level: float = 0.95) -> Estimate:
+    """The mean of a - b over paired samples (the same data order, seed or case), with its CI."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples of different sizes: {len(a)} and {len(b)}")
+    return estimate([x - y for x, y in zip(a, b)], level)
+
+
+def verdict(diff: Estimate) -> str:
+    """beats / loses when the CI of the difference excludes 0, else ties."""
+    if diff.n > 1 and diff.low > 0:
+        return "beats"
+    if diff.n > 1 and diff.high < 0:
+        return "loses to"
+    return "ties"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One formula's validation: its fitness over fresh data orders and its paired difference
+    to the best baseline (the baseline with the highest mean over the same orders)."""
+
+    fitness: Estimate
+    diff: Estimate | None  # None for the best baseline itself
+    verdict: str  # beats | ties | loses to | "" (the best baseline)
+
+
+def against_best(scores: dict[int, dict[int, float]], baselines: set[int]) -> tuple[int | None, dict[int, Comparison]]:
+    """`scores`: candidate ID -> {data order: fitness}. Returns the best baseline's ID and every
+    candidate's comparison with it, paired over the orders both were scored on."""
+    base = [b for b in baselines if scores.get(b)]
+    best = max(base, key=lambda b: (statistics.fmean(scores[b].values()), -b), default=None)
+    out = {}
+    for cid, by_seed in scores.items():
+        if not by_seed:
+            continue
+        fit = estimate([by_seed[s] for s in sorted(by_seed)])
+        if best is None or cid == best:
+            out[cid] = Comparison(fit, None, "")
+            continue
+        common = sorted(set(by_seed) & set(scores[best]))
+        diff = paired([by_seed[s] for s in common], [scores[best][s] for s in common])
+        out[cid] = Comparison(fit, diff, verdict(diff))
+    return best, out
