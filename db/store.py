@@ -274,7 +274,7 @@ def record_transfer(engine: Engine, candidate_id: int | None, canonical_hash: st
             return None
         ev = Evaluation(candidate_id=candidate_id, task=t.task, stage="transfer", accuracy=t.accuracy,
                         kept_flops=t.kept_flops, kept_params=t.kept_params, seconds=t.seconds, mask=t.mask,
-                        worker=t.host[:128])
+                        worker=t.host[:128], seed=t.seed)
         s.add(ev)
         s.flush()
         return candidate_id, ev.id

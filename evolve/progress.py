@@ -104,7 +104,8 @@ class SearchDisplay:
             return
         best = by_id[v.best_baseline]
         t = Table(title=f"validation on {len(v.seeds)} fresh data orders (never used by the search): fitness mean "
-                        f"+- 95% CI, and the paired difference to the best baseline, {best.baseline}")
+                        f"+- 95% CI, and the paired difference to the best baseline, {best.baseline} (95% CIs for "
+                        f"all evolved formulas together)")
         for col in ("ID", "formula", "fitness", f"- {best.baseline}", "verdict"):
             t.add_column(col)
         rows = [f for f in result.finalists if v.of(f.candidate_id)]
@@ -126,7 +127,8 @@ def validation_sentence(v, finalists, best) -> str:
     winners = [f for f in evolved if v.of(f.candidate_id).verdict == "beats"]
     top = max(winners or evolved, key=lambda f: v.of(f.candidate_id).diff.mean)
     d = v.of(top.candidate_id).diff
-    span = f"{d.mean:+.4f}, 95% CI {d.low:+.4f} to {d.high:+.4f}, over {d.n} fresh data orders"
+    span = (f"{d.mean:+.4f}, 95% CI {d.low:+.4f} to {d.high:+.4f} (Bonferroni over {len(evolved)} formulas), "
+            f"over {d.n} fresh data orders")
     if winners:
         return f"Candidate {top.candidate_id} beats the best baseline ({best.baseline}) beyond noise ({span})."
     return (f"No evolved formula beats the best baseline ({best.baseline}) beyond noise: the closest, candidate "

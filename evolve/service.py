@@ -104,10 +104,9 @@ def check_inputs(cfg: Config) -> None:
 
 
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,
-               validate_orders: int = 5,
                on_progress: Callable[[str, dict], None] | None = None) -> SearchResult:
     """Search, score the finalists and the baselines with the full proxy, validate them on
-    `validate_orders` fresh data orders (0: not), and mark the run finished."""
+    `[search] validation_orders` fresh data orders (0: not), and mark the run finished."""
     if resume is None:
         check_inputs(cfg)
     engine = store.connect(store.resolve_url(db_url, cfg.run.db), create=resume is None)
@@ -142,10 +141,11 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
             on_progress("status", {"text": "fine-tuning the finalists and the baselines for the summary"})
             finalists, baselines = _final_round(search, engine, recorder.run_id, top)
             checked = None
-            if validate_orders:
+            if cfg.search.validation_orders:
                 checked = validate(cfg, engine, recorder.run_id, evaluator,
                                    {f.candidate_id: f.expression for f in finalists + baselines},
-                                   {b.candidate_id for b in baselines}, validate_orders, device, on_progress)
+                                   {b.candidate_id for b in baselines}, cfg.search.validation_orders, device,
+                                   on_progress)
         recorder.status(RunStatus.finished)
     finally:
         evaluator.close()

@@ -5,7 +5,8 @@ After a search, its top distinct formulas and every seeded baseline are scored a
 recalibration and fine-tune order all change; the search used `[proxy] data_seed`, the proxy
 check 0.. and 1000..). Each formula gets its mean fitness with a 95% CI, and its paired
 difference (order by order) to the best baseline with a CI; a formula *beats* that baseline
-only when the CI of the difference lies above 0, *loses* when below, and otherwise *ties*.
+only when the CI of the difference lies above 0, *loses* when below, and otherwise *ties*
+(the intervals of the evolved formulas hold at 95% for all of them together: Bonferroni).
 Results are stored as "validation" evaluations (one per task and order), so a resumed run
 scores only what is missing and `evoprune metrics compare` and the report can show them.
 """

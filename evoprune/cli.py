@@ -212,7 +212,7 @@ def pretrain(task: Annotated[str, typer.Argument(help="Task name (see `evoprune 
 
 @app.command()
 def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Search config (TOML); "
-                                                          "defaults: the digits task, 8 generations x 32.")] = None,
+                                                          "defaults: two digits tasks, 12 generations x 32.")] = None,
            resume: Annotated[Optional[int], typer.Option("--resume", parser=parse_id, help="Continue run RUN_ID "
                                                          "from its last completed generation.")] = None,
            db: Annotated[Optional[str], typer.Option("--db", help="Database URL or SQLite path (else "
@@ -481,6 +481,86 @@ def report(run: Annotated[int, typer.Argument(parser=parse_id, help="Run ID.")],
     out.print(f"wrote {page}", highlight=False, markup=False)
 
 
+def default_suite() -> Path:
+    """configs/suite.toml of this source tree (an editable install, as the README installs)."""
+    return Path(evoprune.__file__).resolve().parents[1] / "configs" / "suite.toml"
+
+
+@app.command()
+def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candidate IDs, promoted NAMEs, "
+                                                         "baseline:NAME or expr:EXPRESSION.")],
+             suite_file: Annotated[Optional[Path], typer.Option("--suite", help="Suite (TOML); default "
+                                                                "configs/suite.toml.")] = None,
+             seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, max=100, help="Retraining seeds per "
+                                                          "case (else the suite's).")] = None,
+             workers: Annotated[int, typer.Option("--workers", min=0, max=10_000, help="Ray workers running "
+                                                  "cases in parallel (0: one at a time, here).")] = 0,
+             out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the runs and results "
+                                                             "(default validate/SUITE-NAME); the same command "
+                                                             "continues a killed suite.")] = None,
+             plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Accuracy against MACs kept "
+                                                               "(PNG; default OUT/suite.png).")] = None,
+             record: Annotated[bool, typer.Option("--record/--no-record", help="Store each run as a transfer "
+                                                  "evaluation of the metric's candidate.")] = True,
+             as_json: Json = False, as_csv: Csv = False, db: Db = None, data_root: DataRoot = None,
+             cache_dir: CacheDir = None, tasks_file: TasksFile = None,
+             device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto"):
+    """Apply metrics to a suite of networks the search did not use: test top-1 mean +- std over
+    seeds and the paired difference to every baseline of the suite, with 95% CIs."""
+    import json
+    from dataclasses import replace
+
+    from evoprune.progress import progress
+    from evoprune.transfer.suite import load_suite, metric_list, plot, run_suite, summarize
+
+    if as_json and as_csv:
+        raise EvopruneError("--json and --csv exclude each other")
+    suite = load_suite(suite_file or default_suite())
+    if seeds is not None:
+        suite = replace(suite, seeds=seeds)
+    out_dir = out_dir or Path("validate") / suite.name
+    n_runs = len(suite.cases) * suite.seeds * len(metric_list(suite, list(metrics), db))
+    with progress("validate", n_runs, Console(stderr=True), not (as_json or as_csv), fields={"last": "s"}) as update:
+        rows = run_suite(suite, list(metrics), out=out_dir, db=db, data_root=data_root, cache_dir=cache_dir,
+                         tasks_file=tasks_file, device=device, workers=workers, record=record,
+                         on_result=lambda row, done, total: update(done, last=f"{row['key']} {row['test']:.2%}"))
+    results, wtl = summarize(rows, suite.baselines)
+    png = plot_path or out_dir / "suite.png"
+    plot(rows, png)
+    table = [{"case": r.case + 1, "setting": r.label, "metric": r.metric, "macs_kept": r.macs_kept,
+              "test_mean": r.test.mean, "test_std": r.test.std, "seeds": r.test.n,
+              **{f"vs {b.removeprefix('baseline:')}": d.mean for b, d in r.diffs.items()},
+              **{f"vs {b.removeprefix('baseline:')} low": d.low for b, d in r.diffs.items()},
+              **{f"vs {b.removeprefix('baseline:')} high": d.high for b, d in r.diffs.items()},
+              **{f"vs {b.removeprefix('baseline:')} verdict": v for b, v in r.verdicts.items()}} for r in results]
+    if as_json:
+        print(json.dumps({"suite": suite.name, "cases": table, "wins_ties_losses": wtl, "runs": rows,
+                          "plot": str(png)}, indent=2, default=str))
+        return
+    if as_csv:
+        emit(table, "", as_csv=True)
+        return
+    t = Table(title=f"suite {suite.name}: test top-1, mean +- std over seeds; paired difference to each baseline "
+                    "(95% CI): + beats, = ties, - loses")
+    bases = [f"baseline:{b}" for b in suite.baselines]
+    for col in ("case", "metric", "MACs kept", "test top-1", *[f"vs {b[9:]}" for b in bases]):
+        t.add_column(col)
+    for r in results:
+        cells = []
+        for b in bases:
+            d = r.diffs.get(b)
+            mark = {"beats": "+", "ties": "=", "loses to": "-"}.get(r.verdicts.get(b, ""), "")
+            cells.append("" if d is None else f"{mark} {d.mean:+.2%} ({d.low:+.2%}..{d.high:+.2%})")
+        t.add_row(f"{r.case + 1} {r.label}", r.metric[:40], f"{r.macs_kept:.1%}",
+                  f"{r.test.mean:.2%} +- {r.test.std:.2%}" if r.test.n > 1 else f"{r.test.mean:.2%}", *cells)
+    out.print(t)
+    for metric, by in wtl.items():
+        out.print(f"{metric}: " + "; ".join(f"vs {b[9:]} {w} wins, {ti} ties, {lo} losses"
+                                             for b, (w, ti, lo) in by.items()), highlight=False, markup=False)
+    out.print(f"plot: {png}\nruns: {out_dir / 'runs'}  results: {out_dir / 'results.jsonl'}", highlight=False,
+              markup=False)
+
+
 def _slug(text: str) -> str:
     import re
 
@@ -545,7 +625,8 @@ def prune_cmd(
 
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     cfg = prune_config(task=task, metric=metric, ratio=ratio, flops_reduction=flops_reduction, allocator=allocator,
-                       tau=tau, scope=scope, skip=tuple(skip or ()), stat_images=stat_images, latency_batch=latency_batch,
+                       tau=tau, scope=scope, skip=tuple(skip or ()), stat_images=stat_images,
+                       latency_batch=latency_batch,
                        tpp=given(reg_step=reg_step, update_every=update_every, reg_ceiling=reg_ceiling,
                                  gram_weight=gram_weight, stabilize_iters=stabilize_iters, lr=tpp_lr) if tpp else None,
                        retrain=given(epochs=epochs, lr=lr, schedule=schedule, batch_size=batch_size,

@@ -119,3 +119,4 @@ class TransferRecord:
     seconds: float
     mask: str
     host: str
+    seed: int | None = None  # the retraining seed, when a suite runs several

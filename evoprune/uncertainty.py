@@ -68,10 +68,19 @@ class Comparison:
     verdict: str  # beats | ties | loses to | "" (the best baseline)
 
 
+def family_level(k: int, level: float = 0.95) -> float:
+    """The per-comparison confidence that keeps `level` for all k comparisons together
+    (Bonferroni): with 5 finalists each compared at 95%, one false win in four runs."""
+    return 1 - (1 - level) / max(1, k)
+
+
 def against_best(scores: dict[int, dict[int, float]], baselines: set[int]) -> tuple[int | None, dict[int, Comparison]]:
     """`scores`: candidate ID -> {data order: fitness}. Returns the best baseline's ID and every
-    candidate's comparison with it, paired over the orders both were scored on."""
+    candidate's comparison with it, paired over the orders both were scored on. Fitness CIs are
+    95%; the differences of the evolved formulas (not baselines) are 95% for all of them
+    together (Bonferroni), so that "beats" is not a chance win among several finalists."""
     base = [b for b in baselines if scores.get(b)]
+    level = family_level(len([c for c in scores if c not in baselines and scores[c]]))
     best = max(base, key=lambda b: (statistics.fmean(scores[b].values()), -b), default=None)
     out = {}
     for cid, by_seed in scores.items():
@@ -82,6 +91,7 @@ def against_best(scores: dict[int, dict[int, float]], baselines: set[int]) -> tu
             out[cid] = Comparison(fit, None, "")
             continue
         common = sorted(set(by_seed) & set(scores[best]))
-        diff = paired([by_seed[s] for s in common], [scores[best][s] for s in common])
+        diff = paired([by_seed[s] for s in common], [scores[best][s] for s in common],
+                      0.95 if cid in baselines else level)
         out[cid] = Comparison(fit, diff, verdict(diff))
     return best, out

@@ -24,8 +24,10 @@ population = 6
 generations = 1
 seed = 11
 seeds = ["l1", "bn_scale"]
+validation_orders = 0
 
 [proxy]
+tasks = ["digits-cnn"]
 finetune_steps = 120
 recalibrate_images = 128
 stat_images = 128

@@ -556,7 +556,7 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
 
 
 # --------------------------------------------------------------------------- database
-def record_transfer(db: str | None, cfg: PruneConfig, report: dict) -> dict | None:
+def record_transfer(db: str | None, cfg: PruneConfig, report: dict, seed: int | None = None) -> dict | None:
     """Store the result as a "transfer" evaluation of the metric's candidate: the one named
     (ID or promoted NAME), else the newest candidate with the same canonical formula in an
     existing database. Returns where it went, or None when there is no such candidate."""
@@ -573,6 +573,6 @@ def record_transfer(db: str | None, cfg: PruneConfig, report: dict) -> dict | No
     cid = resolve(ref, db).candidate_id if ref.in_database else None
     t = TransferRecord(task=cfg.task, accuracy=report["test_acc"]["retrained"], kept_flops=report["macs_kept"],
                        kept_params=report["params_kept"], seconds=report["seconds"]["total"], mask=report["mask"],
-                       host=report["host"])
+                       host=report["host"], seed=seed)
     stored = store_transfer(engine, cid, canonical_hash(parse(cfg.expression)), t)
     return None if stored is None else {"candidate": stored[0], "evaluation": stored[1], "db": str(engine.url)}

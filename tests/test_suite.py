@@ -1,0 +1,112 @@
+"""`evoprune validate`: a metric against itself ties; a killed suite resumes to the same table;
+bad suites are refused before any work; transfer results are stored; runs on Ray workers."""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from evoprune.db import queries, store
+
+from helpers import run
+
+TINY = """
+name = "tiny"
+seeds = 2
+baselines = ["l1"]
+
+[defaults]
+tpp = false
+retrain = {{ epochs = 2 }}
+
+[[case]]
+task = "digits-cnn"
+ratio = {ratio}
+"""
+
+
+def _suite(tmp_path, ratio=0.7, text=None):
+    f = tmp_path / "suite.toml"
+    f.write_text(text if text is not None else TINY.format(ratio=ratio))
+    return f
+
+
+def test_a_metric_against_itself_ties_with_a_zero_difference(digits_pretrained, cache_dir, tmp_path, capsys):
+    rc, out, err = run(capsys, "validate", "expr:w_l1", "--suite", _suite(tmp_path), "--out", tmp_path / "o",
+                       "--cache-dir", cache_dir, "--device", "cpu", "--no-record", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    (mine,) = [c for c in res["cases"] if c["metric"] == "expr:w_l1"]
+    assert mine["vs l1"] == 0.0 and mine["vs l1 low"] <= 0.0 <= mine["vs l1 high"]
+    assert mine["vs l1 verdict"] == "ties" and mine["seeds"] == 2
+    assert res["wins_ties_losses"]["expr:w_l1"]["baseline:l1"] == [0, 1, 0]
+    assert len(res["runs"]) == 4 and (tmp_path / "o" / "suite.png").stat().st_size > 10_000
+
+
+def _validate(*args, cache_dir):
+    return subprocess.Popen([sys.executable, "-m", "evoprune", "validate", "expr:bn_abs_gamma", *map(str, args),
+                             "--cache-dir", str(cache_dir), "--device", "cpu", "--no-record", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_killed_suite_resumes_to_the_table_of_an_uninterrupted_one(digits_pretrained, cache_dir, tmp_path):
+    suite = _suite(tmp_path)
+    straight = _validate("--suite", suite, "--out", tmp_path / "a", cache_dir=cache_dir)
+    want, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err
+    victim = _validate("--suite", suite, "--out", tmp_path / "b", cache_dir=cache_dir)
+    results = tmp_path / "b" / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if results.exists() and results.read_text().count("\n") >= 1:
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, "the suite ended before it could be killed"
+    assert results.read_text().count("\n") < 4
+    resumed = _validate("--suite", suite, "--out", tmp_path / "b", cache_dir=cache_dir)
+    got, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert json.loads(got)["cases"] == json.loads(want)["cases"]
+    assert len((tmp_path / "b" / "results.jsonl").read_text().splitlines()) == 4  # each run once
+
+
+@pytest.mark.parametrize("text, args, words", [
+    (TINY.format(ratio=1.2), [], "ratio must be a number in (0, 1)"),
+    (TINY.format(ratio=0.5).replace("digits-cnn", "digits-cnnn"), [], "unknown task 'digits-cnnn'"),
+    (TINY.format(ratio=0.5), ["baseline:l7"], "unknown baseline 'l7'"),
+    (TINY.format(ratio=0.5).replace('["l1"]', '["l9"]'), [], "unknown baselines ['l9']"),
+    (TINY.format(ratio=0.5).replace("[[case]]", "[[cases]]"), [], "unknown keys ['cases']"),
+    ('name = "x"\n', [], "no [[case]] tables"),
+    (TINY.format(ratio=0.5) + "tpp = 3\n", [], "tpp must be true or false"),
+    (TINY.format(ratio=0.5).replace("ratio = 0.5", "ratio = 0.5\nflops_reduction = 0.5"), [], "exactly one of"),
+])
+def test_bad_suites_are_refused_in_one_line_before_any_work(text, args, words, tmp_path, capsys):
+    rc, _, err = run(capsys, "validate", *(args or ["expr:w_l1"]), "--suite", _suite(tmp_path, text=text),
+                     "--out", tmp_path / "o", "--no-record")
+    assert rc == 2 and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()  # nothing was started
+
+
+def test_transfer_results_are_stored_and_cases_run_on_ray(ray_session, searched, cache_dir, tmp_path, capsys):
+    src, _ = searched
+    db = tmp_path / "copy.db"
+    with sqlite3.connect(src) as a, sqlite3.connect(db) as b:
+        a.backup(b)
+    bn = next(r for r in queries.top(store.connect(str(db)), limit=100) if r["baseline"] == "bn_scale")
+    rc, out, err = run(capsys, "validate", str(bn["id"]), "--suite", _suite(tmp_path), "--out", tmp_path / "o",
+                       "--cache-dir", cache_dir, "--device", "cpu", "--db", db, "--workers", "2", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert {r["host"] for r in res["runs"]} and len(res["runs"]) == 4
+    evals = [e for e in queries.candidate(store.connect(str(db)), bn["id"])["evaluations"] if e["stage"] == "transfer"]
+    assert len(evals) == 2  # one per seed of the metric's own runs
+    with sqlite3.connect(db) as c:
+        seeds = sorted(r[0] for r in c.execute("SELECT seed FROM evaluations WHERE stage = 'transfer' AND "
+                                                 "candidate_id = ?", (bn["id"],)))
+    assert seeds == [0, 1]

@@ -1,0 +1,322 @@
+"""`evoprune validate`: metrics applied for real to networks the search did not use.
+
+A suite (TOML) lists cases: a task, a target (ratio or FLOPs reduction), an allocator, TPP on
+or off and a retraining budget. Every metric asked for, and every baseline the suite names, is
+applied to every case with `seeds` retraining seeds (the seed orders the TPP and retraining
+data), each run a full `evoprune prune`. The table gives test top-1 mean +- std over seeds and,
+for every metric against every suite baseline, the paired difference (same case, same seed)
+with its 95% CI: a win when the CI lies above 0, a loss when below, else a tie.
+
+Everything lands in one folder: suite.json (the suite and the metrics; a resume must ask for
+the same), runs/ (one prune folder per run: a killed run resumes inside itself) and
+results.jsonl (one line per finished run): the same command continues a killed suite where it
+stopped. Runs may go to Ray workers (`workers`); the database is written by this process only.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from evoprune.errors import EvopruneError
+from evoprune.metricref import resolve
+from evoprune.primitives.baselines import BASELINES
+from evoprune.tomlfiles import read_toml
+from evoprune.uncertainty import Estimate, estimate, paired, verdict
+
+CASE_KEYS = {"task", "ratio", "flops_reduction", "allocator", "tau", "scope", "skip", "tpp", "tpp_settings",
+             "retrain", "stat_images"}
+SUITE_KEYS = {"name", "seeds", "baselines", "defaults", "case", "description"}
+
+
+@dataclass(frozen=True)
+class Case:
+    index: int
+    task: str
+    settings: dict[str, Any]  # keys of CASE_KEYS besides task
+
+    @property
+    def label(self) -> str:
+        s = self.settings
+        target = f"ratio {s['ratio']:g}" if s.get("ratio") is not None else \
+            f"-{s['flops_reduction']:.0%} MACs" if s.get("flops_reduction") is not None else f"tau {s.get('tau')}"
+        alloc = s.get("allocator") or ""
+        return f"{self.task} {target}{' ' + alloc if alloc else ''}{'' if s.get('tpp', True) else ' no-TPP'}"
+
+
+@dataclass
+class Suite:
+    name: str
+    seeds: int
+    baselines: list[str]  # baseline names, compared with every metric
+    cases: list[Case]
+    source: str = ""
+    description: str = ""
+
+
+def _check_case(d: dict, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise EvopruneError(f"{where} must be a table")
+    if extra := set(d) - CASE_KEYS:
+        raise EvopruneError(f"{where}: unknown keys {sorted(extra)} (allowed: {sorted(CASE_KEYS)})")
+    for k in ("ratio", "flops_reduction", "tau"):
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1):
+            raise EvopruneError(f"{where}: {k} must be a number in (0, 1), got {v!r}")
+    if "tpp" in d and not isinstance(d["tpp"], bool):
+        raise EvopruneError(f"{where}: tpp must be true or false")
+    for k in ("tpp_settings", "retrain"):
+        if not isinstance(d.get(k, {}), dict):
+            raise EvopruneError(f"{where}: {k} must be a table")
+    return d
+
+
+def load_suite(path: str | Path) -> Suite:
+    """A suite file, checked; one EvopruneError for anything wrong (tasks, targets, metrics and
+    every setting are checked again, as prune configurations, before any work starts)."""
+    d = read_toml(path, "suite file")
+    where = f"suite {path}"
+    if extra := set(d) - SUITE_KEYS:
+        raise EvopruneError(f"{where}: unknown keys {sorted(extra)} (allowed: {sorted(SUITE_KEYS)})")
+    seeds = d.get("seeds", 3)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 100:
+        raise EvopruneError(f"{where}: seeds must be a whole number in [1, 100]")
+    baselines = d.get("baselines", ["l1"])
+    if not isinstance(baselines, list) or not all(isinstance(b, str) for b in baselines):
+        raise EvopruneError(f"{where}: baselines must be a list of baseline names")
+    if bad := [b for b in baselines if b not in BASELINES]:
+        raise EvopruneError(f"{where}: unknown baselines {bad}; known: {', '.join(BASELINES)}")
+    defaults = _check_case(d.get("defaults", {}), f"{where}: [defaults]")
+    cases = d.get("case", [])
+    if not isinstance(cases, list) or not cases:
+        raise EvopruneError(f"{where}: no [[case]] tables")
+    out = []
+    for i, c in enumerate(cases):
+        merged = _check_case({**defaults, **_check_case(c, f"{where}: case {i + 1}")}, f"{where}: case {i + 1}")
+        if not isinstance(merged.get("task"), str):
+            raise EvopruneError(f"{where}: case {i + 1} needs a task")
+        out.append(Case(i, merged["task"], {k: v for k, v in merged.items() if k != "task"}))
+    name = d.get("name", Path(path).stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise EvopruneError(f"{where}: name must be letters, digits, '.', '_' or '-'")
+    return Suite(name, seeds, list(dict.fromkeys(baselines)), out, str(path), str(d.get("description", "")))
+
+
+@dataclass(frozen=True)
+class Run:
+    case: Case
+    metric: str  # as given (ID, NAME, baseline:NAME, expr:...)
+    seed: int
+
+    @property
+    def key(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.metric).strip("-")[:40]
+        return f"c{self.case.index:02d}-{slug}-s{self.seed}"
+
+
+def configs(suite: Suite, metrics: list[str], *, tasks_file=None, db=None, data_root=None) -> dict[str, Any]:
+    """Every run's PruneConfig, built (and so checked) before anything runs."""
+    from evoprune.tasks import get_task
+    from evoprune.transfer.prune import prune_config
+
+    out = {}
+    for case in suite.cases:
+        s = dict(case.settings)
+        task = get_task(case.task, tasks_file)
+        task.data(data_root)  # a missing data set is refused now, not after hours
+        for metric in metrics:
+            for seed in range(suite.seeds):
+                run = Run(case, metric, seed)
+                try:
+                    out[run.key] = (run, prune_config(
+                        task=case.task, metric=metric, ratio=s.get("ratio"), flops_reduction=s.get("flops_reduction"),
+                        allocator=s.get("allocator"), tau=s.get("tau"),
+                        tpp=dict(s.get("tpp_settings", {})) if s.get("tpp", True) else None,
+                        retrain={**s.get("retrain", {}), "seed": seed}, tasks_file=tasks_file, db=db,
+                        scope=s.get("scope", "in-block"), skip=tuple(s.get("skip", ())),
+                        stat_images=s.get("stat_images", 256)))
+                except (EvopruneError, TypeError) as e:
+                    raise EvopruneError(f"suite case {case.index + 1} ({case.label}), metric {metric}: {e}") from None
+    return out
+
+
+def metric_list(suite: Suite, metrics: list[str], db=None) -> list[str]:
+    """The metrics asked for (resolved now, so an unknown one is refused before any work), then
+    the suite's baselines that are not among them by name."""
+    out = list(dict.fromkeys([*metrics, *(f"baseline:{b}" for b in suite.baselines)]))
+    for m in out:
+        resolve(m, db)
+    return out
+
+
+# --------------------------------------------------------------------------- running
+def _do_run(cfg, out: Path, data_root, cache_dir, tasks_file, device) -> dict:
+    """One prune run (resumed when its folder holds an unfinished one). Module level: Ray ships it."""
+    from evoprune.transfer.prune import prune
+
+    report = out / "report.json"
+    if report.exists():
+        return json.loads(report.read_text())
+    return prune(cfg, out=out, resume=(out / "config.json").exists(), data_root=data_root, cache_dir=cache_dir,
+                 tasks_file=tasks_file, device=device, record=False, show_progress=False)
+
+
+def _row(run: Run, rep: dict) -> dict:
+    return {"key": run.key, "case": run.case.index, "case_label": run.case.label, "task": run.case.task,
+            "metric": run.metric, "seed": run.seed, "test": rep["test_acc"]["retrained"],
+            "pruned": rep["test_acc"].get("pruned"), "macs_kept": rep["macs_kept"], "params_kept": rep["params_kept"],
+            "speedup": rep["speedup"], "seconds": rep["seconds"]["total"], "expression": rep["expression"],
+            "report": rep["files"]["report"], "mask": rep["mask"], "host": rep["host"],
+            "tpp": run.case.settings.get("tpp", True)}
+
+
+def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root=None, cache_dir=None,
+              tasks_file=None, device: str = "auto", workers: int = 0, record: bool = True,
+              on_result: Callable[[dict, int, int], None] | None = None) -> list[dict]:
+    """Run (or continue) the suite; returns one row per run."""
+    out = Path(out)
+    metrics = metric_list(suite, metrics, db)
+    plan = configs(suite, metrics, tasks_file=tasks_file, db=db, data_root=data_root)
+    _claim_folder(out, suite, metrics)
+    results = out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+    done = {r["key"] for r in rows}
+    todo = [(run, cfg) for key, (run, cfg) in plan.items() if key not in done]
+    on_result = on_result or (lambda row, n_done, n_total: None)
+    args = (str(data_root) if data_root else None, str(cache_dir) if cache_dir else None,
+            str(tasks_file) if tasks_file else None, device)
+
+    def finished(run: Run, rep: dict) -> None:
+        row = _row(run, rep)
+        if record:
+            row["recorded"] = _record(db, plan[run.key][1], rep, run.seed)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        on_result(row, len(rows), len(plan))
+
+    if workers:
+        _on_ray(todo, out, args, workers, finished)
+    else:
+        for run, cfg in todo:
+            finished(run, _do_run(cfg, out / "runs" / run.key, *args))
+    return [r for r in rows if r["key"] in plan]
+
+
+def _on_ray(todo, out: Path, args, workers: int, finished) -> None:
+    import ray
+
+    from evoprune.workers.evaluator import init_ray
+
+    init_ray()
+    remote = ray.remote(num_cpus=1, max_retries=2)(_do_run)
+    pending, queue = {}, list(todo)
+    while queue or pending:
+        while queue and len(pending) < workers:
+            run, cfg = queue.pop(0)
+            pending[remote.remote(cfg, out / "runs" / run.key, *args)] = run
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            finished(pending.pop(ref), ray.get(ref))
+
+
+def _claim_folder(out: Path, suite: Suite, metrics: list[str]) -> None:
+    """A new folder gets suite.json; an existing one must hold the same suite and metrics."""
+    want = {"suite": {"name": suite.name, "seeds": suite.seeds, "baselines": suite.baselines,
+                      "cases": [{"task": c.task, **c.settings} for c in suite.cases]}, "metrics": metrics}
+    path = out / "suite.json"
+    if out.exists() and not out.is_dir():
+        raise EvopruneError(f"--out {out} is a file, not a folder")
+    if path.exists():
+        try:
+            have = json.loads(path.read_text())
+        except (ValueError, OSError) as e:
+            raise EvopruneError(f"{path} is unreadable ({e}); use another --out") from None
+        if have != json.loads(json.dumps(want)):
+            raise EvopruneError(f"{out} holds another suite or other metrics; use another --out (or the same "
+                                "command to continue it)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(want, indent=2))
+
+
+def _record(db, cfg, rep: dict, seed: int):
+    from evoprune.transfer.prune import record_transfer
+
+    try:
+        return record_transfer(db, cfg, rep, seed=seed)
+    except EvopruneError:
+        return None
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass
+class CaseResult:
+    case: int
+    label: str
+    metric: str
+    test: Estimate
+    macs_kept: float
+    seeds: list[int]
+    diffs: dict[str, Estimate] = field(default_factory=dict)  # baseline metric -> paired difference
+    verdicts: dict[str, str] = field(default_factory=dict)
+
+
+def summarize(rows: list[dict], baselines: list[str]) -> tuple[list[CaseResult], dict[str, dict[str, list[int]]]]:
+    """Per case and metric: test mean and CI over seeds, and the paired difference to each
+    baseline; per metric and baseline: [wins, ties, losses] over the cases."""
+    by: dict[tuple[int, str], dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault((r["case"], r["metric"]), {})[r["seed"]] = r
+    base_refs = [f"baseline:{b}" for b in baselines]
+    results, wtl = [], {}
+    for (case, metric), seeds in sorted(by.items()):
+        any_row = next(iter(seeds.values()))
+        cr = CaseResult(case, any_row["case_label"], metric, estimate([seeds[s]["test"] for s in sorted(seeds)]),
+                        statistics.fmean(r["macs_kept"] for r in seeds.values()), sorted(seeds))
+        for b in base_refs:
+            other = by.get((case, b))
+            if other is None or b == metric:
+                continue
+            common = sorted(set(seeds) & set(other))
+            if not common:
+                continue
+            d = paired([seeds[s]["test"] for s in common], [other[s]["test"] for s in common])
+            cr.diffs[b], cr.verdicts[b] = d, verdict(d)
+            counts = wtl.setdefault(metric, {}).setdefault(b, [0, 0, 0])
+            counts[{"beats": 0, "ties": 1, "loses to": 2}[cr.verdicts[b]]] += 1
+        results.append(cr)
+    return results, wtl
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Test top-1 against the MACs kept, one line per metric (and TPP on/off), a panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), dpi=110, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        lines: dict[tuple[str, bool], dict[float, list[float]]] = {}
+        for r in rows:
+            if r["task"] == task:
+                lines.setdefault((r["metric"], r["tpp"]), {}).setdefault(round(r["macs_kept"], 4), []).append(r["test"])
+        for (metric, tpp), pts in sorted(lines.items()):
+            xs = sorted(pts)
+            ys = [statistics.fmean(pts[x]) for x in xs]
+            err = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, linestyle="-" if tpp else "--",
+                        label=f"{metric[:40]}{'' if tpp else ' (no TPP)'}")
+        ax.set_xlabel("MACs kept (share of the unpruned model)")
+        ax.set_ylabel("test top-1 (mean +- std over seeds)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
