@@ -309,7 +309,7 @@ class Search:
         """The next generation's new individuals. A child whose formula (canonical form) is already
         in `taken` (the elites, the other children) is bred again, up to `unique_retries` times:
         a population of copies explores nothing, and copies cost no evaluation but a place."""
-        s, tb = self.cfg.search, self.toolbox
+        s = self.cfg.search
         taken = set() if taken is None else taken
         kids = []
         while len(kids) < s.population - s.elites:
