@@ -78,7 +78,7 @@ def cifar(args):
             accs.append(rec.fitness)
         rows[stage] = (statistics.median(times), min(times), max(times), statistics.fmean(accs))
     print(f"\n| CIFAR-10 ResNet-20 proxy ({len(names)} baselines, ratio {proxy.ratio}, {proxy.finetune_steps} steps "
-          f"of {proxy.batch_size}) | median s | min s | max s | candidates/hour | mean val acc |\n|---|---|---|---|---|---|")
+          f"of {proxy.batch_size}) | median s | min s | max s | candidates/hour | mean fitness |\n|---|---|---|---|---|---|")
     for stage, (med, lo, hi, acc) in rows.items():
         print(f"| {stage} | {med:.3f} | {lo:.3f} | {hi:.3f} | {3600 / med:.0f} | {acc:.4f} |")
     share = proxy.promote

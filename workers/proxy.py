@@ -13,6 +13,7 @@ numbers): identical masks give identical fitness.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -32,6 +33,7 @@ from evoprune.tasks import get_task
 
 STAGES = ("screen", "full")
 SCORES = ("accuracy", "probability")
+TRAINS = ("pruned", "masked")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +54,9 @@ class ProxyConfig:
     recalibrate_images: int = 512  # training images for BN recalibration (screen and full)
     val_images: int = 0  # validation images scored (0 = all)
     data_seed: int = 0  # the fixed data order shared by all candidates
+    train: str = "pruned"  # pruned: fine-tune the physically smaller network (surgery on every layer whose
+    #                        channels no other layer shares; tied layers stay masked); masked: the full-width
+    #                        network with the pruned filters held at 0. The same function up to float order.
     score: str = "probability"  # what a task contributes to fitness: probability (mean softmax probability
     #                         of the true class on val: continuous) | accuracy (top-1 on val: on 431 images
     #                         it moves in steps of 0.23 points, and the proxy check found it too coarse)
@@ -75,6 +80,7 @@ class ProxyConfig:
             (self.val_images >= 0, "val_images must be >= 0"),
             (0 < self.promote <= 1, "promote must be in (0, 1]"),
             (self.score in SCORES, f"score must be one of {', '.join(SCORES)}"),
+            (self.train in TRAINS, f"train must be one of {', '.join(TRAINS)}"),
             (0 < self.timeout_s <= 7 * 86400, "timeout_s must be in (0, 604800] (a week)"),
         ]
         for ok, msg in checks:
@@ -114,27 +120,57 @@ class TaskContext:
                          device=str(self.device))
         self.name, self.data = task_name, pre.data
         self.base = pre.model.to(self.device).eval()
-        example = next(iterate(self.data, self.data.train, batch_size=2, device=self.device))[0]
-        s = structure(self.base, example)
+        self.example = next(iterate(self.data, self.data.train, batch_size=2, device=self.device))[0]
+        s = structure(self.base, self.example)
         self.macs, self.params, self.inputs_from, self.bn_of = s.macs, s.params, s.inputs_from, s.bn_of
+        self._independent: set[str] | None = None
 
-    def run(self, masks: Masks, stage: str, data_seed: int | None = None) -> TaskResult:
+    @property
+    def independent(self) -> set[str]:
+        """The layers whose output channels no other layer shares: these the pruned proxy cuts."""
+        if self._independent is None:
+            from evoprune.transfer.surgery import independent_layers
+
+            self._independent = set(independent_layers(self.base, self.example, list(self.macs)))
+        return self._independent
+
+    def run(self, masks: Masks, stage: str, data_seed: int | None = None, clock=None) -> TaskResult:
+        """`clock(name)`: a context manager timing each phase (benchmarks/proxy_profile.py)."""
         t0 = time.perf_counter()
+        clock = clock or _untimed
         seed = self.cfg.data_seed if data_seed is None else data_seed
-        model = copy.deepcopy(self.base)
-        zero = self._zeroer(model, masks)
-        zero()
+        with clock("copy the model"):
+            model = copy.deepcopy(self.base)
+        with clock("apply the masks"):
+            zero = self._apply(model, masks)
         if self.cfg.recalibrate_images:
-            self._recalibrate(model, seed)
-        if stage == "full" and self.cfg.finetune_steps:
-            self._finetune(model, zero, seed)
-            if self.cfg.recalibrate_images:
+            with clock("recalibrate BN"):
                 self._recalibrate(model, seed)
-        acc, prob = self._scores(model)
+        if stage == "full" and self.cfg.finetune_steps:
+            with clock("fine-tune"):
+                self._finetune(model, zero, seed)
+            if self.cfg.recalibrate_images:
+                with clock("recalibrate BN again"):
+                    self._recalibrate(model, seed)
+        with clock("validation pass"):
+            acc, prob = self._scores(model)
         return TaskResult(accuracy=acc, kept_flops=kept_share(masks, self.macs, self.inputs_from),
                           kept_params=kept_share(masks, self.params, self.inputs_from),
                           seconds=time.perf_counter() - t0, mask=mask_hash(masks),
                           score=prob if self.cfg.score == "probability" else None)
+
+    def _apply(self, model: nn.Module, masks: Masks):
+        """Zero the pruned filters; the pruned proxy then cuts them out of every layer whose channels
+        no other layer shares (Torch-Pruning). Returns what keeps the rest (tied layers) at 0."""
+        zero = self._zeroer(model, masks)
+        zero()
+        if self.cfg.train == "masked":
+            return zero
+        from evoprune.transfer.surgery import surgery
+
+        cut = {n: m for n, m in masks.items() if n in self.independent and not m.all()}
+        surgery(model, {n: m.to(self.device) for n, m in cut.items()}, self.example)
+        return self._zeroer(model, {n: m for n, m in masks.items() if n not in cut})
 
     def _zeroer(self, model: nn.Module, masks: Masks):
         """A function that (re)sets the pruned filters, their biases and BN scale/shift to 0."""
@@ -145,7 +181,8 @@ class TaskContext:
         @torch.no_grad()
         def zero():
             # one fused multiply, no host sync: boolean-mask indexing would sync the GPU per tensor
-            torch._foreach_mul_(params, factors)
+            if params:
+                torch._foreach_mul_(params, factors)
         return zero
 
     @torch.no_grad()
@@ -194,6 +231,11 @@ class TaskContext:
 
         return true_class_probability(model, self.data, self.data.val, device=self.device,
                                       limit=self.cfg.val_images or None)
+
+
+@contextlib.contextmanager
+def _untimed(name: str):
+    yield
 
 
 def evaluate_job(contexts: dict[str, TaskContext], job: Job, worker: str = "") -> FitnessRecord:
