@@ -107,8 +107,15 @@ class RunConfig:
     data_root: str = ""  # else --data-root / $EVOPRUNE_DATA_ROOT / ./data
     cache_dir: str = ""  # pretrained-model cache, else $EVOPRUNE_CACHE / ~/.cache/evoprune
     tasks_file: str = ""  # extra task definitions
+    address: str = ""  # the Ray cluster to join (else $RAY_ADDRESS, else a `ray start` on this machine)
+    threads: int = 0  # torch threads of an evaluating process: 0 = torch's default in-process, 1 per Ray actor
+    placement_timeout_s: float = 120.0  # with every Ray worker lost, how long to wait for one before failing
 
     def __post_init__(self):
+        if not 0 <= self.threads <= 256:
+            raise EvopruneError("[run] threads must be in [0, 256]")
+        if not 1 <= self.placement_timeout_s <= 86_400:
+            raise EvopruneError("[run] placement_timeout_s must be in [1, 86400]")
         if not -1 <= self.workers <= 10_000:
             raise EvopruneError("[run] workers must be in [0, 10000], or -1 for all the cluster offers")
         if not 0 <= self.gpus_per_worker <= 8:

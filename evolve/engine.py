@@ -366,7 +366,7 @@ class Search:
             self.recorder.status(RunStatus.interrupted, "interrupted; resume with --resume")
             raise
         except Exception as e:
-            self.recorder.status(RunStatus.failed, f"{type(e).__name__}: {e}")
+            self.recorder.status(RunStatus.failed, f"{type(e).__name__}: {e}; resume with --resume")
             raise
         return pop
 

@@ -17,9 +17,11 @@ from evoprune.evolve.config import Config
 from evoprune.evolve.engine import GenerationReport, ResumePoint, Search
 from evoprune.evolve.validation import Validation, validate
 from evoprune.masks import TaskMasks
+from evoprune.pretrain import pretrained
+from evoprune.tasks import get_task
 from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus
 from evoprune.train import pick_device
-from evoprune.workers.evaluator import InProcessEvaluator, RayEvaluator, WorkerSpec
+from evoprune.workers.evaluator import ClusterError, InProcessEvaluator, RayEvaluator, WorkerSpec
 
 
 @dataclass
@@ -66,13 +68,13 @@ class StoreRecorder:
         store.set_status(self.engine, self.run_id, status, note)
 
 
-def _spec(cfg: Config, device: str) -> WorkerSpec:
+def _spec(cfg: Config, device: str, pretrained: dict) -> WorkerSpec:
     r = cfg.run
     return WorkerSpec(proxy=cfg.proxy, data_root=r.data_root or None, cache_dir=r.cache_dir or None,
-                      tasks_file=r.tasks_file or None, device=device)
+                      tasks_file=r.tasks_file or None, device=device, threads=r.threads, pretrained=pretrained)
 
 
-def _workers(requested: int, gpus_per_worker: float) -> tuple[int, float]:
+def _workers(requested: int, gpus_per_worker: float, address: str | None) -> tuple[int, float]:
     """-1: one actor per GPU share the cluster offers (gpus_per_worker, default 1), else one per
     CPU left after the driver's."""
     if requested > 0:
@@ -81,7 +83,7 @@ def _workers(requested: int, gpus_per_worker: float) -> tuple[int, float]:
 
     from evoprune.workers.evaluator import init_ray
 
-    init_ray()
+    init_ray(address)
     res = ray.cluster_resources()
     if res.get("GPU", 0) > 0:
         share = gpus_per_worker or 1.0
@@ -119,15 +121,20 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
     on_progress("config", {"config": cfg})  # a resumed run's settings are the stored ones
     on_progress("status", {"text": f"loading tasks {', '.join(cfg.proxy.tasks)} (pretraining on first use)"})
     r, p = cfg.run, cfg.proxy
-    maskers = {t: TaskMasks.load(t, p.allocation, cfg.search.stat_names, stat_images=p.stat_images, seed=p.data_seed,
-                                 data_root=r.data_root or None, cache_dir=r.cache_dir or None,
-                                 tasks_file=r.tasks_file or None, device=device) for t in p.tasks}
+    # each task's model and data, loaded once here: the masks are made from them and the workers
+    # get them (through Ray's object store), so every node scores what the driver means
+    pre = {t: pretrained(get_task(t, r.tasks_file or None), data_root=r.data_root or None,
+                         cache_dir=r.cache_dir or None, device=device) for t in p.tasks}
+    maskers = {t: TaskMasks.from_pretrained(pre[t], p.allocation, cfg.search.stat_names, stat_images=p.stat_images,
+                                            seed=p.data_seed) for t in p.tasks}
     if cfg.run.workers:
-        n, gpus = _workers(cfg.run.workers, cfg.run.gpus_per_worker)
+        n, gpus = _workers(cfg.run.workers, cfg.run.gpus_per_worker, r.address or None)
         on_progress("status", {"text": f"{n} Ray workers, {gpus:g} GPU each"})
-        evaluator = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu"), n, gpus)
+        evaluator = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
+                                 placement_timeout_s=r.placement_timeout_s,
+                                 on_status=lambda text: on_progress("status", {"text": text}))
     else:
-        evaluator = InProcessEvaluator(_spec(cfg, device))
+        evaluator = InProcessEvaluator(_spec(cfg, device, pre))
     try:
         if resume is None:
             recorder, point = StoreRecorder.new_run(engine, cfg), None
@@ -136,7 +143,11 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
             point = ResumePoint(store.candidate_records(engine, resume), store.last_generation(engine, resume))
         search = Search(cfg, evaluator, maskers, recorder, on_progress)
         on_progress("status", {"text": "searching"})
-        search.run(point)
+        try:
+            search.run(point)
+        except ClusterError as e:
+            raise ClusterError(f"{e}; run {recorder.run_id} is marked failed: `evoprune evolve --resume "
+                               f"{recorder.run_id}` continues it once the cluster is back") from None
         with _status_on_error(recorder):
             on_progress("status", {"text": "fine-tuning the finalists and the baselines for the summary"})
             finalists, baselines = _final_round(search, engine, recorder.run_id, top)
@@ -160,7 +171,7 @@ def _status_on_error(recorder: StoreRecorder):
         recorder.status(RunStatus.interrupted, "interrupted; resume with --resume")
         raise
     except Exception as e:
-        recorder.status(RunStatus.failed, f"{type(e).__name__}: {e}")
+        recorder.status(RunStatus.failed, f"{type(e).__name__}: {e}; resume with --resume")
         raise
 
 

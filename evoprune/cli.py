@@ -222,6 +222,9 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
                                                           "in this process.")] = None,
            generations: Annotated[Optional[int], typer.Option("--generations", help="Override "
                                                               "[search] generations.")] = None,
+           address: Annotated[Optional[str], typer.Option("--address", help="The Ray cluster to join (else "
+                                                          "[run] address, $RAY_ADDRESS, a `ray start` on this "
+                                                          "machine); implies Ray workers.")] = None,
            data_root: DataRoot = None, cache_dir: CacheDir = None,
            device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None):
     """Search for a pruning metric (the default search runs on the digits task)."""
@@ -236,9 +239,11 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
         if workers != "auto" and not workers.isdigit():
             raise EvopruneError(f"--workers takes a number or 'auto', got {workers!r}")
         workers = -1 if workers == "auto" else int(workers)
+    if address is not None and workers is None and not cfg.run.workers:
+        workers = -1  # a cluster asked for: one worker per CPU (or GPU) it offers
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
-                 dict(workers=workers, data_root=data_root, cache_dir=cache_dir, device=device).items()
-                 if v is not None}
+                 dict(workers=workers, data_root=data_root, cache_dir=cache_dir, device=device,
+                      address=address).items() if v is not None}
     cfg = replace(cfg, run=replace(cfg.run, **overrides))
     if generations is not None:
         cfg = replace(cfg, search=replace(cfg.search, generations=generations))
@@ -683,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"error: {e}", markup=False, highlight=False)
         return 2
     except Exception as e:
+        if type(e).__name__ == "ClusterError":  # evoprune.workers.evaluator: not the user's doing
+            err.print(f"error: the Ray cluster failed under the run: {e}", markup=False, highlight=False)
+            return 3
         if not _database_error(e):
             raise
         first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]

@@ -151,12 +151,19 @@ class TaskMasks:
         """The task's pretrained model (trained on `device` on first use), its statistics over
         `stat_images` training images, always on the CPU: the masks then do not depend on
         where the driver or the workers run."""
-        from evoprune.data import iterate
         from evoprune.pretrain import pretrained
-        from evoprune.primitives.layers import structure
         from evoprune.tasks import get_task
 
         pre = pretrained(get_task(task_name, tasks_file), data_root=data_root, cache_dir=cache_dir, device=device)
+        return cls.from_pretrained(pre, allocation, stats, stat_images=stat_images, seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, pre, allocation: Allocation, stats: list[str], *, stat_images: int,
+                        seed: int) -> "TaskMasks":
+        """The same from a task's Pretrained already in hand (the driver loads it once)."""
+        from evoprune.data import iterate
+        from evoprune.primitives.layers import structure
+
         table = stat_table(pre, stats, allocation, n_images=stat_images, seed=seed, device="cpu")
         example = next(iterate(pre.data, pre.data.train, batch_size=2))[0]
-        return cls(task_name, table, structure(pre.model, example), allocation)
+        return cls(pre.task.name, table, structure(pre.model, example), allocation)

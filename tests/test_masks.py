@@ -46,7 +46,7 @@ def test_ray_workers_train_the_masks_the_driver_made(ray_session, masker, cache_
     try:
         Search(cfg, evaluator, {"digits-cnn": masker}, recorder).run()
         held = evaluator.ray.get([a.__ray_call__.remote(lambda self: sorted(vars(self.contexts["digits-cnn"])))
-                                  for a in evaluator.actors])
+                                  for a in (s.actor for s in evaluator.slots)])
         assert all("base" in h and "table" not in h for h in held), held  # the model, no statistics
     finally:
         evaluator.close()

@@ -2,147 +2,313 @@
 
 The engine sees one interface, `run(jobs) -> iterator of (job, FitnessRecord)`:
   InProcessEvaluator  in the driver's process (tests, debugging, a laptop)
-  RayEvaluator        a pool of Ray actors, each holding its tasks' models and data
-                      (loaded once; the masks come with each job); results stream back through ray.wait; an evaluation past
-                      its timeout gets the worst fitness and its actor is replaced; a job whose
-                      actor died is resubmitted, so nothing is lost or counted twice.
+  RayEvaluator        a pool of Ray actors, each holding its tasks' models and data. The driver
+                      loads both and ships them through Ray's object store, so every worker, on
+                      any node, scores exactly the model and the data the driver scored (never
+                      what a node's own cache or data root holds). Results stream back through
+                      ray.wait.
+
+Faults are never results. A job whose actor dies (its node lost, the process killed) or runs
+past `[proxy] timeout_s` is run again on another actor; a job that fails MAX_ATTEMPTS times,
+or a pool that cannot place a single actor for `[run] placement_timeout_s` (every node lost,
+or the head), ends the evaluation with ClusterError: the run is then marked failed, to be
+resumed, and nothing of the unfinished generation is stored.
 """
 from __future__ import annotations
 
 import os
+import socket
 import time
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
-from evoprune.records import FitnessRecord, invalid
+from evoprune.errors import EvopruneError
+from evoprune.records import FitnessRecord
 from evoprune.workers.proxy import Job, ProxyConfig, TaskContext, evaluate_job
 
-MAX_ATTEMPTS = 3  # a job whose worker died this often is recorded as invalid
+MAX_ATTEMPTS = 3  # a job that fails this often on healthy-looking workers stops the run
+
+
+class ClusterError(RuntimeError):
+    """The cluster failed under the run (nodes or the head lost, workers crashing): not a result."""
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker needs to build its task contexts (plain data: it travels to Ray actors)."""
+    """What a worker needs to build its task contexts (plain data: it travels to Ray actors).
+    `pretrained`: task -> the driver's Pretrained (model and data); without it a worker loads
+    them itself from `cache_dir` and `data_root`."""
 
     proxy: ProxyConfig
     data_root: str | None = None
     cache_dir: str | None = None
     tasks_file: str | None = None
     device: str = "cpu"
+    threads: int = 0  # torch threads in an evaluating process (0: torch's default in-process, 1 per actor)
+    pretrained: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    def contexts(self) -> dict[str, TaskContext]:
+    def contexts(self, pretrained: dict[str, Any] | None = None) -> dict[str, TaskContext]:
+        pre = pretrained if pretrained is not None else self.pretrained
         return {t: TaskContext(t, self.proxy, data_root=self.data_root, cache_dir=self.cache_dir, device=self.device,
-                               tasks_file=self.tasks_file) for t in self.proxy.tasks}
+                               tasks_file=self.tasks_file, pretrained=pre.get(t)) for t in self.proxy.tasks}
 
 
 class InProcessEvaluator:
     def __init__(self, spec: WorkerSpec, contexts: dict[str, TaskContext] | None = None):
+        import torch
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
         self.spec = spec
         self.contexts = contexts or spec.contexts()
+        self.name = f"local-{socket.gethostname()}-{os.getpid()}"
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, FitnessRecord]]:
         for job in jobs:
-            yield job, evaluate_job(self.contexts, job, worker=f"local-{os.getpid()}")
+            yield job, evaluate_job(self.contexts, job, worker=self.name)
 
     def close(self) -> None:
         pass
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join a running cluster (RAY_ADDRESS set, or `ray start` on this machine), else start a
-    local instance; a Ray already initialised in this process is reused."""
+def _cluster_file() -> str | None:
+    """The address `ray start` recorded on this machine, if any."""
+    try:
+        with open("/tmp/ray/ray_current_cluster") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster asked for (`address`, else $RAY_ADDRESS, else one `ray start` runs on
+    this machine) or, when none is, start a local Ray. A cluster asked for that cannot be
+    reached is an error, never a silent local run. A Ray already initialised here is reused."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    asked = address or os.environ.get("RAY_ADDRESS") or _cluster_file()
+    if not asked:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        return
+    where = "the address given" if address else "$RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else \
+        "/tmp/ray/ray_current_cluster (written by `ray start` on this machine; `ray stop` clears it)"
+
+    def refuse(why: str) -> EvopruneError:
+        return EvopruneError(f"cannot join the Ray cluster at {asked} (from {where}): {why}; check that it runs, "
+                             "and that this machine holds its token (~/.ray/auth_token, RAY_AUTH_MODE=token)")
+
+    if not asked.startswith("ray://"):  # Ray would retry an address nothing listens on for minutes
+        host, _, port = asked.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            raise refuse(f"nothing answers there ({e})") from None
+    _token_auth_if_available()
+    try:
+        ray.init(address=asked, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise refuse(str(e).splitlines()[0][:200]) from None
+
+
+def _token_auth_if_available() -> None:
+    """Ray 2.60 clusters authenticate by token by default: a driver joining one must say so.
+    With RAY_AUTH_MODE unset and a token on this machine (~/.ray/auth_token), turn token mode on
+    for this process (Ray's own helper also refreshes its cached config; setting the variable
+    after `import ray` alone is too late)."""
+    if "RAY_AUTH_MODE" in os.environ:
         return
     try:
-        ray.init(address="auto", log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError):
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray: it reads RAY_AUTH_MODE as it was at start-up
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 class _Actor:
-    """The body of a Ray actor: task contexts built once, then one evaluation per call."""
+    """The body of a Ray actor: task contexts built once from the driver's models and data,
+    then one evaluation per call."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, pretrained: dict[str, Any]):
+        import ray
         import torch
 
-        torch.set_num_threads(1)  # one actor per CPU slot: no oversubscription
-        self.spec = spec
-        self.contexts = spec.contexts()
-        self.name = f"ray-{os.getpid()}"
+        torch.set_num_threads(spec.threads or 1)  # one actor per CPU slot: no oversubscription
+        self.contexts = spec.contexts({t: ray.get(ref) for t, ref in pretrained.items()})
+        self.name = f"ray-{socket.gethostname()}-{ray.util.get_node_ip_address()}-{os.getpid()}"
 
-    def pid(self) -> int:
-        return os.getpid()
+    def whoami(self) -> tuple[int, str]:
+        return os.getpid(), self.name
 
     def evaluate(self, job: Job) -> dict:
         return evaluate_job(self.contexts, job, worker=self.name).to_dict()
 
 
+@dataclass
+class _Slot:
+    actor: Any
+    ready: bool = False
+    started: float = field(default_factory=time.monotonic)
+    probe: Any = None  # the whoami() call that says the actor is up
+    pid: int = 0
+
+
 class RayEvaluator:
-    def __init__(self, spec: WorkerSpec, workers: int, gpus_per_worker: float = 0.0, num_cpus: int | None = None):
+    """A pool of `workers` Ray actors. Actors that die are replaced; replacements that cannot be
+    placed (a node lost) leave the pool smaller, and the run goes on with the rest, saying so."""
+
+    def __init__(self, spec: WorkerSpec, workers: int, gpus_per_worker: float = 0.0, num_cpus: int | None = None,
+                 address: str | None = None, placement_timeout_s: float = 120.0,
+                 on_status: Callable[[str], None] | None = None):
         import ray
 
-        init_ray(num_cpus)
+        init_ray(address, num_cpus)
         self.ray = ray
         self.spec = spec
+        self.size = workers
+        self.placement_timeout_s = placement_timeout_s
+        self.on_status = on_status or (lambda text: None)
+        # the driver's models and data, put once in the object store: every actor gets those
+        self.refs = {t: ray.put(p) for t, p in spec.pretrained.items()}
+        self.spec_to_ship = WorkerSpec(spec.proxy, spec.data_root, spec.cache_dir, spec.tasks_file, spec.device,
+                                       spec.threads)
         self.actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=0)(_Actor)
-        self.actors = [self._new_actor() for _ in range(workers)]
+        self.gcs = ray.get_runtime_context().gcs_address  # host:port of the head's GCS
+        self.head_lost = False
+        self.slots = [self._new_slot() for _ in range(workers)]
         self.restarts = 0
 
-    def _new_actor(self):
-        return self.actor_cls.remote(self.spec)
+    def _new_slot(self) -> _Slot:
+        actor = self.actor_cls.remote(self.spec_to_ship, self.refs)
+        return _Slot(actor, probe=actor.whoami.remote())
 
     def pids(self) -> list[int]:
-        return self.ray.get([a.pid.remote() for a in self.actors])
+        self._wait_ready(all_of_them=True)
+        return [s.pid for s in self.slots]
+
+    def _wait_ready(self, all_of_them: bool = False) -> None:
+        """Move actors whose probe answered into the ready set; drop the ones that failed to
+        start. Raises ClusterError when none is ready for placement_timeout_s."""
+        ray = self.ray
+        while True:
+            probes = {s.probe: s for s in self.slots if not s.ready}
+            if probes:
+                done, _ = ray.wait(list(probes), num_returns=len(probes), timeout=0.5)
+                for ref in done:
+                    slot = probes[ref]
+                    try:
+                        slot.pid = ray.get(ref)[0]
+                        slot.ready = True
+                    except Exception:  # it died starting: its node is gone or it crashed
+                        self._drop(slot)
+            ready = [s for s in self.slots if s.ready]
+            if ready and not (all_of_them and len(ready) < len(self.slots)):
+                return
+            waited = max((time.monotonic() - s.started for s in self.slots if not s.ready), default=0.0)
+            self._check_head()
+            if not self.slots or waited > self.placement_timeout_s:
+                raise ClusterError(f"no Ray worker could be placed for {self.placement_timeout_s:.0f} s: the "
+                                   "cluster lost its nodes or its head")
+            if not probes:
+                self.slots.append(self._new_slot())
+
+    def _check_head(self) -> None:
+        """Raise ClusterError at once when the head's GCS no longer answers: Ray's own calls would
+        block on it (and Ray ends a driver that has lost its GCS for a minute)."""
+        host, _, port = self.gcs.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=3):
+                return
+        except OSError as e:
+            self.head_lost = True
+            raise ClusterError(f"the Ray head is gone (its GCS at {self.gcs} does not answer: {e})") from None
+
+    def _drop(self, slot: _Slot, replace: bool = True) -> None:
+        """An actor that died or stalled goes; a new one is asked for (it starts when a node can
+        take it; until then the pool is smaller)."""
+        self._check_head()
+        try:
+            self.ray.kill(slot.actor, no_restart=True)
+        except Exception:
+            pass
+        if slot in self.slots:
+            self.slots.remove(slot)
+        if replace and len(self.slots) < self.size:
+            self.slots.append(self._new_slot())
+            self.restarts += 1
+        ready = sum(s.ready for s in self.slots)
+        if ready < self.size:
+            self.on_status(f"{ready} of {self.size} Ray workers ready (a worker was lost; a replacement starts "
+                           "when a node can take it)")
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, FitnessRecord]]:
         ray = self.ray
         queue = [(j, 1) for j in jobs]
-        idle = list(range(len(self.actors)))
-        flight: dict = {}  # object ref -> (job, attempt, actor index, start time)
+        flight: dict = {}  # object ref -> (job, attempt, slot, start time)
         timeout = self.spec.proxy.timeout_s
         while queue or flight:
-            while queue and idle:
+            if queue and not any(s.ready for s in self.slots):
+                self._wait_ready()  # every worker lost: wait for a replacement, up to the placement timeout
+            for slot in [s for s in self.slots if s.ready and not self._busy(s, flight)]:
+                if not queue:
+                    break
                 job, attempt = queue.pop(0)
-                i = idle.pop(0)
-                ref = self.actors[i].evaluate.remote(job)
-                flight[ref] = (job, attempt, i, time.monotonic())
-            ready, _ = ray.wait(list(flight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                job, attempt, i, _ = flight.pop(ref)
+                flight[slot.actor.evaluate.remote(job)] = (job, attempt, slot, time.monotonic())
+            if not flight:
+                continue
+            done, _ = ray.wait(list(flight), num_returns=1, timeout=1.0)
+            for ref in done:
+                job, attempt, slot, _ = flight.pop(ref)
                 try:
                     rec = FitnessRecord.from_dict(ray.get(ref))
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
-                    self._replace(i)
-                    if attempt < MAX_ATTEMPTS:
-                        queue.insert(0, (job, attempt + 1))
-                    else:
-                        yield job, invalid(job.expression, f"worker died {attempt} times", job.stage)
-                    idle.append(i)
+                except Exception as e:  # the actor died (node lost, killed) or the evaluation crashed
+                    self._drop(slot)
+                    self._retry(queue, job, attempt, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     continue
-                except ray.exceptions.RayTaskError as e:
-                    rec = invalid(job.expression, f"error: {str(e).splitlines()[-1][:200]}", job.stage)
-                idle.append(i)
                 yield job, rec
+            self._wait_ready_nonblocking()
             now = time.monotonic()
-            for ref, (job, attempt, i, t0) in list(flight.items()):
-                if now - t0 > timeout:
+            for ref, (job, attempt, slot, t0) in list(flight.items()):
+                if now - t0 > timeout:  # stalled: its node may be gone without a word
                     flight.pop(ref)
-                    self._replace(i, kill=True)
-                    idle.append(i)
-                    yield job, invalid(job.expression, f"timeout after {timeout:.0f} s", job.stage)
+                    self._drop(slot)
+                    self._retry(queue, job, attempt, f"no answer after {timeout:.0f} s")
 
-    def _replace(self, i: int, kill: bool = False) -> None:
-        if kill:
-            self.ray.kill(self.actors[i], no_restart=True)
-        self.actors[i] = self._new_actor()
-        self.restarts += 1
+    @staticmethod
+    def _busy(slot: _Slot, flight: dict) -> bool:
+        return any(s is slot for _, _, s, _ in flight.values())
+
+    def _wait_ready_nonblocking(self) -> None:
+        ray = self.ray
+        probes = {s.probe: s for s in self.slots if not s.ready}
+        if not probes:
+            return
+        done, _ = ray.wait(list(probes), num_returns=len(probes), timeout=0)
+        for ref in done:
+            slot = probes[ref]
+            try:
+                slot.pid = ray.get(ref)[0]
+                slot.ready = True
+            except Exception:
+                self._drop(slot)
+
+    def _retry(self, queue: list, job: Job, attempt: int, why: str) -> None:
+        if attempt >= MAX_ATTEMPTS:
+            raise ClusterError(f"candidate {job.expression!r} failed {attempt} times on Ray workers (last: {why}); "
+                               "the cluster is not healthy")
+        self.on_status(f"re-running a candidate elsewhere ({why})")
+        queue.insert(0, (job, attempt + 1))
 
     def close(self) -> None:
-        for a in self.actors:
-            self.ray.kill(a, no_restart=True)
-        self.actors = []
+        if self.head_lost:  # nothing to ask a dead head; Ray's calls would only block
+            self.slots = []
+            return
+        for s in self.slots:
+            try:
+                self.ray.kill(s.actor, no_restart=True)
+            except Exception:
+                pass
+        self.slots = []

@@ -112,14 +112,16 @@ class TaskContext:
     """One task, loaded once by a worker: the pretrained model, its data and layer structure."""
 
     def __init__(self, task_name: str, cfg: ProxyConfig, *, data_root=None, cache_dir=None,
-                 device: str | torch.device = "cpu", tasks_file=None):
-        from evoprune.pretrain import pretrained
+                 device: str | torch.device = "cpu", tasks_file=None, pretrained=None):
+        """`pretrained`: the task's Pretrained (model and data) as the driver holds it; without
+        it, loaded from the cache (trained there on first use)."""
+        from evoprune.pretrain import pretrained as load
 
         self.cfg, self.device = cfg, torch.device(device)
-        pre = pretrained(get_task(task_name, tasks_file), data_root=data_root, cache_dir=cache_dir,
-                         device=str(self.device))
+        pre = pretrained or load(get_task(task_name, tasks_file), data_root=data_root, cache_dir=cache_dir,
+                                 device=str(self.device))
         self.name, self.data = task_name, pre.data
-        self.base = pre.model.to(self.device).eval()
+        self.base = copy.deepcopy(pre.model).to(self.device).eval()
         self.example = next(iterate(self.data, self.data.train, batch_size=2, device=self.device))[0]
         s = structure(self.base, self.example)
         self.macs, self.params, self.inputs_from, self.bn_of = s.macs, s.params, s.inputs_from, s.bn_of
