@@ -9,7 +9,7 @@ from typing import Iterable
 
 from sqlalchemy import create_engine, event, inspect, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, DatabaseError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import Session
 
 from evoprune.db.models import Base, Candidate, Evaluation, Generation, Meta, Run, utcnow
@@ -106,13 +106,18 @@ def _alembic(conn):
 
 def _ensure_schema(engine: Engine) -> None:
     """A new database gets the newest schema; an older one is upgraded in place (Alembic).
-    One made before migrations existed (no alembic_version) is the first schema, 0001."""
+    One made before migrations existed (no alembic_version) is the first schema, 0001. On a
+    server, two searches starting at once take turns (an advisory lock), so neither sees half
+    a schema."""
     from alembic import command
+    from sqlalchemy import text
 
-    names = set(inspect(engine).get_table_names())
-    if names and "evoprune_meta" not in names:
-        raise EvopruneError(f"{engine.url} is a database of something else (tables: {sorted(names)[:5]})")
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(741852963)"))
+        names = set(inspect(conn).get_table_names())
+        if names and "evoprune_meta" not in names:
+            raise EvopruneError(f"{engine.url} is a database of something else (tables: {sorted(names)[:5]})")
         cfg = _alembic(conn)
         if not names:
             Base.metadata.create_all(conn)
@@ -121,9 +126,12 @@ def _ensure_schema(engine: Engine) -> None:
             if "alembic_version" not in names:
                 command.stamp(cfg, "0001")
             command.upgrade(cfg, "head")
-    with Session(engine) as s, s.begin():
-        if s.get(Meta, "created_by") is None:
-            s.add(Meta(key="created_by", value="evoprune"))
+    try:
+        with Session(engine) as s, s.begin():
+            if s.get(Meta, "created_by") is None:
+                s.add(Meta(key="created_by", value="evoprune"))
+    except IntegrityError:  # another process wrote it first
+        pass
 
 
 # --------------------------------------------------------------------------- runs
