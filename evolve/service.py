@@ -18,10 +18,10 @@ from evoprune.evolve.engine import GenerationReport, ResumePoint, Search
 from evoprune.evolve.validation import Validation, validate
 from evoprune.masks import TaskMasks
 from evoprune.pretrain import pretrained
-from evoprune.tasks import get_task
 from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus
+from evoprune.tasks import get_task
 from evoprune.train import pick_device
-from evoprune.workers.evaluator import ClusterError, InProcessEvaluator, RayEvaluator, WorkerSpec
+from evoprune.workers.evaluator import ClusterError, InProcessEvaluator, RayEvaluator, WorkerSpec, init_ray
 
 
 @dataclass
@@ -111,6 +111,8 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
     `[search] validation_orders` fresh data orders (0: not), and mark the run finished."""
     if resume is None:
         check_inputs(cfg)
+    if cfg.run.workers:  # a cluster that cannot be joined is refused before the database is touched
+        init_ray(cfg.run.address or None)
     engine = store.connect(store.resolve_url(db_url, cfg.run.db), create=resume is None)
     if resume is not None:  # what is searched comes from the run; where it runs, from this call
         stored = Config.from_dict(store.claim_run(engine, resume).config, f"run {resume}")

@@ -73,6 +73,8 @@ class Cluster:
                 continue
             if str(self.tmp) in cmd and (ip is None or f"ip_address={ip}" in cmd or f"ip-address={ip}" in cmd):
                 mine.append(int(p.name))
+        if ip is None:  # the client server does not name the temp dir: find it by its open logs (not the drivers)
+            mine += [p for p in holding(str(self.tmp)) if b"evoprune" not in _cmdline(p)]
         return sorted(set(mine) | {c for pid in mine for c in _descendants(pid)})
 
     def kill(self, ip: str | None = None) -> list[int]:
@@ -87,6 +89,27 @@ class Cluster:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def holding(prefix: str) -> list[int]:
+    """The processes with a file open under prefix: every process of a Ray cluster keeps its
+    log files in the cluster's temp dir open (some rename themselves, so their command lines
+    do not name it)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix) for fd in os.listdir(f"/proc/{pid}/fd")):
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return [p for p in pids if p != os.getpid()]
 
 
 def _descendants(pid: int) -> set[int]:

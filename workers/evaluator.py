@@ -88,6 +88,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if address == "auto":
+        address = _cluster_file()
+        if not address:
+            raise EvopruneError("--address auto: no Ray runs on this machine (`ray start` records its address in "
+                                "/tmp/ray/ray_current_cluster); start one, or give its address")
     asked = address or os.environ.get("RAY_ADDRESS") or _cluster_file()
     if not asked:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -97,7 +102,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     def refuse(why: str) -> EvopruneError:
         return EvopruneError(f"cannot join the Ray cluster at {asked} (from {where}): {why}; check that it runs, "
-                             "and that this machine holds its token (~/.ray/auth_token, RAY_AUTH_MODE=token)")
+                             "and that this machine holds its token (~/.ray/auth_token or $RAY_AUTH_TOKEN, "
+                             "with RAY_AUTH_MODE=token)")
 
     if not asked.startswith("ray://"):  # Ray would retry an address nothing listens on for minutes
         host, _, port = asked.rpartition(":")
@@ -297,8 +303,10 @@ class RayEvaluator:
 
     def _retry(self, queue: list, job: Job, attempt: int, why: str) -> None:
         if attempt >= MAX_ATTEMPTS:
+            hint = ("if evaluations are this slow, raise [proxy] timeout_s; else the cluster is not healthy"
+                    if why.startswith("no answer") else "the cluster is not healthy")
             raise ClusterError(f"candidate {job.expression!r} failed {attempt} times on Ray workers (last: {why}); "
-                               "the cluster is not healthy")
+                               + hint)
         self.on_status(f"re-running a candidate elsewhere ({why})")
         queue.insert(0, (job, attempt + 1))
 
