@@ -144,7 +144,7 @@ def _maskers(cfg: Config, proxy: ProxyConfig, stats: list[str], device: str) -> 
                               tasks_file=r.tasks_file or None, device=device) for t in proxy.tasks}
 
 
-def _score(cfg: Config, proxy: ProxyConfig, metrics: list[tuple[str, str, bool]],
+def score_metrics(cfg: Config, proxy: ProxyConfig, metrics: list[tuple[str, str, bool]],
            device: str) -> dict[str, tuple[float, float]]:
     """(fitness, geometric mean of the tasks' accuracies) of every metric's full proxy under
     `proxy` (its own data order); zeros for a metric that cannot rank a task's filters."""
@@ -197,7 +197,7 @@ def check_proxy(cfg: Config, *, orders: int = 5, n_random: int = 6, reference_fa
     results = {n: {"proxy": [], "reference": [], "accuracy": []} for n, _, _ in metrics}
     for i, (kind, proxy) in enumerate(runs):
         on_progress(kind, i, len(runs))
-        for name, (f, acc) in _score(cfg, proxy, metrics, device).items():
+        for name, (f, acc) in score_metrics(cfg, proxy, metrics, device).items():
             results[name][kind].append(f)
             if kind == "reference":
                 results[name]["accuracy"].append(acc)

@@ -14,6 +14,7 @@ stopped. Runs may go to Ray workers (`workers`); the database is written by this
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import statistics
@@ -113,7 +114,9 @@ class Run:
 
     @property
     def key(self) -> str:
-        slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.metric).strip("-")[:40]
+        slug = re.sub(r"[^A-Za-z0-9._]+", "-", self.metric).strip("-")
+        if len(slug) > 40 or slug != self.metric.replace(":", "-", 1):  # formulas that share a prefix, or differ
+            slug = f"{slug[:31]}-{hashlib.sha1(self.metric.encode()).hexdigest()[:8]}"  # only in symbols: hashed
         return f"c{self.case.index:02d}-{slug}-s{self.seed}"
 
 
