@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from evoprune.errors import EvopruneError
 from evoprune.records import FitnessRecord
-from evoprune.workers.proxy import Job, ProxyConfig, TaskContext, evaluate_job
+from evoprune.workers.proxy import Job, ProxyConfig, TaskContext, evaluate_job, evaluate_jobs
 
 MAX_ATTEMPTS = 3  # a job that fails this often on healthy-looking workers stops the run
 
@@ -64,8 +64,15 @@ class InProcessEvaluator:
         self.name = f"local-{socket.gethostname()}-{os.getpid()}"
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, FitnessRecord]]:
-        for job in jobs:
-            yield job, evaluate_job(self.contexts, job, worker=self.name)
+        k = self.spec.proxy.batch_candidates
+        if k <= 1:
+            for job in jobs:
+                yield job, evaluate_job(self.contexts, job, worker=self.name)
+            return
+        jobs = list(jobs)
+        for c in range(0, len(jobs), k):
+            chunk = jobs[c: c + k]
+            yield from zip(chunk, evaluate_jobs(self.contexts, chunk, worker=self.name))
 
     def close(self) -> None:
         pass
@@ -149,8 +156,9 @@ class _Actor:
     def whoami(self) -> tuple[int, str]:
         return os.getpid(), self.name
 
-    def evaluate(self, job: Job) -> dict:
-        return evaluate_job(self.contexts, job, worker=self.name).to_dict()
+    def evaluate(self, jobs: list[Job]) -> list[dict]:
+        """One job, or `[proxy] batch_candidates` of them trained together."""
+        return [r.to_dict() for r in evaluate_jobs(self.contexts, jobs, worker=self.name)]
 
 
 @dataclass
@@ -253,39 +261,42 @@ class RayEvaluator:
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, FitnessRecord]]:
         ray = self.ray
         queue = [(j, 1) for j in jobs]
-        flight: dict = {}  # object ref -> (job, attempt, slot, start time)
-        timeout = self.spec.proxy.timeout_s
+        flight: dict = {}  # object ref -> ([(job, attempt)], slot, start time)
+        k = self.spec.proxy.batch_candidates  # jobs per call: trained together on the actor
+        timeout = self.spec.proxy.timeout_s  # per evaluation: a call of n jobs gets n times it
         while queue or flight:
             if queue and not any(s.ready for s in self.slots):
                 self._wait_ready()  # every worker lost: wait for a replacement, up to the placement timeout
             for slot in [s for s in self.slots if s.ready and not self._busy(s, flight)]:
                 if not queue:
                     break
-                job, attempt = queue.pop(0)
-                flight[slot.actor.evaluate.remote(job)] = (job, attempt, slot, time.monotonic())
+                batch, queue = queue[:k], queue[k:]
+                flight[slot.actor.evaluate.remote([j for j, _ in batch])] = (batch, slot, time.monotonic())
             if not flight:
                 continue
             done, _ = ray.wait(list(flight), num_returns=1, timeout=1.0)
             for ref in done:
-                job, attempt, slot, _ = flight.pop(ref)
+                batch, slot, _ = flight.pop(ref)
                 try:
-                    rec = FitnessRecord.from_dict(ray.get(ref))
+                    recs = [FitnessRecord.from_dict(d) for d in ray.get(ref)]
                 except Exception as e:  # the actor died (node lost, killed) or the evaluation crashed
                     self._drop(slot)
-                    self._retry(queue, job, attempt, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    for job, attempt in reversed(batch):
+                        self._retry(queue, job, attempt, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     continue
-                yield job, rec
+                yield from zip((j for j, _ in batch), recs)
             self._wait_ready_nonblocking()
             now = time.monotonic()
-            for ref, (job, attempt, slot, t0) in list(flight.items()):
-                if now - t0 > timeout:  # stalled: its node may be gone without a word
+            for ref, (batch, slot, t0) in list(flight.items()):
+                if now - t0 > timeout * len(batch):  # stalled: its node may be gone without a word
                     flight.pop(ref)
                     self._drop(slot)
-                    self._retry(queue, job, attempt, f"no answer after {timeout:.0f} s")
+                    for job, attempt in reversed(batch):
+                        self._retry(queue, job, attempt, f"no answer after {timeout * len(batch):.0f} s")
 
     @staticmethod
     def _busy(slot: _Slot, flight: dict) -> bool:
-        return any(s is slot for _, _, s, _ in flight.values())
+        return any(s is slot for _, s, _ in flight.values())
 
     def _wait_ready_nonblocking(self) -> None:
         ray = self.ray

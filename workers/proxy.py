@@ -60,6 +60,8 @@ class ProxyConfig:
     score: str = "probability"  # what a task contributes to fitness: probability (mean softmax probability
     #                         of the true class on val: continuous) | accuracy (top-1 on val: on 431 images
     #                         it moves in steps of 0.23 points, and the proxy check found it too coarse)
+    batch_candidates: int = 1  # K > 1: a worker trains K jobs at once as one vmapped model (the masked proxy,
+    #                            workers/batched.py): on a GPU a step then costs about what one candidate's does
     screen: bool = True  # racing: screen every new candidate, fine-tune only the best share
     promote: float = 0.5  # share of a generation's screened candidates that get the full proxy
     timeout_s: float = 600.0  # per evaluation (Ray evaluator)
@@ -79,6 +81,7 @@ class ProxyConfig:
             (0 <= self.recalibrate_images <= 10_000_000, "recalibrate_images must be in [0, 10000000]"),
             (self.val_images >= 0, "val_images must be >= 0"),
             (0 < self.promote <= 1, "promote must be in (0, 1]"),
+            (1 <= self.batch_candidates <= 1024, "batch_candidates must be in [1, 1024]"),
             (self.score in SCORES, f"score must be one of {', '.join(SCORES)}"),
             (self.train in TRAINS, f"train must be one of {', '.join(TRAINS)}"),
             (0 < self.timeout_s <= 7 * 86400, "timeout_s must be in (0, 604800] (a week)"),
@@ -240,13 +243,45 @@ def _untimed(name: str):
     yield
 
 
+def _check_masks(contexts: dict[str, TaskContext], job: Job) -> None:
+    if missing := sorted(set(contexts) - set(job.masks)):
+        raise ValueError(f"job {job.key} carries no masks for {missing}")
+
+
+def _record(job: Job, results: dict[str, TaskResult], seconds: float, worker: str) -> FitnessRecord:
+    fitness = geometric_mean([r.fitness_score for r in results.values()])
+    return FitnessRecord(job.expression, job.stage, fitness, True, "", results, seconds, worker or f"pid{os.getpid()}")
+
+
 def evaluate_job(contexts: dict[str, TaskContext], job: Job, worker: str = "") -> FitnessRecord:
     """Train the job's masks on every task; the record carries the hash of the masks applied."""
     t0 = time.perf_counter()
-    worker = worker or f"pid{os.getpid()}"
-    if missing := sorted(set(contexts) - set(job.masks)):
-        raise ValueError(f"job {job.key} carries no masks for {missing}")
+    _check_masks(contexts, job)
     results = {name: ctx.run(job.masks[name], job.stage, job.data_seed) for name, ctx in contexts.items()}
-    fitness = geometric_mean([r.fitness_score for r in results.values()])
-    return FitnessRecord(job.expression, job.stage, fitness, True, "", results, time.perf_counter() - t0, worker)
+    return _record(job, results, time.perf_counter() - t0, worker)
+
+
+def evaluate_jobs(contexts: dict[str, TaskContext], jobs: list[Job], worker: str = "") -> list[FitnessRecord]:
+    """Every job's record, in order. With `[proxy] batch_candidates` K > 1 the jobs of one stage and
+    data order are trained K at a time (workers/batched.py); each record's seconds is its share."""
+    from evoprune.workers.batched import run_batch
+
+    k = next(iter(contexts.values())).cfg.batch_candidates if contexts else 1
+    if k <= 1:
+        return [evaluate_job(contexts, j, worker) for j in jobs]
+    for job in jobs:
+        _check_masks(contexts, job)
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((job.stage, job.data_seed), []).append(i)
+    out: dict[int, FitnessRecord] = {}
+    for (stage, seed), idx in groups.items():
+        for c in range(0, len(idx), k):
+            chunk, t0 = idx[c: c + k], time.perf_counter()
+            per_task = {name: run_batch(ctx, [jobs[i].masks[name] for i in chunk], stage, seed)
+                        for name, ctx in contexts.items()}
+            share = (time.perf_counter() - t0) / len(chunk)
+            for pos, i in enumerate(chunk):
+                out[i] = _record(jobs[i], {name: r[pos] for name, r in per_task.items()}, share, worker)
+    return [out[i] for i in range(len(jobs))]
 
