@@ -309,12 +309,15 @@ def plot(rows: list[dict], path: Path) -> None:
         for r in rows:
             if r["task"] == task:
                 lines.setdefault((r["metric"], r["tpp"]), {}).setdefault(round(r["macs_kept"], 4), []).append(r["test"])
+        metrics = sorted({m for m, _ in lines})
+        colors = plt.get_cmap("tab20" if len(metrics) > 10 else "tab10")
         for (metric, tpp), pts in sorted(lines.items()):
+            i = metrics.index(metric)  # one color and marker per metric; dashed without TPP
             xs = sorted(pts)
             ys = [statistics.fmean(pts[x]) for x in xs]
             err = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, linestyle="-" if tpp else "--",
-                        label=f"{metric[:40]}{'' if tpp else ' (no TPP)'}")
+            ax.errorbar(xs, ys, yerr=err, marker="osD^vP*Xhp"[i % 10], capsize=3, linestyle="-" if tpp else "--",
+                        color=colors(i % colors.N), label=f"{metric[:40]}{'' if tpp else ' (no TPP)'}")
         ax.set_xlabel("MACs kept (share of the unpruned model)")
         ax.set_ylabel("test top-1 (mean +- std over seeds)")
         ax.set_title(task)
