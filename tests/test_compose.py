@@ -1,16 +1,20 @@
-"""docker-compose.yml and the Dockerfile, checked without a Docker engine (this machine has
-none): the file interpolates with the variables .env.example documents and refuses to start
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: the file interpolates
+with the variables .env.example documents and refuses to start
 without the secrets; services, volumes and dependencies refer to things that exist; every
 command in it parses with the real `ray` and `evoprune` command lines; the database URL is one
 evoprune connects with; the image installs every package the project declares.
 
-What this cannot show is the containers running; the same roles (a head, workers that join it
-with a token, the search's driver on the head) run for real in test_launcher.py and
-test_cluster_faults.py."""
+Where a Docker engine answers, the last test runs the stack for real (build, db + head + a
+worker, the search job, the run read back from PostgreSQL); elsewhere it is skipped with the
+reason. The same roles (a head, workers that join it with a token, the search's driver on a Ray
+node) run for real in test_launcher.py and test_cluster_faults.py in any case."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -76,7 +80,8 @@ def test_every_variable_is_documented_and_the_secrets_are_required():
 def test_services_volumes_and_dependencies_refer_to_what_exists():
     c = compose(FILLED)
     services, volumes = c["services"], set(c.get("volumes") or {})
-    assert {"db", "head", "worker", "gpu-worker"} <= set(services)
+    assert {"db", "head", "worker", "gpu-worker", "search"} <= set(services)
+    assert services["search"]["restart"] == "no"  # a job, not a daemon
     for name, s in services.items():
         assert "image" in s or "build" in s, name
         if "build" in s:
@@ -89,14 +94,18 @@ def test_services_volumes_and_dependencies_refer_to_what_exists():
             source = v.split(":", 1)[0]
             assert source.startswith((".", "/")) or source in volumes, (name, source)
     # the roles that run Ray share the image, the token and the mode
-    for role in ("head", "worker", "gpu-worker"):
+    for role in ("head", "worker", "gpu-worker", "search"):
         env = services[role]["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == "0" * 64
     assert services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
-def _command(value) -> list[str]:
-    return value if isinstance(value, list) else shlex.split(value)
+def _commands(value) -> list[list[str]]:
+    """A service's command lines; a `sh -c` script is cut at `&&` (and `exec` dropped)."""
+    argv = value if isinstance(value, list) else shlex.split(value)
+    if argv[:2] != ["sh", "-c"]:
+        return [argv]
+    return [[a for a in shlex.split(part) if a != "exec"] for part in argv[2].split("&&")]
 
 
 def test_every_command_parses_with_the_real_command_lines():
@@ -116,7 +125,7 @@ def test_every_command_parses_with_the_real_command_lines():
             parent = ctx
 
     c = compose(FILLED)
-    commands = [_command(s["command"]) for s in c["services"].values() if "command" in s]
+    commands = [cmd for s in c["services"].values() if "command" in s for cmd in _commands(s["command"])]
     commands += [s["healthcheck"]["test"][1:] for s in c["services"].values() if "healthcheck" in s
                  and s["healthcheck"]["test"][1] in ("ray", "evoprune")]
     header = [line.split("exec head", 1)[1].split("#")[0] for line in
@@ -157,3 +166,45 @@ def test_the_image_installs_every_package_the_project_declares():
                 assert (ROOT / src).exists(), src
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "*.db"} <= set(ignored)
+
+
+def _engine() -> str | None:
+    """Why the live test cannot run here, or None."""
+    if not shutil.which("docker"):
+        return "no docker command"
+    r = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if r.returncode:
+        return "no docker compose plugin"
+    r = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=60)
+    if r.returncode or not r.stdout.strip():
+        return f"no Docker engine answers ({(r.stderr.strip().splitlines() or ['?'])[-1][:120]})"
+    return None
+
+
+@pytest.mark.slow
+def test_the_stack_runs_a_search_into_postgresql(tmp_path):
+    if why := _engine():
+        pytest.skip(why)
+    import secrets
+
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"RAY_AUTH_TOKEN={secrets.token_hex(32)}\nPOSTGRES_PASSWORD={secrets.token_hex(8)}\n"
+                        f"EVOPRUNE_DATA={tmp_path}\nEVOPRUNE_WORKERS=1\nEVOPRUNE_CONFIG=configs/digits.toml\n")
+    base = ["docker", "compose", "--project-directory", str(ROOT), "--env-file", str(env_file),
+            "-p", f"evoprune-test-{secrets.token_hex(3)}"]
+
+    def dc(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=timeout)
+
+    try:
+        up = dc("up", "-d", "--build", "--wait", "db", "head", "worker")
+        assert up.returncode == 0, up.stderr[-3000:]
+        job = dc("--profile", "search", "run", "--rm", "search", "sh", "-c",
+                 "ray start --address=head:6379 --num-cpus=0 --disable-usage-stats && "
+                 "evoprune evolve --generations 1 --address auto --workers auto")
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        runs = dc("exec", "-T", "head", "evoprune", "runs", "--json")
+        assert runs.returncode == 0, runs.stderr[-2000:]
+        assert [r["status"] for r in json.loads(runs.stdout)] == ["finished"]
+    finally:
+        dc("--profile", "search", "down", "-v", "--remove-orphans", timeout=600)
