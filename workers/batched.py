@@ -27,7 +27,6 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from evoprune.allocators import Masks, kept_share
 from evoprune.data import iterate
-from evoprune.errors import EvopruneError
 from evoprune.masks import mask_hash, mask_targets
 from evoprune.records import TaskResult
 from evoprune.train import autocast
@@ -93,30 +92,16 @@ class Stack:
         self.train(False)
 
     def finetune(self, seed: int) -> None:
-        ctx, c = self.ctx, self.ctx.cfg
-        params = list(self.params.values())
-        opt = torch.optim.SGD(params, lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)
+        opt = self.ctx.optimizer(list(self.params.values()))  # element-wise: K optimizers in one
         self.train()
-        step, epoch = 0, 0
-        while step < c.finetune_steps:
-            before = step
-            for x, y in iterate(ctx.data, ctx.data.train, batch_size=c.batch_size, shuffle=True,
-                                augment=ctx.data.augment, seed=seed * 1000 + epoch, device=ctx.device,
-                                drop_last=True):
-                out = self.forward(x)  # [K, B, classes]
-                # the sum of the K mean losses: each candidate's gradient is its own
-                loss = F.cross_entropy(out.flatten(0, 1), y.repeat(self.k), reduction="sum") / len(y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                self.zero()
-                step += 1
-                if step >= c.finetune_steps:
-                    break
-            if step == before:
-                raise EvopruneError(f"[proxy] batch_size {c.batch_size} is larger than the train split of "
-                                    f"{ctx.name} ({len(ctx.data.train)} images)")
-            epoch += 1
+        for x, y in self.ctx.train_batches(seed):
+            out = self.forward(x)  # [K, B, classes]
+            # the sum of the K mean losses: each candidate's gradient is its own
+            loss = F.cross_entropy(out.flatten(0, 1), y.repeat(self.k), reduction="sum") / len(y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            self.zero()
         self.train(False)
 
     @torch.no_grad()

@@ -207,28 +207,38 @@ class TaskContext:
             m.momentum = 0.1
         model.eval()
 
-    def _finetune(self, model: nn.Module, zero, seed: int) -> None:
+    def train_batches(self, seed: int):
+        """The fine-tune's `finetune_steps` batches: the same stream for every candidate (and for
+        the batched proxy), epoch after epoch of the train split in the order `seed` fixes."""
         c = self.cfg
-        opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)
-        model.train()
         step, epoch = 0, 0
         while step < c.finetune_steps:
             before = step
-            for x, y in iterate(self.data, self.data.train, batch_size=c.batch_size, shuffle=True,
-                                augment=self.data.augment, seed=seed * 1000 + epoch, device=self.device,
-                                drop_last=True):
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                zero()  # pruned filters stay pruned
+            for batch in iterate(self.data, self.data.train, batch_size=c.batch_size, shuffle=True,
+                                 augment=self.data.augment, seed=seed * 1000 + epoch, device=self.device,
+                                 drop_last=True):
+                yield batch
                 step += 1
                 if step >= c.finetune_steps:
-                    break
+                    return
             if step == before:
                 raise EvopruneError(f"[proxy] batch_size {c.batch_size} is larger than the train split of "
                                     f"{self.name} ({len(self.data.train)} images)")
             epoch += 1
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.cfg
+        return torch.optim.SGD(params, lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)
+
+    def _finetune(self, model: nn.Module, zero, seed: int) -> None:
+        opt = self.optimizer(model.parameters())
+        model.train()
+        for x, y in self.train_batches(seed):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            zero()  # pruned filters stay pruned
         model.eval()
 
     def _scores(self, model: nn.Module) -> tuple[float, float]:
