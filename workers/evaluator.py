@@ -206,18 +206,8 @@ class RayEvaluator:
     def _wait_ready(self, all_of_them: bool = False) -> None:
         """Move actors whose probe answered into the ready set; drop the ones that failed to
         start. Raises ClusterError when none is ready for placement_timeout_s."""
-        ray = self.ray
         while True:
-            probes = {s.probe: s for s in self.slots if not s.ready}
-            if probes:
-                done, _ = ray.wait(list(probes), num_returns=len(probes), timeout=0.5)
-                for ref in done:
-                    slot = probes[ref]
-                    try:
-                        slot.pid = ray.get(ref)[0]
-                        slot.ready = True
-                    except Exception:  # it died starting: its node is gone or it crashed
-                        self._drop(slot)
+            starting = self._collect_probes(timeout=0.5)
             ready = [s for s in self.slots if s.ready]
             if ready and not (all_of_them and len(ready) < len(self.slots)):
                 return
@@ -226,7 +216,7 @@ class RayEvaluator:
             if not self.slots or waited > self.placement_timeout_s:
                 raise ClusterError(f"no Ray worker could be placed for {self.placement_timeout_s:.0f} s: the "
                                    "cluster lost its nodes or its head")
-            if not probes:
+            if not starting:
                 self.slots.append(self._new_slot())
 
     def _check_head(self) -> None:
@@ -285,7 +275,7 @@ class RayEvaluator:
                         self._retry(queue, job, attempt, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     continue
                 yield from zip((j for j, _ in batch), recs)
-            self._wait_ready_nonblocking()
+            self._collect_probes(timeout=0)
             now = time.monotonic()
             for ref, (batch, slot, t0) in list(flight.items()):
                 if now - t0 > timeout * len(batch):  # stalled: its node may be gone without a word
@@ -298,19 +288,21 @@ class RayEvaluator:
     def _busy(slot: _Slot, flight: dict) -> bool:
         return any(s is slot for _, s, _ in flight.values())
 
-    def _wait_ready_nonblocking(self) -> None:
-        ray = self.ray
+    def _collect_probes(self, timeout: float) -> bool:
+        """Move actors whose probe answered within `timeout` into the ready set; drop the ones
+        that failed to start. False when no actor was starting."""
         probes = {s.probe: s for s in self.slots if not s.ready}
         if not probes:
-            return
-        done, _ = ray.wait(list(probes), num_returns=len(probes), timeout=0)
+            return False
+        done, _ = self.ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
         for ref in done:
             slot = probes[ref]
             try:
-                slot.pid = ray.get(ref)[0]
+                slot.pid = self.ray.get(ref)[0]
                 slot.ready = True
-            except Exception:
+            except Exception:  # it died starting: its node is gone or it crashed
                 self._drop(slot)
+        return True
 
     def _retry(self, queue: list, job: Job, attempt: int, why: str) -> None:
         if attempt >= MAX_ATTEMPTS:
