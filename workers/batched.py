@@ -37,16 +37,15 @@ class Stack:
 
     def __init__(self, ctx, masks_list: list[Masks]):
         self.ctx, self.k = ctx, len(masks_list)
-        models = [copy.deepcopy(ctx.base) for _ in masks_list]
+        names = {id(p): n for n, p in ctx.base.named_parameters()}
         factors: dict[str, list[torch.Tensor | None]] = {}
-        for i, (model, masks) in enumerate(zip(models, masks_list)):
-            names = {id(p): n for n, p in model.named_parameters()}
-            for p, keep in mask_targets(model, masks, ctx.bn_of):
+        for i, masks in enumerate(masks_list):
+            for p, keep in mask_targets(ctx.base, masks, ctx.bn_of):
                 factors.setdefault(names[id(p)], [None] * self.k)[i] = \
                     keep.to(p.dtype).view(-1, *[1] * (p.dim() - 1)).expand_as(p)
-        self.params, self.buffers = stack_module_state(models)  # leaves that require grad
-        for name in list(self.buffers):
-            self.buffers[name] = self.buffers[name].clone()
+        # K stacked copies of the pretrained tensors (torch.stack copies: the base is never touched);
+        # the parameters are new leaves that require grad
+        self.params, self.buffers = stack_module_state([ctx.base] * self.k)
         shape = {n: p.shape[1:] for n, p in self.params.items()}
         self.factors = {n: torch.stack([f if f is not None else torch.ones(shape[n], device=self.params[n].device)
                                         for f in fs]) for n, fs in factors.items()}
