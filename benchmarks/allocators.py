@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from evoprune.train import describe_device
 from evoprune.transfer.prune import prune, prune_config
 
 ALLOCATORS = ("uniform", "global", "pfp", "spectral")
@@ -75,8 +75,7 @@ def main():
     results.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     done = {(r["metric"], r["allocator"], r["target"], r["seed"]) for r in rows}
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = describe_device(args.device)
     print(f"device: {name}; torch {torch.__version__}; task {args.task}; TPP {TPP}; {args.epochs} epochs\n",
           flush=True)
     with tempfile.TemporaryDirectory() as d:

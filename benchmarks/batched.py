@@ -12,7 +12,6 @@ runs of the same masks (the same function up to float order).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from dataclasses import replace
 
@@ -21,6 +20,7 @@ import torch
 from evoprune.evolve.config import load_config
 from evoprune.masks import TaskMasks
 from evoprune.primitives.baselines import BASELINES
+from evoprune.train import describe_device
 from evoprune.workers.batched import run_batch
 from evoprune.workers.proxy import TaskContext
 
@@ -50,8 +50,7 @@ def main():
     masker = TaskMasks.load(task, proxy.allocation, sorted({s for n in names for s in BASELINES[n].node.stats()}),
                             stat_images=proxy.stat_images, seed=proxy.data_seed, **kw)
     masks = [masker(BASELINES[n].node) for n in names]
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = describe_device(args.device)
     print(f"device: {name}; torch {torch.__version__}; {task}, {args.stage} proxy ({proxy.finetune_steps} steps of "
           f"{proxy.batch_size}, ratio {proxy.ratio})\n")
     run_batch(ctx, masks[:2], args.stage)  # warm-up

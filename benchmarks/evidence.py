@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import time
@@ -72,9 +71,9 @@ def _suite(budget: str):
 def _machine(device: str) -> str:
     import torch
 
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    from evoprune.train import describe_device
+
+    return f"{describe_device(device)}, torch {torch.__version__}"
 
 
 # --------------------------------------------------------------------------- 1. the searches
@@ -166,11 +165,11 @@ def compare(rows: list[dict], evolved: list[str], baselines: list[str]) -> dict:
             wtl = [0, 0, 0]
             for c in cases:
                 ks = [k for k in common if k[0] == c]
-                dc = paired([tests[k] for k in ks], [by[best][k] for k in ks])
+                mine = [tests[k] for k in ks]
+                dc, spread = paired(mine, [by[best][k] for k in ks]), estimate(mine)
                 v = verdict(dc)
                 wtl[{"beats": 0, "ties": 1, "loses to": 2}[v]] += 1
-                entry["per_case"][c] = {"mean": estimate([tests[k] for k in ks]).mean,
-                                        "std": estimate([tests[k] for k in ks]).std, "diff": dc.mean,
+                entry["per_case"][c] = {"mean": spread.mean, "std": spread.std, "diff": dc.mean,
                                         "low": dc.low, "high": dc.high, "verdict": v}
             entry["wins_ties_losses"] = wtl
         else:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import time
@@ -26,6 +25,7 @@ from evoprune.primitives.collect import collect_stats
 from evoprune.primitives.expr import canonical, check_scores, evaluate, parse
 from evoprune.primitives.pset import Vec, build_pset
 from evoprune.primitives.stats import STATS, Cost
+from evoprune.train import describe_device
 
 
 def timed(fn, repeats):
@@ -51,8 +51,7 @@ def main():
     x, y = next(iterate(ds, ds.train, batch_size=256, shuffle=True, seed=0, device=dev))
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 3).to(dev)
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"{platform.machine()} CPU, " \
-                                                                   f"{torch.get_num_threads()} threads"
+    name = describe_device(dev)
     print(f"device: {name}; torch {torch.__version__}\n")
     print("| statistics (ResNet-20, 256 CIFAR-10 images) | count | median s | spread s |\n|---|---|---|---|")
     groups = {c.name.lower(): [s for s, v in STATS.items() if v.cost == c] for c in Cost}

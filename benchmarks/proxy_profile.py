@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from evoprune.evolve.config import load_config
 from evoprune.masks import TaskMasks
 from evoprune.primitives.baselines import BASELINES
 from evoprune.primitives.expr import parse
+from evoprune.train import describe_device
 from evoprune.workers.proxy import TaskContext
 
 
@@ -115,8 +115,7 @@ def main():
     ap.add_argument("--formulas", type=int, default=200)
     ap.add_argument("--train", default="masked")
     args = ap.parse_args()
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = describe_device(args.device)
     print(f"device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
     proxy = replace(load_config(args.config).proxy, tasks=(args.task,))
     masker = TaskMasks.load(args.task, proxy.allocation, sorted({s for b in BASELINES.values() for s in b.node.stats()}),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from evoprune.models import build_model
 from evoprune.primitives.layers import structure
+from evoprune.train import describe_device
 from evoprune.transfer.prune import count
 from evoprune.transfer.surgery import independent_layers, surgery, zero_pruned
 
@@ -54,8 +54,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = describe_device(device)
     print(f"device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; batch {args.batch}, "
           f"ratio {args.ratio} in every layer that can be cut\n")
     print("| network | layers cut / prunable | MACs kept | full step s | pruned step s | time share | "

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from evoprune.evolve.service import run_search
 from evoprune.masks import TaskMasks
 from evoprune.primitives.baselines import BASELINES
 from evoprune.primitives.expr import parse
+from evoprune.train import describe_device
 from evoprune.workers.proxy import Job, TaskContext, evaluate_job
 
 
@@ -95,8 +95,7 @@ def main():
     ap.add_argument("--skip-cifar", action="store_true")
     ap.add_argument("--cifar-candidates", type=int, default=8)
     args = ap.parse_args()
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = describe_device(args.device)
     print(f"device: {name}; torch {torch.__version__}\n")
     if not args.skip_digits:
         digits(args)

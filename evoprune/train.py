@@ -27,6 +27,15 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def describe_device(device: str | torch.device) -> str:
+    """The machine in words, for benchmark tables: the GPU's name, or the CPU and torch's threads."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (same range as fp32, no loss scaling); nothing on the CPU."""
     if device.type == "cuda":
