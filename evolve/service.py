@@ -74,16 +74,13 @@ def _spec(cfg: Config, device: str, pretrained: dict) -> WorkerSpec:
                       tasks_file=r.tasks_file or None, device=device, threads=r.threads, pretrained=pretrained)
 
 
-def _workers(requested: int, gpus_per_worker: float, address: str | None) -> tuple[int, float]:
+def _workers(requested: int, gpus_per_worker: float) -> tuple[int, float]:
     """-1: one actor per GPU share the cluster offers (gpus_per_worker, default 1), else one per
-    CPU left after the driver's."""
+    CPU left after the driver's. Ray is up: run_search joined the cluster first."""
     if requested > 0:
         return requested, gpus_per_worker
     import ray
 
-    from evoprune.workers.evaluator import init_ray
-
-    init_ray(address)
     res = ray.cluster_resources()
     if res.get("GPU", 0) > 0:
         share = gpus_per_worker or 1.0
@@ -130,7 +127,7 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
     maskers = {t: TaskMasks.from_pretrained(pre[t], p.allocation, cfg.search.stat_names, stat_images=p.stat_images,
                                             seed=p.data_seed) for t in p.tasks}
     if cfg.run.workers:
-        n, gpus = _workers(cfg.run.workers, cfg.run.gpus_per_worker, r.address or None)
+        n, gpus = _workers(cfg.run.workers, cfg.run.gpus_per_worker)
         on_progress("status", {"text": f"{n} Ray workers, {gpus:g} GPU each"})
         evaluator = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
                                  placement_timeout_s=r.placement_timeout_s,
