@@ -38,6 +38,7 @@ class MetricScores:
     fitness: list[float]  # one per data order
     reference: list[float]  # one per reference seed: the fitness of the long fine-tune
     reference_accuracy: list[float] = field(default_factory=list)  # its accuracy (geometric mean over tasks)
+    accuracy: list[float] = field(default_factory=list)  # the proxy's accuracy, one per data order
 
     @property
     def mean(self) -> float:
@@ -71,6 +72,9 @@ class ProxyCheck:
     tau_ci: tuple[float, float]  # bootstrap 95% CI over metrics
     seconds: float
     tau_accuracy: float = float("nan")  # against the reference's accuracy (= tau when the score is accuracy)
+    # the same fine-tunes scored by accuracy on both sides (the fitness before `score = "probability"`):
+    # noise, gap, tau and its CI of that proxy, measured without a second run
+    by_accuracy: dict = field(default_factory=dict)
     verdict: str = ""
     checks: dict = field(default_factory=dict)
 
@@ -194,26 +198,31 @@ def check_proxy(cfg: Config, *, orders: int = 5, n_random: int = 6, reference_fa
            [("reference", replace(base, data_seed=REFERENCE_SEED0 + j,
                                   finetune_steps=max(1, base.finetune_steps) * reference_factor))
             for j in range(reference_seeds)]
-    results = {n: {"proxy": [], "reference": [], "accuracy": []} for n, _, _ in metrics}
+    results = {n: {k: [] for k in ("proxy", "reference", "proxy_acc", "reference_acc")} for n, _, _ in metrics}
     for i, (kind, proxy) in enumerate(runs):
         on_progress(kind, i, len(runs))
         for name, (f, acc) in score_metrics(cfg, proxy, metrics, device).items():
             results[name][kind].append(f)
-            if kind == "reference":
-                results[name]["accuracy"].append(acc)
+            results[name][kind + "_acc"].append(acc)
     on_progress("done", len(runs), len(runs))
-    rows = [MetricScores(n, e, b, results[n]["proxy"], results[n]["reference"], results[n]["accuracy"])
-            for n, e, b in metrics]
+    rows = [MetricScores(n, e, b, results[n]["proxy"], results[n]["reference"], results[n]["reference_acc"],
+                         results[n]["proxy_acc"]) for n, e, b in metrics]
     return summarize(cfg, rows, orders, reference_factor, reference_seeds, time.perf_counter() - t0)
+
+
+def _noise_gap(rows: list[MetricScores], scores: Callable[[MetricScores], list[float]]) -> tuple[float, float]:
+    """(mean std over data orders, best - median baseline mean) of one way of scoring the proxy."""
+    base_means = sorted((statistics.fmean(scores(m)) for m in rows if m.baseline), reverse=True)
+    gap = base_means[0] - statistics.median(base_means) if base_means else 0.0
+    noise = statistics.fmean(statistics.stdev(scores(m)) if len(scores(m)) > 1 else 0.0 for m in rows)
+    return noise, gap
 
 
 def summarize(cfg: Config, rows: list[MetricScores], orders: int, reference_factor: int, reference_seeds: int,
               seconds: float) -> ProxyCheck:
     means = [m.mean for m in rows]
     refs = [m.reference_mean for m in rows]
-    base_means = sorted((m.mean for m in rows if m.baseline), reverse=True)
-    gap = base_means[0] - statistics.median(base_means) if base_means else 0.0
-    noise = statistics.fmean(m.std for m in rows)
+    noise, gap = _noise_gap(rows, lambda m: m.fitness)
     tau = kendall_tau(means, refs)
     check = ProxyCheck(tasks=list(cfg.proxy.tasks), orders=orders, finetune_steps=cfg.proxy.finetune_steps,
                        reference_steps=max(1, cfg.proxy.finetune_steps) * reference_factor,
@@ -221,6 +230,12 @@ def summarize(cfg: Config, rows: list[MetricScores], orders: int, reference_fact
                        spread=statistics.stdev(means) if len(means) > 1 else 0.0, gap=gap, tau=tau,
                        tau_ci=bootstrap_tau(means, refs), seconds=seconds,
                        tau_accuracy=kendall_tau(means, [m.reference_accuracy_mean for m in rows]))
+    if all(m.accuracy and m.reference_accuracy for m in rows):
+        acc = [statistics.fmean(m.accuracy) for m in rows]
+        ref_acc = [m.reference_accuracy_mean for m in rows]
+        acc_noise, acc_gap = _noise_gap(rows, lambda m: m.accuracy)
+        check.by_accuracy = dict(noise=acc_noise, gap=acc_gap, tau=kendall_tau(acc, ref_acc),
+                                 tau_ci=bootstrap_tau(acc, ref_acc))
     check.checks = {"noise <= gap / 3": noise <= gap / 3, "tau >= 0.6": tau >= 0.6,
                     "tau CI above 0": check.tau_ci[0] > 0}
     check.verdict = verdict(check)

@@ -304,7 +304,12 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
     out.print(t)
     out.print(f"noise (mean std) {res.noise:.4f}; spread of the means {res.spread:.4f}; best - median baseline "
               f"{res.gap:.4f}; Kendall tau {res.tau:.2f} (95% CI {res.tau_ci[0]:.2f} to {res.tau_ci[1]:.2f}); "
-              f"{res.seconds:.0f} s\n{res.verdict}\nplot: {png}", highlight=False, markup=False)
+              f"{res.seconds:.0f} s", highlight=False, markup=False)
+    if a := res.by_accuracy:
+        out.print(f"scored by accuracy instead (both sides): noise {a['noise']:.4f}; best - median baseline "
+                  f"{a['gap']:.4f}; Kendall tau {a['tau']:.2f} (95% CI {a['tau_ci'][0]:.2f} to {a['tau_ci'][1]:.2f})",
+                  highlight=False, markup=False)
+    out.print(f"{res.verdict}\nplot: {png}", highlight=False, markup=False)
 
 
 def emit(rows: list[dict], title: str, as_json: bool = False, as_csv: bool = False,

@@ -31,10 +31,13 @@ def test_proxy_check_on_digits(digits_pretrained, cache_dir, tmp_path, capsys):
     for m in res["metrics"]:
         assert len(m["fitness"]) == 5 and len(m["reference"]) == 2
         assert all(0 < f <= 1 for f in m["fitness"] + m["reference"])  # every metric ranks the filters
+        assert len(m["accuracy"]) == 5 and all(0 < a <= 1 for a in m["accuracy"] + m["reference_accuracy"])
     for key in ("noise", "spread", "gap", "tau"):
         assert math.isfinite(res[key]), key
     lo, hi = res["tau_ci"]
     assert -1 <= lo <= res["tau"] + 1e-9 and res["tau"] - 1e-9 <= hi <= 1
+    acc = res["by_accuracy"]  # the same fine-tunes scored as the first default did
+    assert math.isfinite(acc["noise"]) and acc["gap"] >= 0 and -1 <= acc["tau"] <= 1
     assert res["verdict"].startswith(("The proxy tells", "The proxy's noise", "The seeded baselines"))
     assert "Kendall tau" in res["verdict"] and (tmp_path / "p.png").stat().st_size > 10_000
 
