@@ -1,4 +1,4 @@
-"""The pruned proxy (surgery on every layer that can be cut) and the masked proxy compute the
+"""The pruned proxy (surgery on every layer that can be cut, tied convs narrowed) and the masked proxy compute the
 same fitness for the same masks, up to floating-point order: accuracy within one validation
 image, the probability score within 1e-3 (docs/architecture.md gives the tolerance)."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _agree(task, proxy, **kw):
         ctx = TaskContext(task, replace(proxy, train=train), **kw)
         results[train] = [ctx.run(masker(parse(f)), "full") for f in FORMULAS]
         if train == "pruned":
-            assert ctx.independent  # something was cut
+            assert ctx.independent and ctx.narrows  # something was cut; tied convs compute only kept filters
     n_val = len(ctx.data.val)
     for a, b in zip(results["masked"], results["pruned"]):
         assert abs(a.accuracy - b.accuracy) <= 1 / n_val + 1e-12

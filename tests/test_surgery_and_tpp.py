@@ -14,7 +14,7 @@ from evoprune.models import build_model
 from evoprune.primitives.collect import collect_stats
 from evoprune.primitives.expr import evaluate, parse, scores_by_layer
 from evoprune.primitives.layers import discover
-from evoprune.transfer.surgery import independent_layers, surgery, zero_pruned
+from evoprune.transfer.surgery import Widen, independent_layers, narrow_tied, surgery, zero_pruned
 from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
 
 
@@ -52,6 +52,38 @@ def test_surgery_output_equals_the_masked_model(arch, shared_data):
     assert sum(p.numel() for p in model.parameters()) < before
     first = dict(model.named_modules())[names[0]]
     assert first.out_channels == int(masks[names[0]].sum())
+
+
+def test_narrowed_tied_layers_compute_the_masked_model(shared_data):
+    """ResNet-20's residual stream (stem and every block's conv2) is tied: surgery cannot cut it,
+    narrow_tied computes only the kept filters and widens them back with zeros. Same outputs
+    (eval and train mode) and the same loss gradient on a kept weight as the masked model."""
+    ds = load_dataset("cifar10", shared_data)
+    x, y = next(iterate(ds, ds.train, batch_size=32))
+    torch.manual_seed(0)
+    masked = build_model("resnet20", 10, 3)
+    every = [i.name for i in discover(masked, x[:2])]
+    inside = independent_layers(masked, x[:2], every)
+    masks = _masks(masked.eval(), x, y, ratio=0.6)
+    bns = _bns(masked, x)
+    zero_pruned(masked, masks, bns)
+    narrowed = copy.deepcopy(masked)
+    surgery(narrowed, {n: m for n, m in masks.items() if n in inside}, x[:2])
+    tied = {n: m for n, m in masks.items() if n not in inside}
+    done = narrow_tied(narrowed, tied, bns)
+    assert sorted(done) == sorted(n for n, m in tied.items() if not m.all()) and "conv1" in done
+    assert isinstance(narrowed.layer2.get_submodule("1").bn2, Widen)
+    assert narrowed.layer2.get_submodule("1").conv2.out_channels == int(masks["layer2.1.conv2"].sum())
+    for train in (False, True):
+        masked.train(train), narrowed.train(train)
+        a, b = masked(x), narrowed(x)
+        assert (a - b).abs().max().item() < 1e-4, train
+    F.cross_entropy(a, y).backward()
+    F.cross_entropy(b, y).backward()
+    keep, fed = masks["layer3.2.conv2"], masks["layer3.2.conv1"]  # its input was cut by surgery
+    g_masked = masked.layer3.get_submodule("2").conv2.weight.grad[keep][:, fed]
+    g_narrow = narrowed.layer3.get_submodule("2").conv2.weight.grad
+    assert torch.allclose(g_masked, g_narrow, atol=1e-5)
 
 
 def test_coupled_layers_are_refused(shared_data):

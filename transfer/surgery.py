@@ -102,3 +102,46 @@ def surgery(model: nn.Module, masks: dict[str, Tensor], example: Tensor, *, coup
             raise EvopruneError(f"Torch-Pruning refused to prune {members}")
         group.prune()
     return model
+
+
+class Widen(nn.Module):
+    """A layer whose output channels are tied to other layers' (a residual stream), cut to the
+    channels it keeps: `inner` computes only those, and they are written into a full-width
+    output of zeros, which is what the masked layer outputs (its pruned channels are exactly 0)."""
+
+    def __init__(self, inner: nn.Module, keep: Tensor):
+        super().__init__()
+        self.inner, self.width = inner, int(keep.numel())
+        self.register_buffer("index", torch.nonzero(keep).flatten(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.inner(x)
+        return y.new_zeros(y.shape[0], self.width, *y.shape[2:]).index_copy(1, self.index, y)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+@torch.no_grad()
+def narrow_tied(model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str | None]) -> list[str]:
+    """Cut each masked conv of `masks` to the filters it keeps (and its BN, which must be the
+    conv's only reader: `bn_of`), and widen its output back with zeros (`Widen`): for layers
+    whose channels surgery cannot remove because they are tied, the compute of the pruned
+    filters is saved and the function is unchanged. Returns the layers narrowed; masks on
+    other kinds of layers are left alone."""
+    modules = dict(model.named_modules())
+    done = []
+    for name, keep in masks.items():
+        conv = modules.get(name)
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or keep.all() or not keep.any():
+            continue
+        drop = torch.nonzero(~keep).flatten().tolist()
+        tp.prune_conv_out_channels(conv, idxs=drop)
+        bn = bn_of.get(name)
+        if bn:
+            tp.prune_batchnorm_out_channels(modules[bn], idxs=drop)
+        _set(model, bn or name, Widen(modules[bn or name], keep.to(conv.weight.device)))
+        done.append(name)
+    return done

@@ -55,7 +55,8 @@ class ProxyConfig:
     val_images: int = 0  # validation images scored (0 = all)
     data_seed: int = 0  # the fixed data order shared by all candidates
     train: str = "pruned"  # pruned: fine-tune the physically smaller network (surgery on every layer whose
-    #                        channels no other layer shares; tied layers stay masked); masked: the full-width
+    #                        channels no other layer shares; a tied conv computes only its kept filters and
+    #                        is widened back with zeros, transfer/surgery.py `Widen`); masked: the full-width
     #                        network with the pruned filters held at 0. The same function up to float order.
     score: str = "probability"  # what a task contributes to fitness: probability (mean softmax probability
     #                         of the true class on val: continuous) | accuracy (top-1 on val: on 431 images
@@ -128,7 +129,9 @@ class TaskContext:
         self.example = next(iterate(self.data, self.data.train, batch_size=2, device=self.device))[0]
         s = structure(self.base, self.example)
         self.macs, self.params, self.inputs_from, self.bn_of = s.macs, s.params, s.inputs_from, s.bn_of
+        self.out_channels = s.out_channels
         self._independent: set[str] | None = None
+        self._narrows: bool | None = None
 
     @property
     def independent(self) -> set[str]:
@@ -171,11 +174,36 @@ class TaskContext:
         zero()
         if self.cfg.train == "masked":
             return zero
-        from evoprune.transfer.surgery import surgery
+        from evoprune.transfer.surgery import narrow_tied, surgery
 
         cut = {n: m for n, m in masks.items() if n in self.independent and not m.all()}
         surgery(model, {n: m.to(self.device) for n, m in cut.items()}, self.example)
-        return self._zeroer(model, {n: m for n, m in masks.items() if n not in cut})
+        tied = {n: m for n, m in masks.items() if n not in cut}
+        if self.narrows:
+            for n in narrow_tied(model, {n: m.to(self.device) for n, m in tied.items()}, self.bn_of):
+                del tied[n]
+        return self._zeroer(model, tied)
+
+    @property
+    def narrows(self) -> bool:
+        """Whether the tied layers can compute only their kept filters (`narrow_tied`): checked once
+        per task on the pretrained model, against the masked network's output, so an architecture
+        where a conv's output feeds more than its BN keeps those layers masked instead."""
+        if self._narrows is None:
+            from evoprune.transfer.surgery import narrow_tied
+
+            gen = torch.Generator().manual_seed(0)
+            masks = {n: torch.rand(w, generator=gen) < 0.5 for n, w in self.out_channels.items()
+                     if n not in self.independent}
+            masks = {n: m.index_fill(0, torch.tensor([0]), True) for n, m in masks.items()}  # >= 1 kept
+            masked, narrowed = copy.deepcopy(self.base), copy.deepcopy(self.base)
+            self._zeroer(masked, masks)()
+            self._zeroer(narrowed, masks)()
+            narrow_tied(narrowed, {n: m.to(self.device) for n, m in masks.items()}, self.bn_of)
+            with torch.no_grad():
+                a, b = masked(self.example), narrowed(self.example)
+            self._narrows = bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-6))
+        return self._narrows
 
     def _zeroer(self, model: nn.Module, masks: Masks):
         """A function that (re)sets the pruned filters, their biases and BN scale/shift to 0."""
