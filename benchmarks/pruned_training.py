@@ -69,15 +69,14 @@ def main():
         y = torch.randint(0, 10, (args.batch,))
         s = structure(base, x[:2])
         cut = independent_layers(base, x[:2], list(s.macs))
-        masks = {n: torch.arange(s.out_channels[n]) < max(1, round((1 - args.ratio) * s.out_channels[n]))
-                 for n in cut}
+        every = {n: torch.arange(w) < max(1, round((1 - args.ratio) * w)) for n, w in s.out_channels.items()}
+        masks = {n: every[n] for n in cut}
+        tied = {n: m for n, m in every.items() if n not in cut}
         pruned = copy.deepcopy(base)
         zero_pruned(pruned, masks, s.bn_of)
         surgery(pruned, masks, x[:2])
         full_macs = count(base, x[:2])[0]
         share = count(pruned, x[:2])[0] / full_macs
-        tied = {n: torch.arange(w) < max(1, round((1 - args.ratio) * w)) for n, w in s.out_channels.items()
-                if n not in cut}
         narrowed = copy.deepcopy(pruned)
         zero_pruned(narrowed, tied, s.bn_of)
         narrow_tied(narrowed, tied, s.bn_of)

@@ -119,22 +119,17 @@ class Widen(nn.Module):
         return y.new_zeros(y.shape[0], self.width, *y.shape[2:]).index_copy(1, self.index, y)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 @torch.no_grad()
 def narrow_tied(model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str | None]) -> list[str]:
     """Cut each masked conv of `masks` to the filters it keeps (and its BN, which must be the
     conv's only reader: `bn_of`), and widen its output back with zeros (`Widen`): for layers
     whose channels surgery cannot remove because they are tied, the compute of the pruned
     filters is saved and the function is unchanged. Returns the layers narrowed; masks on
-    other kinds of layers are left alone."""
+    other kinds of layers are left alone. The masks are read on the CPU (no device syncs)."""
     modules = dict(model.named_modules())
     done = []
     for name, keep in masks.items():
-        conv = modules.get(name)
+        conv, keep = modules.get(name), keep.cpu()
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or keep.all() or not keep.any():
             continue
         drop = torch.nonzero(~keep).flatten().tolist()
@@ -142,6 +137,6 @@ def narrow_tied(model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str
         bn = bn_of.get(name)
         if bn:
             tp.prune_batchnorm_out_channels(modules[bn], idxs=drop)
-        _set(model, bn or name, Widen(modules[bn or name], keep.to(conv.weight.device)))
+        model.set_submodule(bn or name, Widen(modules[bn or name], keep).to(conv.weight.device))
         done.append(name)
     return done

@@ -180,7 +180,7 @@ class TaskContext:
         surgery(model, {n: m.to(self.device) for n, m in cut.items()}, self.example)
         tied = {n: m for n, m in masks.items() if n not in cut}
         if self.narrows:
-            for n in narrow_tied(model, {n: m.to(self.device) for n, m in tied.items()}, self.bn_of):
+            for n in narrow_tied(model, tied, self.bn_of):
                 del tied[n]
         return self._zeroer(model, tied)
 
@@ -196,10 +196,10 @@ class TaskContext:
             masks = {n: torch.rand(w, generator=gen) < 0.5 for n, w in self.out_channels.items()
                      if n not in self.independent}
             masks = {n: m.index_fill(0, torch.tensor([0]), True) for n, m in masks.items()}  # >= 1 kept
-            masked, narrowed = copy.deepcopy(self.base), copy.deepcopy(self.base)
+            masked = copy.deepcopy(self.base)
             self._zeroer(masked, masks)()
-            self._zeroer(narrowed, masks)()
-            narrow_tied(narrowed, {n: m.to(self.device) for n, m in masks.items()}, self.bn_of)
+            narrowed = copy.deepcopy(masked)
+            narrow_tied(narrowed, masks, self.bn_of)
             with torch.no_grad():
                 a, b = masked(self.example), narrowed(self.example)
             self._narrows = bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-6))
