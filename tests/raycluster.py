@@ -39,6 +39,12 @@ class Cluster:
         self.address = f"{HEAD}:{self.port}"
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
+        if not (self.env.get("RAY_AUTH_TOKEN") or self.env.get("RAY_AUTH_TOKEN_PATH")):
+            # token auth needs a token before `ray start` (a local ray.init would make one, but a
+            # fresh machine may start a cluster first): Ray's own command makes ~/.ray/auth_token
+            # if it is missing, where the nodes and the drivers that connect all find it
+            subprocess.run([_ray(), "get-auth-token", "--generate"], check=True, env=self.env,
+                           capture_output=True, timeout=60)
 
     def start(self) -> "Cluster":
         self._run("--head", f"--node-ip-address={HEAD}", f"--port={self.port}", "--include-dashboard=false",
