@@ -115,8 +115,8 @@ class Widen(nn.Module):
         self.register_buffer("index", torch.nonzero(keep).flatten(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.inner(x)
-        return y.new_zeros(y.shape[0], self.width, *y.shape[2:]).index_copy(1, self.index, y)
+        y = self.inner(x)  # in place into fresh zeros: out of place would copy the zeros once more
+        return y.new_zeros(y.shape[0], self.width, *y.shape[2:]).index_copy_(1, self.index, y)
 
 
 @torch.no_grad()

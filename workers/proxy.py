@@ -182,7 +182,12 @@ class TaskContext:
         if self.narrows:
             for n in narrow_tied(model, tied, self.bn_of):
                 del tied[n]
-        return self._zeroer(model, tied)
+        zero = self._zeroer(model, tied)
+        from evoprune.transfer.layout import channels_last_convs, use_channels_last
+
+        for name in channels_last_convs(model, self.example):  # on the CPU: narrow convs on large maps
+            use_channels_last(model.get_submodule(name))
+        return zero
 
     @property
     def narrows(self) -> bool:
