@@ -8,7 +8,9 @@ Layers whose channels no other layer shares are cut (as the pruned proxy does); 
 residual stream of an option-A ResNet) stay full width, and the "narrowed" columns also cut
 the tied convs to their kept filters and widen their outputs back with zeros (`narrow_tied`,
 what the pruned proxy does since): the stream stays full width, the pruned filters' compute
-goes. Weights are random: the cost of a step does not depend on them.
+goes. The "+ channels_last" column also runs the narrow convs on large maps in channels_last
+(transfer/layout.py, what the pruned proxy does on the CPU). Weights are random: the cost of a
+step does not depend on them.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from evoprune.models import build_model
 from evoprune.primitives.layers import structure
 from evoprune.train import describe_device
+from evoprune.transfer.layout import channels_last_convs, use_channels_last
 from evoprune.transfer.prune import count
 from evoprune.transfer.surgery import independent_layers, narrow_tied, surgery, zero_pruned
 
@@ -60,8 +63,8 @@ def main():
     print(f"device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; batch {args.batch}, "
           f"ratio {args.ratio} in every layer that can be cut\n")
     print("| network | layers cut / prunable | MACs kept | full step s | pruned step s | time share | "
-          "time share / MACs share | narrowed: MACs kept | step s | time share | time share / MACs share |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          "time share / MACs share | narrowed: MACs kept | step s | time share | time share / MACs share | "
+          "+ channels_last: convs | step s | time share |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arch, cin, side in NETS:
         torch.manual_seed(0)
         base = build_model(arch, 10, cin).eval()
@@ -90,6 +93,15 @@ def main():
             row += f" {n_share:.1%} | {nar_s:.3f} | {nar_s / full_s:.1%} | {nar_s / full_s / n_share:.2f} |"
         else:
             row += " (nothing tied) | | | |"
+            narrowed = pruned
+        picked = channels_last_convs(narrowed, x[:2]) if device.type == "cpu" else []
+        if picked:
+            for n in picked:
+                use_channels_last(narrowed.get_submodule(n))
+            cl_s = step_seconds(narrowed, x.to(device), y.to(device), args.steps, device)
+            row += f" {len(picked)} | {cl_s:.3f} | {cl_s / full_s:.1%} |"
+        else:
+            row += " none | | |"
         print(row)
 
 

@@ -2,16 +2,20 @@
 
     python benchmarks/search.py --data-root ../shared/data [--device cpu|cuda] [--cache-dir DIR]
                                 [--skip-digits] [--skip-cifar] [--cifar-candidates 8]
+                                [--train masked,pruned] [--workers 2]
 
 1. The default digits search (8 generations x 32), racing on and off: proxy runs, seconds,
    evaluations per hour, cache hits (same formula / same masks), full fine-tunes racing avoided.
 2. The CIFAR-10 ResNet-20 proxy of configs/cifar10.toml (18 fine-tune steps of 256, about one
    epoch of the subset): seconds per candidate for the screen and the full proxy over the seeded
-   baselines, and the resulting candidate evaluations per hour on this device.
+   baselines, and the resulting candidate evaluations per hour on this device; `--train
+   masked,pruned` times both proxies, `--workers 2` also as two concurrent one-thread workers
+   (how a search's Ray actors run on a 2-core machine).
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -48,9 +52,9 @@ def digits(args):
               f"{k['mask_hits']} | {k['screened_only']} | {best:.4f} |")
 
 
-def cifar(args):
+def _cifar_setup(args, train: str):
     cfg = load_config("configs/cifar10.toml")
-    proxy = replace(cfg.proxy, tasks=("cifar10-resnet20",))
+    proxy = replace(cfg.proxy, tasks=("cifar10-resnet20",), train=train)
     ctx = TaskContext("cifar10-resnet20", proxy, data_root=args.data_root, cache_dir=args.cache_dir,
                       device=args.device)
     names = list(BASELINES)[: args.cifar_candidates]
@@ -58,32 +62,79 @@ def cifar(args):
                                                                           BASELINES[n].node.stats()}),
                             stat_images=proxy.stat_images, seed=proxy.data_seed, data_root=args.data_root,
                             cache_dir=args.cache_dir, device=args.device)
+    # the masks are the driver's work, not the proxy's: made outside the timing
+    masks = {n: masker(parse(BASELINES[n].expression)) for n in names}
+    return proxy, ctx, masks
 
-    def job(name: str, stage: str) -> Job:  # the masks are the driver's work, not the proxy's: made outside the timing
-        return Job(name, BASELINES[name].expression, stage, {"cifar10-resnet20": masker(parse(BASELINES[name].expression))})
 
-    evaluate_job({"cifar10-resnet20": ctx}, job("l1", "full"))  # warm-up
-    rows = {}
+def _cifar_times(args, train: str, barrier=None) -> dict[str, tuple[list[float], list[float]]]:
+    """Seconds and fitness of each baseline's screen and full proxy; with `barrier`, one of
+    several concurrent one-thread workers (a Ray actor's setting), which start each stage together."""
+    if barrier is not None:
+        torch.set_num_threads(1)
+    proxy, ctx, masks = _cifar_setup(args, train)
+    contexts = {"cifar10-resnet20": ctx}
+
+    def job(name: str, stage: str) -> Job:
+        return Job(name, BASELINES[name].expression, stage, {"cifar10-resnet20": masks[name]})
+
+    evaluate_job(contexts, job("l1", "full"))  # warm-up
+    out = {}
     for stage in ("screen", "full"):
-        times, accs = [], []
-        for n in names:
-            j = job(n, stage)
+        if barrier is not None:
+            barrier.wait()
+        times, fits = [], []
+        for n in masks:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            rec = evaluate_job({"cifar10-resnet20": ctx}, j)
+            rec = evaluate_job(contexts, job(n, stage))
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            accs.append(rec.fitness)
-        rows[stage] = (statistics.median(times), min(times), max(times), statistics.fmean(accs))
-    print(f"\n| CIFAR-10 ResNet-20 proxy ({len(names)} baselines, ratio {proxy.ratio}, {proxy.finetune_steps} steps "
-          f"of {proxy.batch_size}) | median s | min s | max s | candidates/hour | mean fitness |\n|---|---|---|---|---|---|")
-    for stage, (med, lo, hi, acc) in rows.items():
-        print(f"| {stage} | {med:.3f} | {lo:.3f} | {hi:.3f} | {3600 / med:.0f} | {acc:.4f} |")
-    share = proxy.promote
-    mixed = rows["screen"][0] + share * rows["full"][0]
-    print(f"| racing (screen all, full for {share:.0%}) | {mixed:.3f} | | | {3600 / mixed:.0f} | |")
+            fits.append(rec.fitness)
+        out[stage] = (times, fits)
+    return out
+
+
+def _worker(args, train, barrier, queue):
+    queue.put(_cifar_times(args, train, barrier))
+
+
+def cifar(args):
+    """Each of `--train`'s proxies in-process (torch's threads), then as `--workers` concurrent
+    one-thread processes (how a search's Ray actors run, one per CPU): candidates/hour is then
+    workers x 3600 / the median seconds a worker spends on one."""
+    proxy, _, _ = _cifar_setup(args, "pruned")
+    print(f"\n| CIFAR-10 ResNet-20 proxy ({args.cifar_candidates} baselines, ratio {proxy.ratio}, "
+          f"{proxy.finetune_steps} steps of {proxy.batch_size}) | stage | median s | min s | max s | "
+          "candidates/hour | mean fitness |\n|---|---|---|---|---|---|---|")
+    for train in args.train.split(","):
+        settings = [(f"in-process, {torch.get_num_threads()} threads", 1, None)]
+        if args.workers > 1:
+            settings.append((f"{args.workers} workers x 1 thread", args.workers, "workers"))
+        for label, n, how in settings:
+            if how is None:
+                runs = [_cifar_times(args, train)]
+            else:
+                mp = multiprocessing.get_context("spawn")
+                barrier, queue = mp.Barrier(n), mp.Queue()
+                procs = [mp.Process(target=_worker, args=(args, train, barrier, queue)) for _ in range(n)]
+                for p in procs:
+                    p.start()
+                runs = [queue.get() for _ in procs]
+                for p in procs:
+                    p.join()
+            med = {}
+            for stage in ("screen", "full"):
+                times = [t for r in runs for t in r[stage][0]]
+                fits = [f for r in runs for f in r[stage][1]]
+                med[stage] = statistics.median(times)
+                print(f"| {train}, {label} | {stage} | {med[stage]:.3f} | {min(times):.3f} | {max(times):.3f} | "
+                      f"{n * 3600 / med[stage]:.0f} | {statistics.fmean(fits):.4f} |")
+            mixed = med["screen"] + proxy.promote * med["full"]
+            print(f"| {train}, {label} | racing (screen all, full for {proxy.promote:.0%}) | {mixed:.3f} | | | "
+                  f"{n * 3600 / mixed:.0f} | |")
 
 
 def main():
@@ -94,6 +145,10 @@ def main():
     ap.add_argument("--skip-digits", action="store_true")
     ap.add_argument("--skip-cifar", action="store_true")
     ap.add_argument("--cifar-candidates", type=int, default=8)
+    ap.add_argument("--train", default="pruned",
+                    help="the CIFAR proxies to time: pruned, masked or both (masked,pruned)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="also time N concurrent one-thread workers (a search's Ray actors; CPU)")
     args = ap.parse_args()
     name = describe_device(args.device)
     print(f"device: {name}; torch {torch.__version__}\n")
