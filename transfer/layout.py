@@ -9,7 +9,8 @@ model is not converted: `channels_last_convs` picks the convs the rule covers an
 `use_channels_last` runs each of them in channels_last, converting at its boundary (input in,
 output back to NCHW). The rule depends only on shapes, never on timings, so a run stays
 reproducible; the function is the same up to floating-point order.
-benchmarks/pruned_training.py measures what it saves.
+benchmarks/pruned_training.py measures what it saves: 5 to 7% of a cut ResNet-20 training step on
+the 2-core CPU (the rest of the step is BN, ReLUs and the full-width residual stream).
 """
 from __future__ import annotations
 
