@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from evoprune.models import build_model
 from evoprune.primitives.layers import structure
 from evoprune.train import describe_device
-from evoprune.transfer.layout import channels_last_convs, use_channels_last
+from evoprune.transfer.layout import channels_last_convs, conv_inputs, use_channels_last
 from evoprune.transfer.prune import count
 from evoprune.transfer.surgery import independent_layers, narrow_tied, surgery, zero_pruned
 
@@ -94,7 +94,7 @@ def main():
         else:
             row += " (nothing tied) | | | |"
             narrowed = pruned
-        picked = channels_last_convs(narrowed, x[:2]) if device.type == "cpu" else []
+        picked = channels_last_convs(narrowed, conv_inputs(base, x[:2])) if device.type == "cpu" else []
         if picked:
             for n in picked:
                 use_channels_last(narrowed.get_submodule(n))

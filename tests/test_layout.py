@@ -53,18 +53,25 @@ def test_the_narrow_convs_on_large_maps_are_picked():
     maps with fewer than 16 filters left, the stem among them; nothing on 16x16 or 8x8 maps."""
     model = _resnet20().eval()
     x = torch.randn(2, 3, 32, 32)
-    assert channels_last_convs(model, x) == []  # full width: every conv has 16 filters or more
+    inputs = conv_inputs(model, x)
+    assert channels_last_convs(model, inputs) == []  # full width: every conv has 16 filters or more
     s = structure(model, x)
     inside = independent_layers(model, x, list(s.macs))
     masks = {n: torch.arange(w) < round(0.4 * w) for n, w in s.out_channels.items()}
     zero_pruned(model, masks, s.bn_of)
     surgery(model, {n: m for n, m in masks.items() if n in inside}, x)
     narrow_tied(model, {n: m for n, m in masks.items() if n not in inside}, s.bn_of)
-    picked = channels_last_convs(model, x)
+    assert conv_inputs(model, x) == {n: (model.get_submodule(n).in_channels, *shape[1:])
+                                     for n, shape in inputs.items()}  # cutting channels keeps the maps
+    picked = channels_last_convs(model, inputs)  # the uncut model's trace serves its cut copies
     assert picked == ["conv1"] + [f"layer1.{b}.conv{i}" for b in range(3) for i in (1, 2)] + ["layer2.0.conv1"]
-    assert channels_last_convs(copy.deepcopy(model), x) == picked  # shapes alone decide
+    assert channels_last_convs(copy.deepcopy(model), inputs) == picked  # shapes alone decide
 
 
 def test_a_gpu_model_is_left_alone():
-    x = torch.randn(2, 3, 32, 32, device="meta")  # any device but the CPU: nothing is picked
-    assert channels_last_convs(_resnet20(), x) == []
+    model = _resnet20()
+    inputs = conv_inputs(model, torch.randn(2, 3, 32, 32))
+    model.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)  # narrow on a 32x32 map: picked on the CPU
+    assert channels_last_convs(model, inputs) == ["conv1"]
+    # any device but the CPU: nothing is picked
+    assert channels_last_convs(model.to("meta"), inputs) == []

@@ -61,13 +61,13 @@ def conv_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int,
     return seen
 
 
-def channels_last_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
+def channels_last_convs(model: nn.Module, inputs: dict[str, tuple[int, ...]]) -> list[str]:
     """The convs of `model` worth running in channels_last on the CPU: plain 2-d convs with fewer
-    than `NARROW` output channels reading a map of at least `LARGE` pixels. None for a
-    model on another device (a GPU has its own kernels)."""
-    if example.device.type != "cpu":
-        return []
+    than `NARROW` output channels reading a map of at least `LARGE` pixels. `inputs` is what
+    `conv_inputs` gives for the model, or for the model it was cut from (cutting channels keeps
+    the maps), so a caller pruning many copies of one model traces it once. None on another
+    device than the CPU (a GPU has its own kernels)."""
     modules = dict(model.named_modules())
-    return [name for name, shape in conv_inputs(model, example).items()
-            if type(modules[name]) is nn.Conv2d and modules[name].groups == 1 and shape[1] * shape[2] >= LARGE
-            and modules[name].out_channels < NARROW]
+    return [name for name, shape in inputs.items()
+            if type(conv := modules.get(name)) is nn.Conv2d and conv.weight.device.type == "cpu"
+            and conv.groups == 1 and shape[1] * shape[2] >= LARGE and conv.out_channels < NARROW]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -185,9 +186,17 @@ class TaskContext:
         zero = self._zeroer(model, tied)
         from evoprune.transfer.layout import channels_last_convs, use_channels_last
 
-        for name in channels_last_convs(model, self.example):  # on the CPU: narrow convs on large maps
+        for name in channels_last_convs(model, self.conv_inputs):  # on the CPU: narrow convs on large maps
             use_channels_last(model.get_submodule(name))
         return zero
+
+    @functools.cached_property
+    def conv_inputs(self) -> dict[str, tuple[int, ...]]:
+        """Each conv's input shape on the pretrained model, traced once: cutting channels keeps the
+        maps, which is what the pruned proxy's choice of layout reads (transfer/layout.py)."""
+        from evoprune.transfer.layout import conv_inputs
+
+        return conv_inputs(self.base, self.example)
 
     @property
     def narrows(self) -> bool:
