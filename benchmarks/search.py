@@ -2,10 +2,13 @@
 
     python benchmarks/search.py --data-root ../shared/data [--device cpu|cuda] [--cache-dir DIR]
                                 [--skip-digits] [--skip-cifar] [--cifar-candidates 8]
-                                [--train masked,pruned] [--workers 2]
+                                [--train masked,pruned] [--workers 2] [--simplify-processes 1,2]
 
-1. The default digits search (8 generations x 32), racing on and off: proxy runs, seconds,
-   evaluations per hour, cache hits (same formula / same masks), full fine-tunes racing avoided.
+1. The default digits search, racing on and off: proxy runs, seconds, evaluations per hour,
+   cache hits (same formula / same masks), full fine-tunes racing avoided, and the driver's
+   share of the search's wall time (breeding, canonical forms, masks, database: what the proxy
+   runs wait for), with `--simplify-processes` processes making the canonical forms; the last
+   column puts the same driver beside a proxy run of the GPU target's 0.072 s.
 2. The CIFAR-10 ResNet-20 proxy of configs/cifar10.toml (18 fine-tune steps of 256, about one
    epoch of the subset): seconds per candidate for the screen and the full proxy over the seeded
    baselines, and the resulting candidate evaluations per hour on this device; `--train
@@ -22,34 +25,46 @@ import time
 from dataclasses import replace
 
 import torch
+from sympy.core.cache import clear_cache
 
 from evoprune.evolve.config import Config, load_config
 from evoprune.evolve.service import run_search
 from evoprune.masks import TaskMasks
 from evoprune.primitives.baselines import BASELINES
-from evoprune.primitives.expr import parse
+from evoprune.primitives.expr import _canonical, parse
 from evoprune.train import describe_device
 from evoprune.workers.proxy import Job, TaskContext, evaluate_job
 
+GPU_PROXY_S = 0.072  # seconds a candidate at the GPU target (50,000 full proxies an hour)
+
 
 def digits(args):
-    print("| digits search (8 x 32) | seconds | proxy runs | full fine-tunes | runs/hour | individuals/hour "
-          "| same-formula hits | same-mask hits | screened only | best fitness |\n|---|---|---|---|---|---|---|---|---|---|")
+    cfg = Config()
+    print(f"| digits search ({cfg.search.generations} generations x {cfg.search.population}) | simplify processes "
+          "| seconds | proxy runs | full fine-tunes | runs/hour | individuals/hour | same-formula hits "
+          "| same-mask hits | screened only | best fitness | driver share | canonical forms share | driver share at "
+          f"{GPU_PROXY_S} s a proxy run |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for screen in (True, False):
-        cfg = Config()
-        cfg = replace(cfg, proxy=replace(cfg.proxy, screen=screen),
-                      run=replace(cfg.run, device=args.device, cache_dir=args.cache_dir or "",
-                                  data_root=args.data_root))
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            res = run_search(cfg, db_url=f"sqlite:///{d}/bench.db")
-            dt = time.perf_counter() - t0
-        k = res.counters
-        individuals = cfg.search.population * (cfg.search.generations + 1)
-        best = max(h.best for h in res.history)
-        print(f"| racing {'on' if screen else 'off'} | {dt:.1f} | {k['evaluations']} | {k['full']} | "
-              f"{k['evaluations'] / dt * 3600:.0f} | {individuals / dt * 3600:.0f} | {k['canonical_hits']} | "
-              f"{k['mask_hits']} | {k['screened_only']} | {best:.4f} |")
+        for processes in (int(p) for p in args.simplify_processes.split(",")):
+            cfg = Config()
+            cfg = replace(cfg, proxy=replace(cfg.proxy, screen=screen),
+                          run=replace(cfg.run, device=args.device, cache_dir=args.cache_dir or "",
+                                      data_root=args.data_root, simplify_processes=processes))
+            _canonical.cache_clear()  # every search starts cold, as its own process would
+            clear_cache()  # sympy's
+            with tempfile.TemporaryDirectory() as d:
+                t0 = time.perf_counter()
+                res = run_search(cfg, db_url=f"sqlite:///{d}/bench.db")
+                dt = time.perf_counter() - t0
+            k, sec = res.counters, res.seconds
+            individuals = cfg.search.population * (cfg.search.generations + 1)
+            best = max(h.best for h in res.history)
+            driver = sec["search"] - sec["proxy"]
+            gpu = driver / (driver + k["evaluations"] * GPU_PROXY_S)  # the same driver, a faster proxy
+            print(f"| racing {'on' if screen else 'off'} | {processes} | {dt:.1f} | {k['evaluations']} | {k['full']} | "
+                  f"{k['evaluations'] / dt * 3600:.0f} | {individuals / dt * 3600:.0f} | {k['canonical_hits']} | "
+                  f"{k['mask_hits']} | {k['screened_only']} | {best:.4f} | {driver / sec['search']:.1%} | "
+                  f"{sec['canonical'] / sec['search']:.1%} | {gpu:.1%} |")
 
 
 def _cifar_proxy(train: str):
@@ -150,6 +165,8 @@ def main():
     ap.add_argument("--cifar-candidates", type=int, default=8)
     ap.add_argument("--train", default="pruned",
                     help="the CIFAR proxies to time: pruned, masked or both (masked,pruned)")
+    ap.add_argument("--simplify-processes", default="1,2",
+                    help="digits search: [run] simplify_processes to time, comma-separated")
     ap.add_argument("--workers", type=int, default=1,
                     help="also time N concurrent one-thread workers (a search's Ray actors; CPU)")
     args = ap.parse_args()

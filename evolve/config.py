@@ -110,10 +110,13 @@ class RunConfig:
     address: str = ""  # the Ray cluster to join (else $RAY_ADDRESS, else a `ray start` on this machine)
     threads: int = 0  # torch threads of an evaluating process: 0 = torch's default in-process, 1 per Ray actor
     placement_timeout_s: float = 120.0  # with every Ray worker lost, how long to wait for one before failing
+    simplify_processes: int = 0  # processes making a generation's canonical forms (sympy); 0: auto; 1: the driver
 
     def __post_init__(self):
         if not 0 <= self.threads <= 256:
             raise EvopruneError("[run] threads must be in [0, 256]")
+        if not 0 <= self.simplify_processes <= 256:
+            raise EvopruneError("[run] simplify_processes must be in [0, 256] (0: auto)")
         if not 1 <= self.placement_timeout_s <= 86_400:
             raise EvopruneError("[run] placement_timeout_s must be in [1, 86400]")
         if not -1 <= self.workers <= 10_000:

@@ -29,10 +29,11 @@ from typing import Callable, Protocol
 
 from deap import base, creator, gp, tools
 
-from evoprune.masks import TaskMasks, UnusableMetric, mask_hash
+from evoprune.evolve.canon import Simplifier
 from evoprune.evolve.config import Config
+from evoprune.masks import TaskMasks, UnusableMetric, mask_hash
 from evoprune.primitives.baselines import BASELINES
-from evoprune.primitives.expr import canonical, canonical_hash, parse
+from evoprune.primitives.expr import parse
 from evoprune.primitives.pset import Vec, build_pset, to_deap
 from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus, invalid
 from evoprune.workers.proxy import Job
@@ -106,7 +107,9 @@ class GenerationReport:
 
 class Search:
     def __init__(self, cfg: Config, evaluator, maskers: dict[str, TaskMasks], recorder: Recorder | None = None,
-                 on_progress: Callable[[str, dict], None] | None = None):
+                 on_progress: Callable[[str, dict], None] | None = None, simplifier: Simplifier | None = None):
+        """`simplifier`: where canonical forms are made (default: one of `[run] simplify_processes`,
+        which the search ends with `close`)."""
         self.cfg, self.evaluator, self.maskers = cfg, evaluator, maskers
         self.recorder = recorder or NullRecorder()
         self.on_progress = on_progress or (lambda kind, info: None)
@@ -120,7 +123,12 @@ class Search:
         self.records: dict[str, FitnessRecord] = {}  # canonical hash -> best record
         self.by_masks: dict[tuple, FitnessRecord] = {}  # per-task mask hashes -> record
         self.canon: dict[str, tuple[str, str]] = {}  # expression -> (canonical, hash)
+        self.simplifier = simplifier or Simplifier(cfg.run.simplify_processes)
         self.counters = Counters()
+        # wall seconds in `run`: the whole search, waiting for the proxy runs, and three parts of the
+        # driver's own work: canonical forms, masks, the recorder (the database)
+        self.seconds = {"search": 0.0, "proxy": 0.0, "canonical": 0.0, "masks": 0.0, "database": 0.0}
+        self._running = False
         self.history: list[GenerationReport] = []
         # the best distinct formulas seen (by canonical form); rebuilt from the candidates on resume
         self.hall_of_fame = tools.HallOfFame(s.hall_of_fame, similar=lambda a, b: self._same(a, b))
@@ -173,9 +181,23 @@ class Search:
     # ------------------------------------------------------------------ evaluation
     def _canonical(self, text: str) -> tuple[str, str]:
         if text not in self.canon:
-            node = parse(text)
-            self.canon[text] = (canonical(node), canonical_hash(node))
+            self._simplify([text])
         return self.canon[text]
+
+    def _simplify(self, texts: list[str]) -> None:
+        """Make the canonical forms of those of `texts` not known yet, together (in parallel)."""
+        if new := [t for t in texts if t not in self.canon]:
+            t0 = time.perf_counter()
+            self.canon.update(self.simplifier(new))
+            self._spent("canonical", t0)
+
+    def _spent(self, what: str, since: float) -> None:
+        if self._running:
+            self.seconds[what] += time.perf_counter() - since
+
+    def close(self) -> None:
+        """End the simplifier's processes (the evaluator is the caller's)."""
+        self.simplifier.close()
 
     def _same(self, a, b) -> bool:
         return self._canonical(str(a))[1] == self._canonical(str(b))[1]
@@ -199,6 +221,7 @@ class Search:
         pending: dict[str, list] = {}  # canonical hash -> individuals waiting for it
         todo: dict[tuple, list[str]] = {}  # mask key -> canonical hashes sharing it
         masks_of: dict[tuple, dict] = {}  # mask key -> the masks, per task
+        self._simplify([str(ind) for ind in individuals])
         for ind in individuals:
             text = str(ind)
             _, h = self._canonical(text)
@@ -208,12 +231,15 @@ class Search:
                 self.counters.canonical_hits += 1
                 continue
             pending[h] = [ind]
+            t0 = time.perf_counter()
             try:
                 masks = self.masks_for(text)
             except UnusableMetric as e:
                 self.records[h] = invalid(text, str(e))
                 self.counters.invalid += 1
                 continue
+            finally:
+                self._spent("masks", t0)
             key = self._key(masks)
             if key in self.by_masks:
                 self.records[h] = self.by_masks[key].renamed(text)
@@ -225,7 +251,9 @@ class Search:
             self._run_proxy(todo, pending, masks_of, generation)
         rows = [self._candidate(inds[0], h, generation) for h, inds in pending.items()]
         if rows:
+            t0 = time.perf_counter()
             self.recorder.candidates(rows)
+            self._spent("database", t0)
         for ind in individuals:
             self._assign(ind)
         c1 = self.counters.snapshot()
@@ -262,6 +290,7 @@ class Search:
         by_name = {str(k): k for k in jobs}
         # sorted: the same jobs in the same order on every run, whatever the dict order
         batch = [Job(name, *jobs[k], masks_of[k]) for name, k in sorted(by_name.items())]
+        t0 = time.perf_counter()
         for job, rec in self.evaluator.run(batch):
             key = by_name[job.key]
             if key in out:
@@ -274,6 +303,7 @@ class Search:
             self.counters.full += job.stage == "full"
             self.on_progress("evaluation", {"generation": generation, "record": rec, "done": len(out),
                                             "total": len(batch), "stage": job.stage})
+        self._spent("proxy", t0)
         if missing := set(jobs) - set(out):
             raise RuntimeError(f"{len(missing)} jobs never returned")
         return out
@@ -282,6 +312,7 @@ class Search:
         """Run `stage` for stored formulas again (the final round: candidates racing only
         screened); the recorder gets the new results. Returns expression -> record."""
         masks_of, first, key_of = {}, {}, {}
+        self._simplify(expressions)
         for text in expressions:
             masks = self.masks_for(text)
             key_of[text] = key = self._key(masks)
@@ -308,18 +339,33 @@ class Search:
     def offspring(self, pop: list, taken: set[str] | None = None) -> list:
         """The next generation's new individuals. A child whose formula (canonical form) is already
         in `taken` (the elites, the other children) is bred again, up to `unique_retries` times:
-        a population of copies explores nothing, and copies cost no evaluation but a place."""
+        a population of copies explores nothing, and copies cost no evaluation but a place.
+
+        Breeding again is breeding the next child of one stream, so the children are bred ahead
+        in chunks and their canonical forms made together (in parallel: `Simplifier`); the random
+        state is then set back to where the last child used left it. The result is the one of
+        breeding and simplifying one child at a time."""
         s = self.cfg.search
         taken = set() if taken is None else taken
-        kids = []
-        while len(kids) < s.population - s.elites:
+        need = s.population - s.elites
+        kids: list = []
+        stream: list[tuple[object, object]] = []  # (child, the random state after breeding it)
+        used = 0
+        while len(kids) < need:
             for attempt in range(s.unique_retries + 1):
-                child = self._breed(pop)
+                if used == len(stream):
+                    for _ in range(max(need - len(kids), self.simplifier.processes)):
+                        stream.append((self._breed(pop), random.getstate()))
+                    self._simplify([str(c) for c, _ in stream[used:]])
+                child = stream[used][0]
+                used += 1
                 h = self._canonical(str(child))[1]
                 if h not in taken:
                     break
             taken.add(h)
             kids.append(child)
+        if stream:
+            random.setstate(stream[used - 1][1])
         return kids
 
     def _breed(self, pop: list):
@@ -347,6 +393,7 @@ class Search:
         that stops on an error or an interrupt is recorded as failed or interrupted; marking it
         finished is the caller's (the service validates the finalists first)."""
         s = self.cfg.search
+        t_run, self._running = time.perf_counter(), True
         try:
             if resume is not None:
                 self._restore_caches(resume.candidates)
@@ -368,7 +415,16 @@ class Search:
         except Exception as e:
             self.recorder.status(RunStatus.failed, f"{type(e).__name__}: {e}; resume with --resume")
             raise
+        finally:
+            self._spent("search", t_run)
+            self._running = False
         return pop
+
+    def driver_share(self) -> float:
+        """The share of the search's wall time spent outside the proxy runs (breeding, canonical
+        forms, masks, the database): what the workers wait for."""
+        total = self.seconds["search"]
+        return (total - self.seconds["proxy"]) / total if total else 0.0
 
     def _generation(self, g: int, pop: list, t0: float) -> None:
         todo = [ind for ind in pop if not ind.fitness.valid]
@@ -382,7 +438,9 @@ class Search:
                                evaluations=n_eval, cache_hits=hits, seconds=time.perf_counter() - t0,
                                population=tuple((str(i), i.raw) for i in pop),
                                rng_state=_state_to_json(random.getstate()))
+        t1 = time.perf_counter()
         self.recorder.generation(rec)
+        self._spent("database", t1)
         rep = GenerationReport(g, rec.best, str(best), rec.mean, n_eval, hits, rec.seconds, self.counters.snapshot())
         self.history.append(rep)
         self.on_progress("generation", {"report": rep})

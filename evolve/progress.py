@@ -86,6 +86,10 @@ class SearchDisplay:
         c.print(f"proxy runs {k['evaluations']} ({k['full']} full fine-tunes, {k['screened_only']} candidates only "
                 f"screened); cache hits: {k['canonical_hits']} same formula, {k['mask_hits']} same masks; "
                 f"{k['invalid']} invalid", highlight=False)
+        if (sec := result.seconds) and sec.get("search"):
+            c.print(f"search {sec['search']:.0f} s: {sec['proxy'] / sec['search']:.0%} waiting for the proxy runs, "
+                    f"{1 - sec['proxy'] / sec['search']:.0%} in the driver (canonical forms "
+                    f"{sec['canonical'] / sec['search']:.0%})", highlight=False)
         if result.finalists:
             db = f" --db {self.db}" if self.db else ""
             best = result.finalists[0].candidate_id

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from evoprune import __version__
 from evoprune.db import store
 from evoprune.errors import EvopruneError
+from evoprune.evolve.canon import Simplifier
 from evoprune.evolve.config import Config
 from evoprune.evolve.engine import GenerationReport, ResumePoint, Search
 from evoprune.evolve.validation import Validation, validate
@@ -46,6 +47,7 @@ class SearchResult:
     history: list[GenerationReport]
     counters: dict
     validation: Validation | None = None  # finalists and baselines on fresh data orders
+    seconds: dict = field(default_factory=dict)  # the search's wall time and its parts (Search.seconds)
 
 
 class StoreRecorder:
@@ -102,6 +104,25 @@ def check_inputs(cfg: Config) -> None:
                                 f"({len(data.train)} images): the fine-tune would never take a step")
 
 
+def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -> tuple[dict, object]:
+    """Each task's model and data, loaded once here: the masks are made from them and the workers
+    get them (through Ray's object store), so every node scores what the driver means. Returns
+    the driver's maskers and the evaluator."""
+    on_progress("status", {"text": f"loading tasks {', '.join(cfg.proxy.tasks)} (pretraining on first use)"})
+    r, p = cfg.run, cfg.proxy
+    pre = {t: pretrained(get_task(t, r.tasks_file or None), data_root=r.data_root or None,
+                         cache_dir=r.cache_dir or None, device=device) for t in p.tasks}
+    maskers = {t: TaskMasks.from_pretrained(pre[t], p.allocation, cfg.search.stat_names, stat_images=p.stat_images,
+                                            seed=p.data_seed) for t in p.tasks}
+    if r.workers:
+        n, gpus = _workers(r.workers, r.gpus_per_worker)
+        on_progress("status", {"text": f"{n} Ray workers, {gpus:g} GPU each"})
+        return maskers, RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
+                                     placement_timeout_s=r.placement_timeout_s,
+                                     on_status=lambda text: on_progress("status", {"text": text}))
+    return maskers, InProcessEvaluator(_spec(cfg, device, pre))
+
+
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,
                on_progress: Callable[[str, dict], None] | None = None) -> SearchResult:
     """Search, score the finalists and the baselines with the full proxy, validate them on
@@ -118,29 +139,19 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
     device = str(pick_device(cfg.run.device))
     on_progress = on_progress or (lambda kind, info: None)
     on_progress("config", {"config": cfg})  # a resumed run's settings are the stored ones
-    on_progress("status", {"text": f"loading tasks {', '.join(cfg.proxy.tasks)} (pretraining on first use)"})
-    r, p = cfg.run, cfg.proxy
-    # each task's model and data, loaded once here: the masks are made from them and the workers
-    # get them (through Ray's object store), so every node scores what the driver means
-    pre = {t: pretrained(get_task(t, r.tasks_file or None), data_root=r.data_root or None,
-                         cache_dir=r.cache_dir or None, device=device) for t in p.tasks}
-    maskers = {t: TaskMasks.from_pretrained(pre[t], p.allocation, cfg.search.stat_names, stat_images=p.stat_images,
-                                            seed=p.data_seed) for t in p.tasks}
-    if cfg.run.workers:
-        n, gpus = _workers(cfg.run.workers, cfg.run.gpus_per_worker)
-        on_progress("status", {"text": f"{n} Ray workers, {gpus:g} GPU each"})
-        evaluator = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
-                                 placement_timeout_s=r.placement_timeout_s,
-                                 on_status=lambda text: on_progress("status", {"text": text}))
-    else:
-        evaluator = InProcessEvaluator(_spec(cfg, device, pre))
+    simplifier = Simplifier(cfg.run.simplify_processes)  # its helpers start while the tasks load
+    try:
+        maskers, evaluator = _setup(cfg, device, on_progress)
+    except BaseException:
+        simplifier.close()
+        raise
     try:
         if resume is None:
             recorder, point = StoreRecorder.new_run(engine, cfg), None
         else:
             recorder = StoreRecorder(engine, resume)
             point = ResumePoint(store.candidate_records(engine, resume), store.last_generation(engine, resume))
-        search = Search(cfg, evaluator, maskers, recorder, on_progress)
+        search = Search(cfg, evaluator, maskers, recorder, on_progress, simplifier)
         on_progress("status", {"text": "searching"})
         try:
             search.run(point)
@@ -159,7 +170,9 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
         recorder.status(RunStatus.finished)
     finally:
         evaluator.close()
-    return SearchResult(recorder.run_id, finalists, baselines, search.history, search.counters.snapshot(), checked)
+        simplifier.close()
+    return SearchResult(recorder.run_id, finalists, baselines, search.history, search.counters.snapshot(), checked,
+                        dict(search.seconds))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,119 @@
+"""Canonical forms made by helper processes: the same forms, the same children, and a helper
+that dies costs only speed."""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+from deap import gp
+
+from evoprune.errors import EvopruneError
+from evoprune.evolve import canon
+from evoprune.evolve.canon import Simplifier, auto_processes, form
+from evoprune.evolve.config import Config, RunConfig, SearchConfig
+from evoprune.evolve.engine import Search
+from evoprune.primitives.pset import Vec, build_pset
+
+
+def _formulas(n: int, seed: int) -> list[str]:
+    pset, rng_state = build_pset(), random.getstate()
+    random.seed(seed)
+    try:
+        return [str(gp.PrimitiveTree(gp.genHalfAndHalf(pset, 1, 4, Vec))) for _ in range(n)]
+    finally:
+        random.setstate(rng_state)
+
+
+@pytest.fixture
+def simplifier():
+    s = Simplifier(2)
+    yield s
+    s.close()
+
+
+def test_helpers_make_the_forms_one_process_makes(simplifier, monkeypatch):
+    assert simplifier.wait() == 1
+    texts = _formulas(60, seed=3)
+    by_driver = []
+    real = canon._forms
+    monkeypatch.setattr(canon, "_forms", lambda chunk: by_driver.extend(chunk) or real(chunk))
+    got = simplifier(texts + texts[:5])  # repeats are made once
+    assert got == {t: form(t) for t in texts}
+    assert 0 < len(by_driver) < len(set(texts))  # the helper made the rest
+
+
+def test_a_helper_that_dies_costs_only_speed(simplifier):
+    assert simplifier.wait() == 1
+    helper = simplifier._helpers[0]
+    helper.proc.kill()
+    helper.proc.wait()
+    texts = _formulas(20, seed=4)
+    assert simplifier(texts) == {t: form(t) for t in texts}
+    assert simplifier._helpers == []  # dropped; the driver goes on alone
+    assert simplifier(texts[:3]) == {t: form(t) for t in texts[:3]}
+
+
+def test_close_ends_the_helpers():
+    s = Simplifier(2)
+    procs = [h.proc for h in s._helpers]
+    assert procs and all(p.poll() is None for p in procs)
+    s.close()
+    assert all(p.poll() is not None for p in procs)
+    assert Simplifier(1)._helpers == []  # 1: the driver alone
+
+
+def test_auto_is_half_the_cpus_up_to_4():
+    assert [auto_processes(n) for n in (1, 2, 3, 8, 64)] == [1, 1, 1, 4, 4]
+
+
+def _reference_offspring(search: Search, pop: list, taken: set[str]) -> list:
+    """The loop before children were bred ahead: breed one, simplify it, retry on a copy."""
+    s = search.cfg.search
+    kids = []
+    while len(kids) < s.population - s.elites:
+        for _ in range(s.unique_retries + 1):
+            child = search._breed(pop)
+            h = form(str(child))[1]
+            if h not in taken:
+                break
+        taken.add(h)
+        kids.append(child)
+    return kids
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_bred_ahead_children_are_the_one_at_a_time_ones(processes):
+    """The same children and the same random state after them, with and without helpers, as
+    breeding and simplifying one child at a time; a population of few distinct formulas makes
+    copies (retries) frequent."""
+    cfg = Config(search=SearchConfig(population=24, seeds=(), unique_retries=3),
+                 run=RunConfig(simplify_processes=processes))
+    search = Search(cfg, None, {t: None for t in cfg.proxy.tasks})
+    try:
+        random.seed(11)
+        distinct = search.initial_population()[:4]
+        pop = [search.toolbox.clone(distinct[i % 4]) for i in range(24)]
+        for i, ind in enumerate(pop):
+            ind.raw = i % 4 / 4
+            ind.fitness.values = (ind.raw,)
+        for generation in range(3):
+            state = random.getstate()
+            elites = {form(str(e))[1] for e in pop[:2]}
+            got = search.offspring(pop, set(elites))
+            after = random.getstate()
+            random.setstate(state)
+            want = _reference_offspring(search, pop, set(elites))
+            assert [str(k) for k in got] == [str(k) for k in want]
+            assert after == random.getstate()
+            pop = pop[:2] + got
+            for i, ind in enumerate(pop):
+                ind.raw = (i * 7 % 5) / 5
+                ind.fitness.values = (ind.raw,)
+    finally:
+        search.close()
+
+
+def test_simplify_processes_is_checked():
+    with pytest.raises(EvopruneError, match=r"simplify_processes must be in \[0, 256\]"):
+        replace(RunConfig(), simplify_processes=-1)
