@@ -21,6 +21,7 @@ import json
 import math
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -160,7 +161,10 @@ class Simplifier:
 
 
 def _serve() -> None:
-    """A helper: one JSON list of formulas per input line, one JSON list of forms per output line."""
+    """A helper: one JSON list of formulas per input line, one JSON list of forms per output line.
+    Ctrl-C in the terminal reaches the whole process group: the driver decides, and ends its
+    helpers by closing their input."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("ready", flush=True)
     for line in sys.stdin:
         print(json.dumps(_forms(json.loads(line))), flush=True)
