@@ -678,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = typer.main.get_command(app)
     try:
         rv = cmd.main(args=argv, prog_name="evoprune", standalone_mode=False)
+        if rv == 130:  # typer turns Ctrl-C into exit status 130, silently
+            err.print("aborted")
         return rv if isinstance(rv, int) else 0
     except click_exc.NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx else str(e))

@@ -2,7 +2,13 @@
 that dies costs only speed."""
 from __future__ import annotations
 
+import os
 import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -117,3 +123,44 @@ def test_bred_ahead_children_are_the_one_at_a_time_ones(processes):
 def test_simplify_processes_is_checked():
     with pytest.raises(EvopruneError, match=r"simplify_processes must be in \[0, 256\]"):
         replace(RunConfig(), simplify_processes=-1)
+
+
+def test_ctrl_c_ends_the_search_and_its_helpers(digits_pretrained, cache_dir, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the run is marked interrupted (and
+    resumable), the command says so and exits 130, and no helper outlives the driver."""
+    cfg, db = tmp_path / "c.toml", tmp_path / "r.db"
+    cfg.write_text("[search]\npopulation = 12\ngenerations = 30\nseeds = ['l1', 'bn_scale']\n"
+                   "[proxy]\ntasks = ['digits-cnn']\nfinetune_steps = 2\n[run]\nsimplify_processes = 2\n")
+    driver = subprocess.Popen([sys.executable, "-m", "evoprune", "evolve", "--config", str(cfg), "--db", str(db),
+                               "--cache-dir", str(cache_dir), "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setpgrp()))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not _generations(db):
+            time.sleep(0.1)
+        helpers = [int(p) for p in subprocess.run(["pgrep", "-P", str(driver.pid), "-f", "evoprune.evolve.canon"],
+                                                  capture_output=True, text=True).stdout.split()]
+        assert len(helpers) == 1
+        os.killpg(driver.pid, signal.SIGINT)
+        out, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130 and "aborted" in err, (out, err)
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT status, note FROM runs").fetchone() == ("interrupted",
+                                                                         "interrupted; resume with --resume")
+    time.sleep(0.5)
+    for pid in helpers:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+def _generations(db) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as c:
+            return c.execute("SELECT count(*) FROM generations").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
