@@ -88,7 +88,12 @@ class Simplifier:
 
     def __init__(self, processes: int):
         self.processes = max(1, min(processes or auto_processes(), os.cpu_count() or 1))
-        self._helpers: list[_Helper] = [_Helper() for _ in range(self.processes - 1)]
+        self._helpers: list[_Helper] = []
+        for _ in range(self.processes - 1):
+            try:
+                self._helpers.append(_Helper())
+            except (OSError, ValueError):  # no interpreter to start (embedded Python): the driver alone
+                break
         self._finalizer = weakref.finalize(self, _stop_all, self._helpers)
 
     def __call__(self, texts: list[str]) -> dict[str, tuple[str, str]]:
