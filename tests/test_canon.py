@@ -139,8 +139,7 @@ def test_ctrl_c_ends_the_search_and_its_helpers(digits_pretrained, cache_dir, tm
         deadline = time.time() + 300
         while time.time() < deadline and not _generations(db):
             time.sleep(0.1)
-        helpers = [int(p) for p in subprocess.run(["pgrep", "-P", str(driver.pid), "-f", "evoprune.evolve.canon"],
-                                                  capture_output=True, text=True).stdout.split()]
+        helpers = _children(driver.pid, "evoprune.evolve.canon")
         assert len(helpers) == 1
         os.killpg(driver.pid, signal.SIGINT)
         out, err = driver.communicate(timeout=120)
@@ -164,3 +163,16 @@ def _generations(db) -> int:
             return c.execute("SELECT count(*) FROM generations").fetchone()[0]
     except sqlite3.OperationalError:
         return 0
+
+
+def _children(pid: int, word: str) -> list[int]:
+    """The processes whose parent is `pid` and whose command line holds `word` (from /proc)."""
+    found = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == pid \
+                    and word in open(f"/proc/{d}/cmdline").read().replace("\0", " "):
+                found.append(int(d))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
