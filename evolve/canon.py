@@ -42,9 +42,11 @@ def _forms(texts: list[str]) -> list[tuple[str, str]]:
 
 
 class _Helper:
+    command = ("-m", "evoprune.evolve.canon")  # after the interpreter
+
     def __init__(self):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "evoprune.evolve.canon"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, *self.command], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
                                      env=env)
         self.ready = False
@@ -136,7 +138,15 @@ class Simplifier:
         elif not h.ready:
             h.ready = line.strip() == "ready"
         else:
-            out.update(zip(h.chunk, (tuple(f) for f in json.loads(line))))
+            try:
+                forms = [tuple(f) for f in json.loads(line)]
+                if len(forms) != len(h.chunk) or not all(len(f) == 2 and all(isinstance(x, str) for x in f)
+                                                         for f in forms):
+                    raise ValueError(line)
+            except (ValueError, TypeError):  # not an answer: the helper is dropped, the driver makes its chunk
+                self._drop(h, sel, queue)
+                return
+            out.update(zip(h.chunk, forms))
             h.chunk = None
 
     def _drop(self, h: _Helper, sel, queue: deque) -> None:
@@ -170,9 +180,12 @@ def _serve() -> None:
     Ctrl-C in the terminal reaches the whole process group: the driver decides, and ends its
     helpers by closing their input."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("ready", flush=True)
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what a library prints never enters the answers
+    sys.stdout = sys.stderr
+    answers.write("ready\n")
     for line in sys.stdin:
-        print(json.dumps(_forms(json.loads(line))), flush=True)
+        answers.write(json.dumps(_forms(json.loads(line))) + "\n")
 
 
 if __name__ == "__main__":

@@ -176,3 +176,18 @@ def _children(pid: int, word: str) -> list[int]:
         except (OSError, IndexError, ValueError):
             pass
     return found
+
+
+def test_a_helper_that_answers_nonsense_is_dropped(monkeypatch):
+    """A helper whose answers are not forms (here a program that says it is ready, then talks
+    nonsense) costs only speed: the driver makes its chunks."""
+    monkeypatch.setattr(canon._Helper, "command", ("-c", "import sys\nprint('ready', flush=True)\n"
+                                                   "for line in sys.stdin: print('[1, 2', flush=True)"))
+    s = Simplifier(2)
+    try:
+        assert s.wait() == 1
+        texts = _formulas(12, seed=5)
+        assert s(texts) == {t: form(t) for t in texts}
+        assert s._helpers == []
+    finally:
+        s.close()
