@@ -13,12 +13,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     .device/wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 EVOPRUNE_CACHE=$PWD/.device/cache EVOPRUNE_DATA_ROOT=$PWD/.device/data
 out=${OUT:-.}/gpu13-$stage.log
+# -P below: the checkout's evoprune/ folder must not shadow the package installed in /tmp/site
 common=(--device cuda --data-root .device/data --cache-dir .device/cache)
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
     case $stage in
-        tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_batched.py tests/test_masks.py tests/test_stats.py ;;
+        tests) python3 -P -m pytest -q -m gpu -p no:cacheprovider tests/test_batched.py tests/test_masks.py tests/test_stats.py ;;
         batched) python3 benchmarks/batched.py "${common[@]}" --ks 1,4,16,64 ;;
         proxies) python3 benchmarks/search.py "${common[@]}" --skip-digits --train masked,pruned --cifar-candidates 6 ;;
         driver) python3 benchmarks/search.py "${common[@]}" --skip-cifar --simplify-processes 1,4 ;;

@@ -7,7 +7,7 @@ every worker waits, so with a fast proxy (a GPU; the digits tasks on a CPU) they
 of a search's wall time. `Simplifier` makes a batch of them in parallel: the engine breeds a
 generation's children ahead (`Search.offspring`) and asks for all their forms at once.
 
-Helpers are plain subprocesses (`python -m evoprune.evolve.canon`, one JSON line per batch in
+Helpers are plain subprocesses (`python -P -m evoprune.evolve.canon`, one JSON line per batch in
 and out), not multiprocessing's: they never re-import the user's main module, and a driver
 that runs Ray or torch threads is never forked. They start in the background when the
 `Simplifier` is made (sympy and torch take a couple of seconds to import) and the driver works
@@ -42,7 +42,10 @@ def _forms(texts: list[str]) -> list[tuple[str, str]]:
 
 
 class _Helper:
-    command = ("-m", "evoprune.evolve.canon")  # after the interpreter
+    # after the interpreter; -P: the working directory is not put on sys.path, so a source
+    # checkout's evoprune/ folder there (a clone, the Docker image's /opt/evoprune) cannot shadow
+    # the installed package
+    command = ("-P", "-m", "evoprune.evolve.canon")
 
     def __init__(self):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

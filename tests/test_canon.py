@@ -60,6 +60,19 @@ def test_a_helper_that_dies_costs_only_speed(simplifier):
     assert simplifier(texts[:3]) == {t: form(t) for t in texts[:3]}
 
 
+def test_a_source_checkout_in_the_working_directory_does_not_shadow_the_helpers(tmp_path, monkeypatch):
+    """Run from a folder holding an `evoprune/` package of its own (a clone's root, the Docker
+    image's /opt/evoprune under a non-editable install), the helpers still import the installed one."""
+    (tmp_path / "evoprune").mkdir()
+    (tmp_path / "evoprune" / "__init__.py").write_text("raise ImportError('the checkout, not the package')\n")
+    monkeypatch.chdir(tmp_path)
+    s = Simplifier(2)
+    try:
+        assert s.wait() == 1
+    finally:
+        s.close()
+
+
 def test_close_ends_the_helpers():
     s = Simplifier(2)
     procs = [h.proc for h in s._helpers]
