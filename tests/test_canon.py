@@ -21,6 +21,8 @@ from evoprune.evolve.config import Config, RunConfig, SearchConfig
 from evoprune.evolve.engine import Search
 from evoprune.primitives.pset import Vec, build_pset
 
+from helpers import wait_for
+
 
 def _formulas(n: int, seed: int) -> list[str]:
     pset, rng_state = build_pset(), random.getstate()
@@ -149,9 +151,7 @@ def test_ctrl_c_ends_the_search_and_its_helpers(digits_pretrained, cache_dir, tm
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setpgrp()))
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not _generations(db):
-            time.sleep(0.1)
+        wait_for(db, "SELECT count(*) FROM generations")
         helpers = _children(driver.pid, "evoprune.evolve.canon")
         assert len(helpers) == 1
         os.killpg(driver.pid, signal.SIGINT)
@@ -166,16 +166,6 @@ def test_ctrl_c_ends_the_search_and_its_helpers(digits_pretrained, cache_dir, tm
     time.sleep(0.5)
     for pid in helpers:
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
-
-
-def _generations(db) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db) as c:
-            return c.execute("SELECT count(*) FROM generations").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
 
 
 def _children(pid: int, word: str) -> list[int]:

@@ -7,10 +7,11 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 from raycluster import HEAD, WORKER, Cluster
+
+from helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -56,19 +57,6 @@ def _fitness(db) -> dict[str, float]:
         return dict(c.execute("SELECT canonical_hash, fitness FROM candidates"))
 
 
-def _wait_for(db, sql: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with sqlite3.connect(db) as c:
-                if c.execute(sql).fetchone()[0]:
-                    return
-        except sqlite3.OperationalError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {sql}")
-
-
 def test_same_fitness_in_process_and_on_two_nodes(cluster, digits_pretrained, cache_dir, tmp_path):
     local = _evolve(tmp_path, tmp_path / "local.db", cache_dir=cache_dir)
     assert local.wait(timeout=600) == 0, local.stdout.read()
@@ -86,7 +74,7 @@ def test_a_lost_worker_node_loses_nothing(cluster, digits_pretrained, cache_dir,
     db = tmp_path / "w.db"
     p = _evolve(tmp_path, db, "--address", cluster.address, "--workers", "2", generations=3, steps=60,
                 cache_dir=cache_dir)
-    _wait_for(db, "SELECT count(*) FROM generations")
+    wait_for(db, "SELECT count(*) FROM generations")
     killed = cluster.kill(WORKER)  # the worker node dies mid-search, a job in flight on it
     assert killed
     log = p.communicate(timeout=600)[0]
@@ -107,7 +95,7 @@ def test_a_lost_head_fails_the_run_and_resume_finishes_it(cluster, digits_pretra
     db = tmp_path / "h.db"
     p = _evolve(tmp_path, db, "--address", cluster.address, "--workers", "2", generations=3, steps=60,
                 cache_dir=cache_dir)
-    _wait_for(db, "SELECT count(*) FROM generations")
+    wait_for(db, "SELECT count(*) FROM generations")
     cluster.kill()  # head and worker: the GCS is gone
     log = p.communicate(timeout=600)[0]
     assert p.returncode == 3, log

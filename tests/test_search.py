@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -24,6 +23,8 @@ from evoprune.primitives.expr import check_scores, evaluate, parse, scores_by_la
 from evoprune.primitives.stats import STATS
 from evoprune.records import FitnessRecord, TaskResult
 from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
+
+from helpers import wait_for
 
 TINY_PROXY = ProxyConfig(tasks=("digits-cnn",), finetune_steps=3, recalibrate_images=128, stat_images=128)
 
@@ -145,17 +146,7 @@ def test_driver_killed_between_generations_resumes_to_the_same_population(digits
 
     db = tmp_path / "b.db"
     victim = _evolve(["--config", str(cfg), "--db", str(db)], cache_dir)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if db.exists():
-            try:
-                with sqlite3.connect(db) as c:
-                    n = c.execute("SELECT count(*) FROM generations").fetchone()[0]
-            except sqlite3.OperationalError:
-                n = 0
-            if n >= 2:
-                break
-        time.sleep(0.05)
+    wait_for(db, "SELECT count(*) >= 2 FROM generations")
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     with sqlite3.connect(db) as c:
