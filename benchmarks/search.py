@@ -128,11 +128,11 @@ def cifar(args):
           f"{proxy.finetune_steps} steps of {proxy.batch_size}) | stage | median s | min s | max s | "
           "candidates/hour | mean fitness |\n|---|---|---|---|---|---|---|")
     for train in args.train.split(","):
-        settings = [(f"in-process, {torch.get_num_threads()} threads", 1, None)]
+        settings = [(f"in-process, {torch.get_num_threads()} threads", 1)]
         if args.workers > 1:
-            settings.append((f"{args.workers} workers x 1 thread", args.workers, "workers"))
-        for label, n, how in settings:
-            if how is None:
+            settings.append((f"{args.workers} workers x 1 thread", args.workers))
+        for label, n in settings:
+            if n == 1:
                 runs = [_cifar_times(args, train)]
             else:
                 mp = multiprocessing.get_context("spawn")

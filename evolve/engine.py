@@ -420,12 +420,6 @@ class Search:
             self._running = False
         return pop
 
-    def driver_share(self) -> float:
-        """The share of the search's wall time spent outside the proxy runs (breeding, canonical
-        forms, masks, the database): what the workers wait for."""
-        total = self.seconds["search"]
-        return (total - self.seconds["proxy"]) / total if total else 0.0
-
     def _generation(self, g: int, pop: list, t0: float) -> None:
         todo = [ind for ind in pop if not ind.fitness.valid]
         n_eval, hits = self.evaluate(todo, g)  # assigns every individual in todo
