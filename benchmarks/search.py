@@ -3,12 +3,15 @@
     python benchmarks/search.py --data-root ../shared/data [--device cpu|cuda] [--cache-dir DIR]
                                 [--skip-digits] [--skip-cifar] [--cifar-candidates 8]
                                 [--train masked,pruned] [--workers 2] [--simplify-processes 1,2]
+                                [--digits-workers 0,1]
 
 1. The default digits search, racing on and off: proxy runs, seconds, evaluations per hour,
    cache hits (same formula / same masks), full fine-tunes racing avoided, and the driver's
    share of the search's wall time (breeding, canonical forms, masks, database: what the proxy
-   runs wait for), with `--simplify-processes` processes making the canonical forms; the last
-   column puts the same driver beside a proxy run of the GPU target's 0.072 s.
+   runs wait for), with `--simplify-processes` processes making the canonical forms, in this
+   process or (`--digits-workers 1`) on a pool of Ray workers, which train while the driver breeds
+   and simplifies; "workers idle" is the share of the workers' time without a proxy run; the
+   last column puts the in-process driver beside a proxy run of the GPU target's 0.072 s.
 2. The CIFAR-10 ResNet-20 proxy of configs/cifar10.toml (18 fine-tune steps of 256, about one
    epoch of the subset): seconds per candidate for the screen and the full proxy over the seeded
    baselines, and the resulting candidate evaluations per hour on this device; `--train
@@ -40,31 +43,42 @@ GPU_PROXY_S = 0.072  # seconds a candidate at the GPU target (50,000 full proxie
 
 def digits(args):
     cfg = Config()
-    print(f"| digits search ({cfg.search.generations} generations x {cfg.search.population}) | simplify processes "
-          "| seconds | proxy runs | full fine-tunes | runs/hour | individuals/hour | same-formula hits "
-          "| same-mask hits | screened only | best fitness | driver share | canonical forms share | driver share at "
-          f"{GPU_PROXY_S} s a proxy run |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| digits search ({cfg.search.generations} generations x {cfg.search.population}) | Ray workers "
+          "| simplify processes | seconds | search s | proxy runs | full fine-tunes | runs/hour | individuals/hour "
+          "| same-formula hits | same-mask hits | screened only | best fitness | driver share | canonical forms share "
+          f"| workers idle | driver share at {GPU_PROXY_S} s a proxy run |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for screen in (True, False):
-        for processes in (int(p) for p in args.simplify_processes.split(",")):
-            cfg = Config()
-            cfg = replace(cfg, proxy=replace(cfg.proxy, screen=screen),
-                          run=replace(cfg.run, device=args.device, cache_dir=args.cache_dir or "",
-                                      data_root=args.data_root, simplify_processes=processes))
-            _canonical.cache_clear()  # every search starts cold, as its own process would
-            clear_cache()  # sympy's
-            with tempfile.TemporaryDirectory() as d:
-                t0 = time.perf_counter()
-                res = run_search(cfg, db_url=f"sqlite:///{d}/bench.db")
-                dt = time.perf_counter() - t0
-            k, sec = res.counters, res.seconds
-            individuals = cfg.search.population * (cfg.search.generations + 1)
-            best = max(h.best for h in res.history)
-            driver = sec["search"] - sec["proxy"]
-            gpu = driver / (driver + k["evaluations"] * GPU_PROXY_S)  # the same driver, a faster proxy
-            print(f"| racing {'on' if screen else 'off'} | {processes} | {dt:.1f} | {k['evaluations']} | {k['full']} | "
-                  f"{k['evaluations'] / dt * 3600:.0f} | {individuals / dt * 3600:.0f} | {k['canonical_hits']} | "
-                  f"{k['mask_hits']} | {k['screened_only']} | {best:.4f} | {driver / sec['search']:.1%} | "
-                  f"{sec['canonical'] / sec['search']:.1%} | {gpu:.1%} |")
+        for workers in (int(w) for w in args.digits_workers.split(",")):
+            for processes in (int(p) for p in args.simplify_processes.split(",")):
+                _digits_search(args, screen, workers, processes)
+
+
+def _digits_search(args, screen: bool, workers: int, processes: int) -> None:
+    cfg = Config()
+    cfg = replace(cfg, proxy=replace(cfg.proxy, screen=screen),
+                  run=replace(cfg.run, device=args.device, cache_dir=args.cache_dir or "", data_root=args.data_root,
+                              simplify_processes=processes, workers=workers))
+    _canonical.cache_clear()  # every search starts cold, as its own process would
+    clear_cache()  # sympy's
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        res = run_search(cfg, db_url=f"sqlite:///{d}/bench.db")
+        dt = time.perf_counter() - t0
+    k, sec = res.counters, res.seconds
+    individuals = cfg.search.population * (cfg.search.generations + 1)
+    best = max(h.best for h in res.history)
+    driver = sec["search"] - sec["proxy"]  # the driver's own work, overlapping the workers' or not
+    # idle: the share of the workers' time without a proxy run (the driver's work they waited for,
+    # the end of each generation's last runs); a pool overlaps the driver's work with its runs
+    idle = f"{1 - sec['worker'] / sec['capacity']:.1%}" if sec.get("capacity") else "-"
+    # in this process nothing overlaps: the same driver beside a faster proxy
+    gpu = f"{driver / (driver + k['evaluations'] * GPU_PROXY_S):.1%}" if not workers else "-"
+    print(f"| racing {'on' if screen else 'off'} | {workers or 'in-process'} | {processes} | {dt:.1f} | "
+          f"{sec['search']:.1f} | {k['evaluations']} | {k['full']} | {k['evaluations'] / dt * 3600:.0f} | "
+          f"{individuals / dt * 3600:.0f} | {k['canonical_hits']} | {k['mask_hits']} | {k['screened_only']} | "
+          f"{best:.4f} | {driver / sec['search']:.1%} | {sec['canonical'] / sec['search']:.1%} | {idle} | {gpu} |",
+          flush=True)
 
 
 def _cifar_proxy(train: str):
@@ -167,6 +181,9 @@ def main():
                     help="the CIFAR proxies to time: pruned, masked or both (masked,pruned)")
     ap.add_argument("--simplify-processes", default="1,2",
                     help="digits search: [run] simplify_processes to time, comma-separated")
+    ap.add_argument("--digits-workers", default="0",
+                    help="digits search: [run] workers to time, comma-separated (0: in-process; N: a Ray pool, "
+                         "whose workers train while the driver breeds)")
     ap.add_argument("--workers", type=int, default=1,
                     help="also time N concurrent one-thread workers (a search's Ray actors; CPU)")
     args = ap.parse_args()

@@ -25,7 +25,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from deap import base, creator, gp, tools
 
@@ -126,8 +126,11 @@ class Search:
         self.simplifier = simplifier or Simplifier(cfg.run.simplify_processes)
         self.counters = Counters()
         # wall seconds in `run`: the whole search, waiting for the proxy runs, and three parts of the
-        # driver's own work: canonical forms, masks, the recorder (the database)
-        self.seconds = {"search": 0.0, "proxy": 0.0, "canonical": 0.0, "masks": 0.0, "database": 0.0}
+        # driver's own work: canonical forms, masks, the recorder (the database); and "worker",
+        # the proxy runs' own seconds summed (with a pool, they overlap the driver's work), of
+        # "capacity", the search's seconds times the evaluator's workers
+        self.seconds = {"search": 0.0, "proxy": 0.0, "canonical": 0.0, "masks": 0.0, "database": 0.0,
+                        "worker": 0.0, "capacity": 0.0}
         self._running = False
         self.history: list[GenerationReport] = []
         # the best distinct formulas seen (by canonical form); rebuilt from the candidates on resume
@@ -215,50 +218,60 @@ class Search:
     def _key(self, masks: dict) -> tuple[str, ...]:
         return tuple(mask_hash(masks[t]) for t in self.tasks)
 
-    def evaluate(self, individuals: list, generation: int) -> tuple[int, int]:
-        """Give every individual its fitness; returns (proxy runs executed, cache hits)."""
+    def evaluate(self, individuals: Iterable, generation: int) -> tuple[list, int, int]:
+        """Give every individual its fitness; returns (the individuals, proxy runs executed, cache
+        hits). `individuals` may be lazy (`children`): each new candidate's job goes to the
+        evaluator as soon as it is known, so a pool of workers trains the first candidates while
+        the driver breeds and simplifies the next (the same jobs and results as a list gives)."""
         c0 = self.counters.snapshot()
         pending: dict[str, list] = {}  # canonical hash -> individuals waiting for it
         todo: dict[tuple, list[str]] = {}  # mask key -> canonical hashes sharing it
         masks_of: dict[tuple, dict] = {}  # mask key -> the masks, per task
-        self._simplify([str(ind) for ind in individuals])
-        for ind in individuals:
-            text = str(ind)
-            _, h = self._canonical(text)
-            if h in self.records or h in pending:
-                if h in pending:
-                    pending[h].append(ind)
-                self.counters.canonical_hits += 1
-                continue
-            pending[h] = [ind]
-            t0 = time.perf_counter()
-            try:
-                masks = self.masks_for(text)
-            except UnusableMetric as e:
-                self.records[h] = invalid(text, str(e))
-                self.counters.invalid += 1
-                continue
-            finally:
-                self._spent("masks", t0)
-            key = self._key(masks)
-            if key in self.by_masks:
-                self.records[h] = self.by_masks[key].renamed(text)
-                self.counters.mask_hits += 1
-            else:
-                todo.setdefault(key, []).append(h)
-                masks_of[key] = masks
-        if todo:
-            self._run_proxy(todo, pending, masks_of, generation)
+        everyone: list = []
+        if isinstance(individuals, list):
+            self._simplify([str(ind) for ind in individuals])
+
+        def new_keys():  # the mask keys no earlier candidate had, as the individuals come
+            for ind in individuals:
+                everyone.append(ind)
+                text = str(ind)
+                _, h = self._canonical(text)
+                if h in self.records or h in pending:
+                    if h in pending:
+                        pending[h].append(ind)
+                    self.counters.canonical_hits += 1
+                    continue
+                pending[h] = [ind]
+                t0 = time.perf_counter()
+                try:
+                    masks = self.masks_for(text)
+                except UnusableMetric as e:
+                    self.records[h] = invalid(text, str(e))
+                    self.counters.invalid += 1
+                    continue
+                finally:
+                    self._spent("masks", t0)
+                key = self._key(masks)
+                if key in self.by_masks:
+                    self.records[h] = self.by_masks[key].renamed(text)
+                    self.counters.mask_hits += 1
+                elif key in todo:
+                    todo[key].append(h)
+                else:
+                    todo[key], masks_of[key] = [h], masks
+                    yield key, text
+
+        self._run_proxy(new_keys(), todo, pending, masks_of, generation)
         rows = [self._candidate(inds[0], h, generation) for h, inds in pending.items()]
         if rows:
             t0 = time.perf_counter()
             self.recorder.candidates(rows)
             self._spent("database", t0)
-        for ind in individuals:
+        for ind in everyone:
             self._assign(ind)
         c1 = self.counters.snapshot()
-        return c1["evaluations"] - c0["evaluations"], (c1["canonical_hits"] + c1["mask_hits"]
-                                                       - c0["canonical_hits"] - c0["mask_hits"])
+        return everyone, c1["evaluations"] - c0["evaluations"], (c1["canonical_hits"] + c1["mask_hits"]
+                                                                 - c0["canonical_hits"] - c0["mask_hits"])
 
     def _candidate(self, ind, h: str, generation: int) -> CandidateRecord:
         text = str(ind)
@@ -266,32 +279,45 @@ class Search:
         return CandidateRecord(text, self._canonical(text)[0], h, node.size, node.depth, tuple(ind.parents),
                                generation, self.records[h], _baseline_name(text))
 
-    def _run_proxy(self, todo: dict[tuple, list[str]], pending: dict[str, list], masks_of: dict[tuple, dict],
-                   generation: int) -> None:
+    def _run_proxy(self, keys: Iterable[tuple[tuple, str]], todo: dict[tuple, list[str]], pending: dict[str, list],
+                   masks_of: dict[tuple, dict], generation: int) -> None:
+        """Run the proxy for `keys` ((mask key, the first formula with it), possibly lazy: `todo`
+        fills as they come); with racing, screen them all, then fine-tune the best share."""
         p = self.cfg.proxy
-        first = {key: str(pending[hs[0]][0]) for key, hs in todo.items()}
-        stage = "screen" if p.screen else "full"
-        results = self._run_jobs({k: (first[k], stage) for k in todo}, masks_of, generation)
+        first: dict[tuple, str] = {}
+
+        def jobs(stage: str):
+            for key, text in keys:
+                first[key] = text
+                yield key, text, stage
+
+        results = self._run_jobs(jobs("screen" if p.screen else "full"), masks_of, generation)
         if p.screen:
             ranked = sorted(todo, key=lambda k: -results[k].fitness)
             n_full = max(1, math.ceil(p.promote * len(ranked)))
             promote = [k for k in ranked[:n_full] if results[k].valid]
             self.counters.screened_only += len(ranked) - len(promote)
-            results.update(self._run_jobs({k: (first[k], "full") for k in promote}, masks_of, generation))
+            results.update(self._run_jobs([(k, first[k], "full") for k in promote], masks_of, generation))
         for key, hs in todo.items():
             rec = results[key]
             self.by_masks[key] = rec
             for h in hs:
                 self.records[h] = rec.renamed(str(pending[h][0]))
 
-    def _run_jobs(self, jobs: dict[tuple, tuple[str, str]], masks_of: dict[tuple, dict],
+    def _run_jobs(self, jobs: Iterable[tuple[tuple, str, str]], masks_of: dict[tuple, dict],
                   generation: int) -> dict[tuple, FitnessRecord]:
+        """Run (mask key, formula, stage) jobs, which may come lazily; time spent making them
+        (canonical forms, masks) while the evaluator waits is the driver's, not the proxy's."""
         out: dict[tuple, FitnessRecord] = {}
-        by_name = {str(k): k for k in jobs}
-        # sorted: the same jobs in the same order on every run, whatever the dict order
-        batch = [Job(name, *jobs[k], masks_of[k]) for name, k in sorted(by_name.items())]
-        t0 = time.perf_counter()
-        for job, rec in self.evaluator.run(batch):
+        by_name: dict[str, tuple] = {}
+
+        def batch():
+            for key, text, stage in jobs:
+                by_name[str(key)] = key
+                yield Job(str(key), text, stage, masks_of[key])
+
+        t0, driver0 = time.perf_counter(), self.seconds["canonical"] + self.seconds["masks"]
+        for job, rec in self.evaluator.run(batch()):
             key = by_name[job.key]
             if key in out:
                 raise RuntimeError(f"job {job.key} returned twice")
@@ -301,10 +327,13 @@ class Search:
             out[key] = rec
             self.counters.evaluations += 1
             self.counters.full += job.stage == "full"
+            self.seconds["worker"] += rec.seconds if self._running else 0.0
             self.on_progress("evaluation", {"generation": generation, "record": rec, "done": len(out),
-                                            "total": len(batch), "stage": job.stage})
-        self._spent("proxy", t0)
-        if missing := set(jobs) - set(out):
+                                            "total": len(by_name), "stage": job.stage})
+        if self._running:
+            driver = self.seconds["canonical"] + self.seconds["masks"] - driver0
+            self.seconds["proxy"] += time.perf_counter() - t0 - driver
+        if missing := set(by_name.values()) - set(out):
             raise RuntimeError(f"{len(missing)} jobs never returned")
         return out
 
@@ -318,7 +347,8 @@ class Search:
             key_of[text] = key = self._key(masks)
             masks_of[key] = masks
             first.setdefault(key, text)
-        results = self._run_jobs({k: (e, stage) for k, e in first.items()}, masks_of, -1)
+        # sorted: the same jobs in the same order on every run, whatever the order asked
+        results = self._run_jobs([(k, first[k], stage) for k in sorted(first, key=str)], masks_of, -1)
         out, rows = {}, []
         for text in expressions:
             rec = results[key_of[text]].renamed(text)
@@ -337,24 +367,33 @@ class Search:
 
     # ------------------------------------------------------------------ variation
     def offspring(self, pop: list, taken: set[str] | None = None) -> list:
-        """The next generation's new individuals. A child whose formula (canonical form) is already
-        in `taken` (the elites, the other children) is bred again, up to `unique_retries` times:
-        a population of copies explores nothing, and copies cost no evaluation but a place.
+        """The next generation's new individuals (`children`, all of them)."""
+        return list(self.children(pop, taken))
+
+    def children(self, pop: list, taken: set[str] | None = None, chunk: int = 0) -> Iterator:
+        """The next generation's new individuals, one at a time. A child whose formula (canonical
+        form) is already in `taken` (the elites, the other children) is bred again, up to
+        `unique_retries` times: a population of copies explores nothing, and copies cost no
+        evaluation but a place.
 
         Breeding again is breeding the next child of one stream, so the children are bred ahead
-        in chunks and their canonical forms made together (in parallel: `Simplifier`); the random
+        in chunks (`chunk`, at least the simplifier's processes; 0: all the children still
+        needed) and their canonical forms made together (in parallel: `Simplifier`); the random
         state is then set back to where the last child used left it. The result is the one of
-        breeding and simplifying one child at a time."""
+        breeding and simplifying one child at a time, whatever the chunks, and whatever the
+        caller does with `random` between two children."""
         s = self.cfg.search
         taken = set() if taken is None else taken
         need = s.population - s.elites
-        kids: list = []
+        kids = 0
         stream: list[tuple[object, object]] = []  # (child, the random state after breeding it)
         used = 0
-        while len(kids) < need:
+        while kids < need:
             for attempt in range(s.unique_retries + 1):
                 if used == len(stream):
-                    for _ in range(max(need - len(kids), self.simplifier.processes)):
+                    if stream:  # go on with the stream's own state, whatever ran in between
+                        random.setstate(stream[-1][1])
+                    for _ in range(max(chunk or need - kids, self.simplifier.processes)):
                         stream.append((self._breed(pop), random.getstate()))
                     self._simplify([str(c) for c, _ in stream[used:]])
                 child = stream[used][0]
@@ -363,10 +402,10 @@ class Search:
                 if h not in taken:
                     break
             taken.add(h)
-            kids.append(child)
-        if stream:
-            random.setstate(stream[used - 1][1])
-        return kids
+            kids += 1
+            if kids == need:
+                random.setstate(stream[used - 1][1])
+            yield child
 
     def _breed(self, pop: list):
         s, tb = self.cfg.search, self.toolbox
@@ -400,15 +439,17 @@ class Search:
             if resume is None or resume.last is None:
                 random.seed(s.seed)
                 pop, start = self.initial_population(), 0
-                self._generation(0, pop, time.perf_counter())
+                pop = self._generation(0, [], pop, time.perf_counter())
             else:
                 pop, start = self._restore_population(resume.last), resume.last.index
+            # a pool of workers gets each child's job as soon as it is made (`evaluate`): small
+            # chunks start them sooner; in this process, one chunk of all the children is fastest
+            chunk = self.simplifier.processes if getattr(self.evaluator, "concurrent", False) else 0
             for g in range(start + 1, s.generations + 1):
                 t0 = time.perf_counter()
                 elites = [self.toolbox.clone(x) for x in tools.selBest(pop, s.elites)]
-                kids = self.offspring(pop, {self._canonical(str(e))[1] for e in elites})
-                pop = elites + kids
-                self._generation(g, pop, t0)
+                kids = self.children(pop, {self._canonical(str(e))[1] for e in elites}, chunk)
+                pop = self._generation(g, elites, kids, t0)
         except KeyboardInterrupt:
             self.recorder.status(RunStatus.interrupted, "interrupted; resume with --resume")
             raise
@@ -417,12 +458,15 @@ class Search:
             raise
         finally:
             self._spent("search", t_run)
+            # the proxy-run seconds the workers could have given meanwhile ("worker" of it they did)
+            self.seconds["capacity"] = self.seconds["search"] * getattr(self.evaluator, "size", 1)
             self._running = False
         return pop
 
-    def _generation(self, g: int, pop: list, t0: float) -> None:
-        todo = [ind for ind in pop if not ind.fitness.valid]
-        n_eval, hits = self.evaluate(todo, g)  # assigns every individual in todo
+    def _generation(self, g: int, kept: list, new: Iterable, t0: float) -> list:
+        """Evaluate `new` (possibly lazy), record generation `g` of kept + new; returns it."""
+        new, n_eval, hits = self.evaluate(new, g)  # assigns every new individual
+        pop = kept + new
         self.hall_of_fame.update(pop)
         raws = [ind.raw for ind in pop]
         best = self.hall_of_fame[0]
@@ -438,6 +482,7 @@ class Search:
         rep = GenerationReport(g, rec.best, str(best), rec.mean, n_eval, hits, rec.seconds, self.counters.snapshot())
         self.history.append(rep)
         self.on_progress("generation", {"report": rep})
+        return pop
 
     def _restore_caches(self, cands: list[CandidateRecord]) -> None:
         """The caches and the hall of fame of a stored run."""

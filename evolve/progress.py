@@ -87,8 +87,9 @@ class SearchDisplay:
                 f"screened); cache hits: {k['canonical_hits']} same formula, {k['mask_hits']} same masks; "
                 f"{k['invalid']} invalid", highlight=False)
         if (sec := result.seconds) and sec.get("search"):
-            c.print(f"search {sec['search']:.0f} s: {sec['proxy'] / sec['search']:.0%} waiting for the proxy runs, "
-                    f"{1 - sec['proxy'] / sec['search']:.0%} in the driver (canonical forms "
+            busy = sec["worker"] / sec["capacity"] if sec.get("capacity") else 0.0
+            c.print(f"search {sec['search']:.0f} s: the workers ran proxies {min(busy, 1):.0%} of it; the driver "
+                    f"worked {1 - sec['proxy'] / sec['search']:.0%} of it (canonical forms "
                     f"{sec['canonical'] / sec['search']:.0%})", highlight=False)
         if result.finalists:
             db = f" --db {self.db}" if self.db else ""

@@ -103,11 +103,12 @@ def _reference_offspring(search: Search, pop: list, taken: set[str]) -> list:
     return kids
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_bred_ahead_children_are_the_one_at_a_time_ones(processes):
-    """The same children and the same random state after them, with and without helpers, as
-    breeding and simplifying one child at a time; a population of few distinct formulas makes
-    copies (retries) frequent."""
+@pytest.mark.parametrize("processes,chunk", [(1, 0), (2, 0), (1, 1), (2, 3)])
+def test_bred_ahead_children_are_the_one_at_a_time_ones(processes, chunk):
+    """The same children and the same random state after them, with and without helpers, in one
+    chunk or drawn one at a time (as a pool of workers draws them, with the caller using `random`
+    in between), as breeding and simplifying one child at a time; a population of few distinct
+    formulas makes copies (retries) frequent."""
     cfg = Config(search=SearchConfig(population=24, seeds=(), unique_retries=3),
                  run=RunConfig(simplify_processes=processes))
     search = Search(cfg, None, {t: None for t in cfg.proxy.tasks})
@@ -121,8 +122,11 @@ def test_bred_ahead_children_are_the_one_at_a_time_ones(processes):
         for generation in range(3):
             state = random.getstate()
             elites = {form(str(e))[1] for e in pop[:2]}
-            got = search.offspring(pop, set(elites))
-            after = random.getstate()
+            got = []
+            for child in search.children(pop, set(elites), chunk):
+                got.append(child)
+                after = random.getstate()  # as the last child leaves it
+                random.random()  # the caller's own draws do not move the children's stream
             random.setstate(state)
             want = _reference_offspring(search, pop, set(elites))
             assert [str(k) for k in got] == [str(k) for k in want]

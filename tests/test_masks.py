@@ -13,7 +13,7 @@ from evoprune.evolve.service import StoreRecorder, run_search
 from evoprune.masks import TaskMasks, UnusableMetric, make_masks, mask_hash
 from evoprune.primitives.expr import parse
 from evoprune.primitives.stats import STATS
-from evoprune.workers.evaluator import RayEvaluator, WorkerSpec
+from evoprune.workers.evaluator import InProcessEvaluator, RayEvaluator, WorkerSpec
 
 TINY_PROXY = ProxyConfig(tasks=("digits-cnn",), finetune_steps=3, recalibrate_images=128, stat_images=128)
 
@@ -51,6 +51,44 @@ def test_ray_workers_train_the_masks_the_driver_made(ray_session, masker, cache_
     finally:
         evaluator.close()
     assert _stored_masks_match_the_driver(engine, recorder.run_id, masker, "ray-") >= 3
+
+
+def _candidates(engine, run_id: int) -> list[tuple]:
+    return sorted((c.expression, c.birth_generation, c.fitness, c.valid) for c in store.candidates(engine, run_id))
+
+
+def test_a_pool_gets_each_child_as_it_is_bred_and_gives_the_in_process_run(ray_session, masker, cache_dir,
+                                                                           tmp_path):
+    """Ray workers train a generation's first children while the driver breeds and simplifies
+    the rest (the first result comes back before the last job is made), and the run (candidates,
+    fitnesses, populations) is the one the same search makes in this process, one job at a time."""
+    cfg = Config(search=SearchConfig(population=16, generations=2, seed=2, seeds=("l1", "fpgm")),
+                 proxy=TINY_PROXY)
+    spec = WorkerSpec(proxy=cfg.proxy, cache_dir=str(cache_dir), threads=1)  # as the actors: same floats
+    runs, totals = {}, {}
+    for name in ("pool", "here"):
+        engine = store.connect(f"sqlite:///{tmp_path / name}.db")
+        recorder = StoreRecorder.new_run(engine, cfg)
+        evaluator = RayEvaluator(spec, workers=2) if name == "pool" else InProcessEvaluator(spec)
+        seen = totals.setdefault(name, {})
+
+        def note(kind, info, seen=seen):
+            if kind == "evaluation" and info["stage"] == "screen":
+                seen.setdefault(info["generation"], []).append(info["total"])
+
+        try:
+            search = Search(cfg, evaluator, {"digits-cnn": masker}, recorder, note)
+            pop = search.run()
+        finally:
+            evaluator.close()
+            search.close()
+        runs[name] = ([(str(i), i.raw) for i in pop], _candidates(engine, recorder.run_id),
+                      [h.best for h in search.history])
+    assert runs["pool"] == runs["here"]
+    for g in (1, 2):
+        first, last = totals["pool"][g][0], totals["pool"][g][-1]
+        assert first < last, (g, totals["pool"][g])  # jobs still being made when the first came back
+        assert totals["here"][g][0] == 1  # in this process: one made, one run
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ resumed, and nothing of the unfinished generation is stored.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import time
@@ -54,6 +55,9 @@ class WorkerSpec:
 
 
 class InProcessEvaluator:
+    concurrent = False  # the jobs run one after another in the caller's process
+    size = 1
+
     def __init__(self, spec: WorkerSpec, contexts: dict[str, TaskContext] | None = None):
         import torch
 
@@ -64,14 +68,12 @@ class InProcessEvaluator:
         self.name = f"local-{socket.gethostname()}-{os.getpid()}"
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, FitnessRecord]]:
-        k = self.spec.proxy.batch_candidates
+        k, source = self.spec.proxy.batch_candidates, iter(jobs)
         if k <= 1:
-            for job in jobs:
+            for job in source:
                 yield job, evaluate_job(self.contexts, job, worker=self.name)
             return
-        jobs = list(jobs)
-        for c in range(0, len(jobs), k):
-            chunk = jobs[c: c + k]
+        while chunk := list(itertools.islice(source, k)):
             yield from zip(chunk, evaluate_jobs(self.contexts, chunk, worker=self.name))
 
     def close(self) -> None:
@@ -174,6 +176,8 @@ class RayEvaluator:
     """A pool of `workers` Ray actors. Actors that die are replaced; replacements that cannot be
     placed (a node lost) leave the pool smaller, and the run goes on with the rest, saying so."""
 
+    concurrent = True  # the jobs run in other processes while the driver works
+
     def __init__(self, spec: WorkerSpec, workers: int, gpus_per_worker: float = 0.0, num_cpus: int | None = None,
                  address: str | None = None, placement_timeout_s: float = 120.0,
                  on_status: Callable[[str], None] | None = None):
@@ -249,22 +253,45 @@ class RayEvaluator:
                            "when a node can take it)")
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, FitnessRecord]]:
+        """Results as they come. `jobs` may be lazy (the engine makes each job as its candidate
+        is bred): it is drawn as workers free up, and while every worker is busy one job at a time
+        is drawn ahead, so the driver's work on the next jobs overlaps the workers' on these."""
         ray = self.ray
-        queue = [(j, 1) for j in jobs]
+        source = iter(jobs)
+        queue: list[tuple[Job, int]] = []  # (job, attempt): jobs drawn (or to retry), not yet sent
         flight: dict = {}  # object ref -> ([(job, attempt)], slot, start time)
         k = self.spec.proxy.batch_candidates  # jobs per call: trained together on the actor
         timeout = self.spec.proxy.timeout_s  # per evaluation: a call of n jobs gets n times it
-        while queue or flight:
+        drawn_all = False
+
+        def draw(n: int) -> None:  # up to n more jobs from the source into the queue
+            nonlocal drawn_all
+            while n > 0 and not drawn_all:
+                job = next(source, None)
+                if job is None:
+                    drawn_all = True
+                else:
+                    queue.append((job, 1))
+                    n -= 1
+
+        while True:
+            draw(k - len(queue))
+            if not (queue or flight):
+                return
             if queue and not any(s.ready for s in self.slots):
                 self._wait_ready()  # every worker lost: wait for a replacement, up to the placement timeout
             for slot in [s for s in self.slots if s.ready and not self._busy(s, flight)]:
+                draw(k - len(queue))
                 if not queue:
                     break
                 batch, queue = queue[:k], queue[k:]
                 flight[slot.actor.evaluate.remote([j for j, _ in batch])] = (batch, slot, time.monotonic())
             if not flight:
                 continue
-            done, _ = ray.wait(list(flight), num_returns=1, timeout=1.0)
+            ahead = not drawn_all and len(queue) < k * len(self.slots)
+            if ahead:  # every worker busy: make the next job meanwhile
+                draw(1)
+            done, _ = ray.wait(list(flight), num_returns=1, timeout=0 if ahead else 1.0)
             for ref in done:
                 batch, slot, _ = flight.pop(ref)
                 try:
