@@ -229,7 +229,7 @@ class Search:
         masks_of: dict[tuple, dict] = {}  # mask key -> the masks, per task
         everyone: list = []
         if isinstance(individuals, list):
-            self._simplify([str(ind) for ind in individuals])
+            individuals = self._simplified(individuals)
 
         def new_keys():  # the mask keys no earlier candidate had, as the individuals come
             for ind in individuals:
@@ -407,6 +407,13 @@ class Search:
                 random.setstate(stream[used - 1][1])
             yield child
 
+    def _simplified(self, individuals: list, chunk: int = 0) -> Iterator:
+        """`individuals`, their canonical forms made `chunk` at a time (0: all at once)."""
+        step = max(chunk or len(individuals), self.simplifier.processes, 1)
+        for i in range(0, len(individuals), step):
+            self._simplify([str(ind) for ind in individuals[i: i + step]])
+            yield from individuals[i: i + step]
+
     def _breed(self, pop: list):
         s, tb = self.cfg.search, self.toolbox
         clone = tb.clone  # DEAP's toolbox registers deepcopy as clone
@@ -434,17 +441,17 @@ class Search:
         s = self.cfg.search
         t_run, self._running = time.perf_counter(), True
         try:
+            # a pool of workers gets each child's job as soon as it is made (`evaluate`): small
+            # chunks start them sooner; in this process, one chunk of all the children is fastest
+            chunk = self.simplifier.processes if getattr(self.evaluator, "concurrent", False) else 0
             if resume is not None:
                 self._restore_caches(resume.candidates)
             if resume is None or resume.last is None:
                 random.seed(s.seed)
                 pop, start = self.initial_population(), 0
-                pop = self._generation(0, [], pop, time.perf_counter())
+                pop = self._generation(0, [], self._simplified(pop, chunk), time.perf_counter())
             else:
                 pop, start = self._restore_population(resume.last), resume.last.index
-            # a pool of workers gets each child's job as soon as it is made (`evaluate`): small
-            # chunks start them sooner; in this process, one chunk of all the children is fastest
-            chunk = self.simplifier.processes if getattr(self.evaluator, "concurrent", False) else 0
             for g in range(start + 1, s.generations + 1):
                 t0 = time.perf_counter()
                 elites = [self.toolbox.clone(x) for x in tools.selBest(pop, s.elites)]

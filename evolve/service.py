@@ -116,10 +116,17 @@ def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -
                                             seed=p.data_seed) for t in p.tasks}
     if r.workers:
         n, gpus = _workers(r.workers, r.gpus_per_worker)
-        on_progress("status", {"text": f"{n} Ray workers, {gpus:g} GPU each"})
-        return maskers, RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
-                                     placement_timeout_s=r.placement_timeout_s,
-                                     on_status=lambda text: on_progress("status", {"text": text}))
+        on_progress("status", {"text": f"starting {n} Ray workers, {gpus:g} GPU each"})
+        pool = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
+                            placement_timeout_s=r.placement_timeout_s,
+                            on_status=lambda text: on_progress("status", {"text": text}))
+        try:  # the search's clock starts with a worker to run its jobs
+            ready = pool.wait_ready()
+        except BaseException:
+            pool.close()
+            raise
+        on_progress("status", {"text": f"{ready} of {n} Ray workers ready, {gpus:g} GPU each"})
+        return maskers, pool
     return maskers, InProcessEvaluator(_spec(cfg, device, pre))
 
 

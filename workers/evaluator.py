@@ -207,6 +207,12 @@ class RayEvaluator:
         self._wait_ready(all_of_them=True)
         return [s.pid for s in self.slots]
 
+    def wait_ready(self) -> int:
+        """Wait until an actor is up (an actor starts in seconds: torch, the task contexts);
+        returns how many are. ClusterError when none is within the placement timeout."""
+        self._wait_ready()
+        return sum(s.ready for s in self.slots)
+
     def _wait_ready(self, all_of_them: bool = False) -> None:
         """Move actors whose probe answered into the ready set; drop the ones that failed to
         start. Raises ClusterError when none is ready for placement_timeout_s."""
