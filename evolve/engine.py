@@ -219,8 +219,8 @@ class Search:
         return tuple(mask_hash(masks[t]) for t in self.tasks)
 
     def evaluate(self, individuals: Iterable, generation: int) -> tuple[list, int, int]:
-        """Give every individual its fitness; returns (the individuals, proxy runs executed, cache
-        hits). `individuals` may be lazy (`children`): each new candidate's job goes to the
+        """Give every individual without one its fitness; returns (the individuals, proxy runs
+        executed, cache hits). `individuals` may be lazy (`children`): each new candidate's job goes to the
         evaluator as soon as it is known, so a pool of workers trains the first candidates while
         the driver breeds and simplifies the next (the same jobs and results as a list gives)."""
         c0 = self.counters.snapshot()
@@ -228,12 +228,16 @@ class Search:
         todo: dict[tuple, list[str]] = {}  # mask key -> canonical hashes sharing it
         masks_of: dict[tuple, dict] = {}  # mask key -> the masks, per task
         everyone: list = []
+        fresh: list = []  # those without a fitness (a child bred as a copy keeps its parent's)
         if isinstance(individuals, list):
             individuals = self._simplified(individuals)
 
         def new_keys():  # the mask keys no earlier candidate had, as the individuals come
             for ind in individuals:
                 everyone.append(ind)
+                if ind.fitness.valid:
+                    continue
+                fresh.append(ind)
                 text = str(ind)
                 _, h = self._canonical(text)
                 if h in self.records or h in pending:
@@ -267,7 +271,7 @@ class Search:
             t0 = time.perf_counter()
             self.recorder.candidates(rows)
             self._spent("database", t0)
-        for ind in everyone:
+        for ind in fresh:
             self._assign(ind)
         c1 = self.counters.snapshot()
         return everyone, c1["evaluations"] - c0["evaluations"], (c1["canonical_hits"] + c1["mask_hits"]
@@ -472,7 +476,7 @@ class Search:
 
     def _generation(self, g: int, kept: list, new: Iterable, t0: float) -> list:
         """Evaluate `new` (possibly lazy), record generation `g` of kept + new; returns it."""
-        new, n_eval, hits = self.evaluate(new, g)  # assigns every new individual
+        new, n_eval, hits = self.evaluate(new, g)  # assigns every new individual without a fitness
         pop = kept + new
         self.hall_of_fame.update(pop)
         raws = [ind.raw for ind in pop]

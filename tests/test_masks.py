@@ -2,6 +2,10 @@
 masks the worker trained: on Ray workers, on CUDA, and in the transfer stage alike."""
 from __future__ import annotations
 
+import os
+import signal
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,9 +15,11 @@ from evoprune.evolve.config import Config, ProxyConfig, SearchConfig
 from evoprune.evolve.engine import Search
 from evoprune.evolve.service import StoreRecorder, run_search
 from evoprune.masks import TaskMasks, UnusableMetric, make_masks, mask_hash
+from evoprune.primitives.baselines import BASELINES
 from evoprune.primitives.expr import parse
 from evoprune.primitives.stats import STATS
 from evoprune.workers.evaluator import InProcessEvaluator, RayEvaluator, WorkerSpec
+from evoprune.workers.proxy import Job
 
 TINY_PROXY = ProxyConfig(tasks=("digits-cnn",), finetune_steps=3, recalibrate_images=128, stat_images=128)
 
@@ -62,7 +68,7 @@ def test_a_pool_gets_each_child_as_it_is_bred_and_gives_the_in_process_run(ray_s
     """Ray workers train a generation's first children while the driver breeds and simplifies
     the rest (the first result comes back before the last job is made), and the run (candidates,
     fitnesses, populations) is the one the same search makes in this process, one job at a time."""
-    cfg = Config(search=SearchConfig(population=16, generations=2, seed=2, seeds=("l1", "fpgm")),
+    cfg = Config(search=SearchConfig(population=24, generations=2, seed=2, seeds=("l1", "fpgm")),
                  proxy=TINY_PROXY)
     spec = WorkerSpec(proxy=cfg.proxy, cache_dir=str(cache_dir), threads=1)  # as the actors: same floats
     runs, totals = {}, {}
@@ -89,6 +95,37 @@ def test_a_pool_gets_each_child_as_it_is_bred_and_gives_the_in_process_run(ray_s
         first, last = totals["pool"][g][0], totals["pool"][g][-1]
         assert first < last, (g, totals["pool"][g])  # jobs still being made when the first came back
         assert totals["here"][g][0] == 1  # in this process: one made, one run
+
+
+def test_a_frozen_worker_costs_time_not_results(ray_session, masker, cache_dir):
+    """Two calls wait on each actor; one actor frozen (SIGSTOP: a node that hangs without a word)
+    holds both: after the timeout both run again on a new actor, each job returns once, and
+    every result is the one this process computes."""
+    proxy = replace(TINY_PROXY, timeout_s=4.0)
+    spec = WorkerSpec(proxy=proxy, cache_dir=str(cache_dir), threads=1)
+    jobs = [Job(name, BASELINES[name].expression, "full", {"digits-cnn": masker(BASELINES[name].node)})
+            for name in ("l1", "l2", "bn_scale", "fpgm", "pfp", "taylor")]
+    here = {job.key: rec.fitness for job, rec in InProcessEvaluator(spec).run(jobs)}
+    pool = RayEvaluator(spec, workers=2)
+    frozen = []
+    try:
+        victim = pool.pids()[0]
+        got = {}
+        for job, rec in pool.run(jobs):
+            assert job.key not in got
+            got[job.key] = rec.fitness
+            if not frozen:
+                os.kill(victim, signal.SIGSTOP)
+                frozen.append(victim)
+        assert got == here
+        assert pool.restarts >= 1 and victim not in pool.pids()
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pool.close()
 
 
 @pytest.mark.gpu

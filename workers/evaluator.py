@@ -28,6 +28,9 @@ from evoprune.records import FitnessRecord
 from evoprune.workers.proxy import Job, ProxyConfig, TaskContext, evaluate_job, evaluate_jobs
 
 MAX_ATTEMPTS = 3  # a job that fails this often on healthy-looking workers stops the run
+# calls in flight per actor: the actor starts the next as soon as it ends one (Ray queues them),
+# so its round trip (a few ms: the masks there, the record back) overlaps its work
+CALLS_PER_ACTOR = 2
 
 
 class ClusterError(RuntimeError):
@@ -286,7 +289,9 @@ class RayEvaluator:
                 return
             if queue and not any(s.ready for s in self.slots):
                 self._wait_ready()  # every worker lost: wait for a replacement, up to the placement timeout
-            for slot in [s for s in self.slots if s.ready and not self._busy(s, flight)]:
+            for slot in [s for s in self.slots if s.ready] * CALLS_PER_ACTOR:
+                if self._calls(slot, flight) >= CALLS_PER_ACTOR:
+                    continue
                 draw(k - len(queue))
                 if not queue:
                     break
@@ -299,27 +304,39 @@ class RayEvaluator:
                 draw(1)
             done, _ = ray.wait(list(flight), num_returns=1, timeout=0 if ahead else 1.0)
             for ref in done:
+                if ref not in flight:  # its actor was lost with an earlier call: retried already
+                    continue
                 batch, slot, _ = flight.pop(ref)
                 try:
                     recs = [FitnessRecord.from_dict(d) for d in ray.get(ref)]
                 except Exception as e:  # the actor died (node lost, killed) or the evaluation crashed
-                    self._drop(slot)
-                    for job, attempt in reversed(batch):
-                        self._retry(queue, job, attempt, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    self._lost(slot, flight, queue, batch, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     continue
+                for other, (b, s_, _) in list(flight.items()):  # the actor's next call starts now
+                    if s_ is slot:
+                        flight[other] = (b, s_, time.monotonic())
                 yield from zip((j for j, _ in batch), recs)
             self._collect_probes(timeout=0)
             now = time.monotonic()
             for ref, (batch, slot, t0) in list(flight.items()):
+                if ref not in flight or t0 > min(t for _, s_, t in flight.values() if s_ is slot):
+                    continue  # lost already, or queued behind the actor's running call
                 if now - t0 > timeout * len(batch):  # stalled: its node may be gone without a word
                     flight.pop(ref)
-                    self._drop(slot)
-                    for job, attempt in reversed(batch):
-                        self._retry(queue, job, attempt, f"no answer after {timeout * len(batch):.0f} s")
+                    self._lost(slot, flight, queue, batch, f"no answer after {timeout * len(batch):.0f} s")
 
     @staticmethod
-    def _busy(slot: _Slot, flight: dict) -> bool:
-        return any(s is slot for _, s, _ in flight.values())
+    def _calls(slot: _Slot, flight: dict) -> int:
+        return sum(s is slot for _, s, _ in flight.values())
+
+    def _lost(self, slot: _Slot, flight: dict, queue: list, batch: list, why: str) -> None:
+        """An actor failed `batch`: drop it, and run that and its other calls again elsewhere."""
+        queued = [ref for ref, (_, s, _) in flight.items() if s is slot]
+        self._drop(slot)
+        for ref in reversed(queued):  # waiting behind the failed call: not an attempt of theirs
+            queue[:0] = flight.pop(ref)[0]
+        for job, attempt in reversed(batch):
+            self._retry(queue, job, attempt, why)
 
     def _collect_probes(self, timeout: float) -> bool:
         """Move actors whose probe answered within `timeout` into the ready set; drop the ones
