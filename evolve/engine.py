@@ -132,6 +132,9 @@ class Search:
         self.seconds = {"search": 0.0, "proxy": 0.0, "canonical": 0.0, "masks": 0.0, "database": 0.0,
                         "worker": 0.0, "capacity": 0.0}
         self._running = False
+        # database writes that wait for the next generation's first job to go out (with a pool)
+        self._unwritten: list[Callable[[], None]] = []
+        self._defer = False
         self.history: list[GenerationReport] = []
         # the best distinct formulas seen (by canonical form); rebuilt from the candidates on resume
         self.hall_of_fame = tools.HallOfFame(s.hall_of_fame, similar=lambda a, b: self._same(a, b))
@@ -193,6 +196,20 @@ class Search:
             t0 = time.perf_counter()
             self.canon.update(self.simplifier(new))
             self._spent("canonical", t0)
+
+    def _record(self, write: Callable[[], None]) -> None:
+        """A database write. With a pool of workers it waits (in order) until the next
+        generation's first job is out: the workers need not wait for the database. A run that
+        stops writes what waits before it says why (`run`)."""
+        self._unwritten.append(write)
+        if not self._defer:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._unwritten:
+            t0 = time.perf_counter()
+            self._unwritten.pop(0)()
+            self._spent("database", t0)
 
     def _spent(self, what: str, since: float) -> None:
         if self._running:
@@ -268,9 +285,7 @@ class Search:
         self._run_proxy(new_keys(), todo, pending, masks_of, generation)
         rows = [self._candidate(inds[0], h, generation) for h, inds in pending.items()]
         if rows:
-            t0 = time.perf_counter()
-            self.recorder.candidates(rows)
-            self._spent("database", t0)
+            self._record(lambda: self.recorder.candidates(rows))
         for ind in fresh:
             self._assign(ind)
         c1 = self.counters.snapshot()
@@ -316,9 +331,11 @@ class Search:
         by_name: dict[str, tuple] = {}
 
         def batch():
-            for key, text, stage in jobs:
+            for i, (key, text, stage) in enumerate(jobs):
                 by_name[str(key)] = key
                 yield Job(str(key), text, stage, masks_of[key])
+                if i == 0:  # the last generation's records, while the workers start on this one
+                    self._flush()
 
         t0, driver0 = time.perf_counter(), self.seconds["canonical"] + self.seconds["masks"]
         for job, rec in self.evaluator.run(batch()):
@@ -447,7 +464,8 @@ class Search:
         try:
             # a pool of workers gets each child's job as soon as it is made (`evaluate`): small
             # chunks start them sooner; in this process, one chunk of all the children is fastest
-            chunk = self.simplifier.processes if getattr(self.evaluator, "concurrent", False) else 0
+            self._defer = getattr(self.evaluator, "concurrent", False)
+            chunk = self.simplifier.processes if self._defer else 0
             if resume is not None:
                 self._restore_caches(resume.candidates)
             if resume is None or resume.last is None:
@@ -461,10 +479,13 @@ class Search:
                 elites = [self.toolbox.clone(x) for x in tools.selBest(pop, s.elites)]
                 kids = self.children(pop, {self._canonical(str(e))[1] for e in elites}, chunk)
                 pop = self._generation(g, elites, kids, t0)
+            self._flush()
         except KeyboardInterrupt:
+            self._flush_on_stop()
             self.recorder.status(RunStatus.interrupted, "interrupted; resume with --resume")
             raise
         except Exception as e:
+            self._flush_on_stop()
             self.recorder.status(RunStatus.failed, f"{type(e).__name__}: {e}; resume with --resume")
             raise
         finally:
@@ -487,13 +508,19 @@ class Search:
                                evaluations=n_eval, cache_hits=hits, seconds=time.perf_counter() - t0,
                                population=tuple((str(i), i.raw) for i in pop),
                                rng_state=_state_to_json(random.getstate()))
-        t1 = time.perf_counter()
-        self.recorder.generation(rec)
-        self._spent("database", t1)
+        self._record(lambda: self.recorder.generation(rec))
         rep = GenerationReport(g, rec.best, str(best), rec.mean, n_eval, hits, rec.seconds, self.counters.snapshot())
         self.history.append(rep)
         self.on_progress("generation", {"report": rep})
         return pop
+
+    def _flush_on_stop(self) -> None:
+        """The completed generations' writes still waiting, before the run is marked stopped (so
+        a resume starts after them); a failing write (the database's own fault) is left."""
+        try:
+            self._flush()
+        except Exception:
+            self._unwritten.clear()
 
     def _restore_caches(self, cands: list[CandidateRecord]) -> None:
         """The caches and the hall of fame of a stored run."""

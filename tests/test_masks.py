@@ -63,38 +63,74 @@ def _candidates(engine, run_id: int) -> list[tuple]:
     return sorted((c.expression, c.birth_generation, c.fitness, c.valid) for c in store.candidates(engine, run_id))
 
 
+class _Drawing:
+    """An evaluator as the engine sees it, counting the jobs drawn from the engine."""
+
+    def __init__(self, inner, log: dict):
+        self.inner, self.log = inner, log
+        self.concurrent, self.size = inner.concurrent, inner.size
+
+    def run(self, jobs):
+        return self.inner.run(self._count(jobs))
+
+    def _count(self, jobs):
+        for job in jobs:
+            self.log["drawn"] += 1
+            yield job
+
+
+class _Writes(StoreRecorder):
+    """The store recorder, noting how many jobs had been drawn when each generation was written."""
+
+    def __init__(self, engine, run_id: int, log: dict):
+        super().__init__(engine, run_id)
+        self.log = log
+
+    def generation(self, record) -> None:
+        self.log["written"][record.index] = self.log["drawn"]
+        super().generation(record)
+
+
 def test_a_pool_gets_each_child_as_it_is_bred_and_gives_the_in_process_run(ray_session, masker, cache_dir,
                                                                            tmp_path):
     """Ray workers train a generation's first children while the driver breeds and simplifies
-    the rest (the first result comes back before the last job is made), and the run (candidates,
-    fitnesses, populations) is the one the same search makes in this process, one job at a time."""
+    the rest (the first result comes back before the last job is made), a generation is written
+    once the next one's first job is out (the workers do not wait for the database), and the run
+    (candidates, fitnesses, populations) is the one the same search makes in this process, one
+    job at a time, writing each generation at its end."""
     cfg = Config(search=SearchConfig(population=24, generations=2, seed=2, seeds=("l1", "fpgm")),
                  proxy=TINY_PROXY)
     spec = WorkerSpec(proxy=cfg.proxy, cache_dir=str(cache_dir), threads=1)  # as the actors: same floats
-    runs, totals = {}, {}
+    runs, totals, logs = {}, {}, {}
     for name in ("pool", "here"):
         engine = store.connect(f"sqlite:///{tmp_path / name}.db")
-        recorder = StoreRecorder.new_run(engine, cfg)
-        evaluator = RayEvaluator(spec, workers=2) if name == "pool" else InProcessEvaluator(spec)
+        log = logs[name] = {"drawn": 0, "written": {}}
+        recorder = _Writes(engine, StoreRecorder.new_run(engine, cfg).run_id, log)
+        evaluator = _Drawing(RayEvaluator(spec, workers=2) if name == "pool" else InProcessEvaluator(spec), log)
         seen = totals.setdefault(name, {})
 
         def note(kind, info, seen=seen):
             if kind == "evaluation" and info["stage"] == "screen":
                 seen.setdefault(info["generation"], []).append(info["total"])
 
+        search = Search(cfg, evaluator, {"digits-cnn": masker}, recorder, note)
         try:
-            search = Search(cfg, evaluator, {"digits-cnn": masker}, recorder, note)
             pop = search.run()
         finally:
-            evaluator.close()
+            evaluator.inner.close()
             search.close()
         runs[name] = ([(str(i), i.raw) for i in pop], _candidates(engine, recorder.run_id),
                       [h.best for h in search.history])
+        made = [h.counters["evaluations"] for h in search.history]  # jobs made up to each generation's end
+        log["made"] = made
     assert runs["pool"] == runs["here"]
     for g in (1, 2):
         first, last = totals["pool"][g][0], totals["pool"][g][-1]
         assert first < last, (g, totals["pool"][g])  # jobs still being made when the first came back
         assert totals["here"][g][0] == 1  # in this process: one made, one run
+    pool, here = logs["pool"], logs["here"]
+    assert [pool["written"][g] > pool["made"][g] for g in range(3)] == [True, True, False]  # the last: at the end
+    assert [here["written"][g] for g in range(3)] == here["made"]
 
 
 def test_a_frozen_worker_costs_time_not_results(ray_session, masker, cache_dir):
