@@ -88,8 +88,9 @@ class SearchDisplay:
                 f"{k['invalid']} invalid", highlight=False)
         if (sec := result.seconds) and sec.get("search"):
             busy = sec["worker"] / sec["capacity"] if sec.get("capacity") else 0.0
-            c.print(f"search {sec['search']:.0f} s: the workers ran proxies {min(busy, 1):.0%} of it; the driver "
-                    f"worked {1 - sec['proxy'] / sec['search']:.0%} of it (canonical forms "
+            # a pool's workers run proxies while the driver works: the two shares may overlap
+            c.print(f"search {sec['search']:.0f} s: the workers were busy {min(busy, 1):.0%} of it; the driver's "
+                    f"own work took {1 - sec['proxy'] / sec['search']:.0%} (canonical forms "
                     f"{sec['canonical'] / sec['search']:.0%})", highlight=False)
         if result.finalists:
             db = f" --db {self.db}" if self.db else ""

@@ -3,6 +3,7 @@ resumed, malformed configs."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -240,6 +241,8 @@ def test_default_search_from_the_cli(digits_pretrained, cache_dir, tmp_path, cap
     assert rc == 0, out
     assert "top formulas" in out and "best baseline on the same proxy" in out and "generation 1/1" in out
     assert "export the best: evoprune export " in out
+    busy, driver = re.search(r"the workers were busy (\d+)% of it; the driver's own work took (\d+)%", out).groups()
+    assert 95 <= int(busy) + int(driver) <= 101, out  # in this process the two take turns
 
 
 def test_bad_workers_flag(tmp_path, capsys):
