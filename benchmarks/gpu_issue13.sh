@@ -6,7 +6,8 @@
 #   batched  K candidates per step: benchmarks/batched.py --device cuda --ks 1,4,16,64 (target:
 #            >= 50,000 full CIFAR ResNet-20 proxies per H100-hour)
 #   proxies  the single-candidate CIFAR proxies, masked and pruned, on the GPU (benchmarks/search.py)
-#   driver   the driver's share of the default digits search with 1 and 4 simplify processes
+#   driver   the driver's share of the default digits search with 1 and 4 simplify processes,
+#            in-process and (where Ray is installed) on a one-GPU Ray worker
 set -uo pipefail
 stage=${1:?stage: tests, batched, proxies or driver}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -22,7 +23,10 @@ common=(--device cuda --data-root .device/data --cache-dir .device/cache)
         tests) python3 -P -m pytest -q -m gpu -p no:cacheprovider tests/test_batched.py tests/test_masks.py tests/test_stats.py ;;
         batched) python3 benchmarks/batched.py "${common[@]}" --ks 1,4,16,64 ;;
         proxies) python3 benchmarks/search.py "${common[@]}" --skip-digits --train masked,pruned --cifar-candidates 6 ;;
-        driver) python3 benchmarks/search.py "${common[@]}" --skip-cifar --simplify-processes 1,4 ;;
+        driver)  # a pool too where the machine has Ray (too big to carry in .device)
+            pools=0; python3 -c "import ray" 2>/dev/null && pools=0,1 || echo "no Ray here: in-process only"
+            python3 benchmarks/search.py "${common[@]}" --skip-cifar --simplify-processes 1,4 \
+                --digits-workers $pools --gpus-per-worker 1 ;;
         *) echo "error: unknown stage $stage" >&2; exit 2 ;;
     esac
 } 2>&1 | tee "$out"
