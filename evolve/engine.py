@@ -237,9 +237,10 @@ class Search:
 
     def evaluate(self, individuals: Iterable, generation: int) -> tuple[list, int, int]:
         """Give every individual without one its fitness; returns (the individuals, proxy runs
-        executed, cache hits). `individuals` may be lazy (`children`): each new candidate's job goes to the
-        evaluator as soon as it is known, so a pool of workers trains the first candidates while
-        the driver breeds and simplifies the next (the same jobs and results as a list gives)."""
+        executed, cache hits). `individuals` may be lazy (`children`): each new candidate's job
+        goes to the evaluator as soon as it is known, so a pool of workers trains the first
+        candidates while the driver breeds and simplifies the next (the same jobs and results as
+        a list gives)."""
         c0 = self.counters.snapshot()
         pending: dict[str, list] = {}  # canonical hash -> individuals waiting for it
         todo: dict[tuple, list[str]] = {}  # mask key -> canonical hashes sharing it
