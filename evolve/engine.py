@@ -247,8 +247,6 @@ class Search:
         masks_of: dict[tuple, dict] = {}  # mask key -> the masks, per task
         everyone: list = []
         fresh: list = []  # those without a fitness (a child bred as a copy keeps its parent's)
-        if isinstance(individuals, list):
-            individuals = self._simplified(individuals)
 
         def new_keys():  # the mask keys no earlier candidate had, as the individuals come
             for ind in individuals:
@@ -281,7 +279,7 @@ class Search:
                     todo[key].append(h)
                 else:
                     todo[key], masks_of[key] = [h], masks
-                    yield key, text
+                    yield key
 
         self._run_proxy(new_keys(), todo, pending, masks_of, generation)
         rows = [self._candidate(inds[0], h, generation) for h, inds in pending.items()]
@@ -299,25 +297,23 @@ class Search:
         return CandidateRecord(text, self._canonical(text)[0], h, node.size, node.depth, tuple(ind.parents),
                                generation, self.records[h], _baseline_name(text))
 
-    def _run_proxy(self, keys: Iterable[tuple[tuple, str]], todo: dict[tuple, list[str]], pending: dict[str, list],
+    def _run_proxy(self, keys: Iterable[tuple], todo: dict[tuple, list[str]], pending: dict[str, list],
                    masks_of: dict[tuple, dict], generation: int) -> None:
-        """Run the proxy for `keys` ((mask key, the first formula with it), possibly lazy: `todo`
-        fills as they come); with racing, screen them all, then fine-tune the best share."""
+        """Run the proxy for the mask keys `keys` (possibly lazy: `todo` fills as they come), each
+        on the first formula with it; with racing, screen them all, then fine-tune the best share."""
         p = self.cfg.proxy
-        first: dict[tuple, str] = {}
 
-        def jobs(stage: str):
-            for key, text in keys:
-                first[key] = text
-                yield key, text, stage
+        def first(key: tuple) -> str:
+            return str(pending[todo[key][0]][0])
 
-        results = self._run_jobs(jobs("screen" if p.screen else "full"), masks_of, generation)
+        stage = "screen" if p.screen else "full"
+        results = self._run_jobs(((k, first(k), stage) for k in keys), masks_of, generation)
         if p.screen:
             ranked = sorted(todo, key=lambda k: -results[k].fitness)
             n_full = max(1, math.ceil(p.promote * len(ranked)))
             promote = [k for k in ranked[:n_full] if results[k].valid]
             self.counters.screened_only += len(ranked) - len(promote)
-            results.update(self._run_jobs([(k, first[k], "full") for k in promote], masks_of, generation))
+            results.update(self._run_jobs([(k, first(k), "full") for k in promote], masks_of, generation))
         for key, hs in todo.items():
             rec = results[key]
             self.by_masks[key] = rec
@@ -429,7 +425,7 @@ class Search:
                 random.setstate(stream[used - 1][1])
             yield child
 
-    def _simplified(self, individuals: list, chunk: int = 0) -> Iterator:
+    def _simplified(self, individuals: list, chunk: int) -> Iterator:
         """`individuals`, their canonical forms made `chunk` at a time (0: all at once)."""
         step = max(chunk or len(individuals), self.simplifier.processes, 1)
         for i in range(0, len(individuals), step):

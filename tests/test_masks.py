@@ -121,8 +121,7 @@ def test_a_pool_gets_each_child_as_it_is_bred_and_gives_the_in_process_run(ray_s
             search.close()
         runs[name] = ([(str(i), i.raw) for i in pop], _candidates(engine, recorder.run_id),
                       [h.best for h in search.history])
-        made = [h.counters["evaluations"] for h in search.history]  # jobs made up to each generation's end
-        log["made"] = made
+        log["made"] = [h.counters["evaluations"] for h in search.history]  # jobs made up to each generation's end
     assert runs["pool"] == runs["here"]
     for g in (1, 2):
         first, last = totals["pool"][g][0], totals["pool"][g][-1]
