@@ -91,8 +91,9 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
-        out = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.conv2(self.relu1(self.bn1(self.conv1(x))))
+        add_into = getattr(self.bn2, "add_into", None)  # a narrowed bn2 (transfer/surgery.py: Widen)
+        return self.relu2(add_into(out, self.shortcut(x)) if add_into else self.bn2(out) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):

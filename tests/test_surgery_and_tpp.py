@@ -74,6 +74,9 @@ def test_narrowed_tied_layers_compute_the_masked_model(shared_data):
     assert sorted(done) == sorted(n for n, m in tied.items() if not m.all()) and "conv1" in done
     assert isinstance(narrowed.layer2.get_submodule("1").bn2, Widen)
     assert narrowed.layer2.get_submodule("1").conv2.out_channels == int(masks["layer2.1.conv2"].sum())
+    w = narrowed.layer2.get_submodule("1").bn2.eval()  # a block adds into its shortcut, no zeros
+    h, other = torch.randn(4, w.inner.num_features, 8, 8), torch.randn(4, w.width, 8, 8)
+    assert torch.allclose(w.add_into(h, other), w(h) + other)
     for train in (False, True):
         masked.train(train), narrowed.train(train)
         a, b = masked(x), narrowed(x)
