@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
 from dataclasses import dataclass, field, replace
@@ -82,8 +83,8 @@ class DataSet:
                 flat = split.x.reshape(len(split.x), -1)
                 # every 7th image, every 13th value: cheap, yet any other data gives another hash
                 h.update(flat[::7, ::13].contiguous().numpy().tobytes())
-            else:
-                h.update("\n".join(split.paths).encode())
+            else:  # the crop size and the seeded augmentation (v2) decide what a model is trained on
+                h.update(f"{split.image_size}:augment-v2\n".encode() + "\n".join(split.paths).encode())
         return h.hexdigest()[:16]
 
 
@@ -423,7 +424,7 @@ def iterate(ds: DataSet, split: Split, *, batch_size: int, shuffle: bool = False
         order = order[: len(order) - len(order) % world][rank::world]
     if isinstance(split, FileSplit):
         yield from _iterate_files(ds, split, order, batch_size=batch_size, augment=augment, device=device,
-                                  drop_last=drop_last, workers=workers)
+                                  drop_last=drop_last, workers=workers, g=g, shard=shard)
         return
     norm = _normalizer(ds, device)
     scale = 255.0 if split.x.dtype == torch.uint8 else 1.0
@@ -437,28 +438,71 @@ def iterate(ds: DataSet, split: Split, *, batch_size: int, shuffle: bool = False
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, split: FileSplit, train: bool):
+    """The images of `split` in `order`, decoded and augmented one by one (in DataLoader workers).
+    Item k's random crop and flip come from a generator seeded with `seed` + its position in the
+    unsharded order (`k * world + rank`), never from the global RNG: the stream depends on
+    `iterate`'s seed alone, whatever the number of workers, and shards draw differently.
+    `augment`: none (resize and centre crop), imagenet (RandomResizedCrop and flip, drawn as
+    torchvision draws them), or the tensor kinds (flip, crop, crop-flip) on the centre crop."""
+
+    def __init__(self, split: FileSplit, order: list[int], augment: str, seed: int, shard: tuple[int, int]):
         from torchvision import transforms as T
 
         s = split.image_size
-        resize = int(round(s * 256 / 224))
-        self.split = split
-        self.tf = (T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor()]) if train
-                   else T.Compose([T.Resize(resize), T.CenterCrop(s), T.ToTensor()]))
+        self.split, self.order, self.augment, self.seed, self.shard = split, order, augment, seed, shard
+        self.center = T.Compose([T.Resize(int(round(s * 256 / 224))), T.CenterCrop(s)])
 
     def __len__(self):
-        return len(self.split)
+        return len(self.order)
 
-    def __getitem__(self, i):
+    def __getitem__(self, k):
         from PIL import Image
+        from torchvision.transforms import functional as TF
 
+        i = self.order[k]
+        g = torch.Generator().manual_seed(self.seed + k * self.shard[1] + self.shard[0])
         with Image.open(self.split.paths[i]) as im:
-            return self.tf(im.convert("RGB")), self.split.y[i]
+            im = im.convert("RGB")
+            if self.augment == "imagenet":
+                s = self.split.image_size
+                x = TF.to_tensor(TF.resized_crop(im, *_crop_box(im.width, im.height, g), [s, s]))
+                if torch.rand(1, generator=g).item() < 0.5:
+                    x = x.flip(2)
+            else:
+                x = TF.to_tensor(self.center(im))
+                if self.augment != "none":
+                    x = _augment(x[None], self.augment, g)[0]
+        return x, self.split.y[i]
 
 
-def _iterate_files(ds, split, order, *, batch_size, augment, device, drop_last, workers):
-    subset = torch.utils.data.Subset(_FileDataset(split, train=augment != "none"), order.tolist())
-    dl = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
+def _crop_box(width: int, height: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(top, left, height, width) of a random crop, as torchvision's RandomResizedCrop picks it,
+    drawn from `g`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(2, generator=g).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the centre, clamped to the ratio range
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _iterate_files(ds, split, order, *, batch_size, augment, device, drop_last, workers, g, shard):
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))  # the stream's augmentation, from its seed
+    items = _FileDataset(split, order.tolist(), augment, seed, shard)
+    dl = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
                                      pin_memory=device.type == "cuda")
     norm = _normalizer(ds, device)
     for x, y in dl:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from pathlib import Path
 
 from evoprune.cli import main
 
@@ -27,3 +28,19 @@ def wait_for(db, sql: str, timeout: float = 300) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {sql}")
+
+
+def image_folder(root: Path, shared_data: Path, classes: int = 3, train: int = 24, val: int = 8) -> Path:
+    """An ImageNet-style tree of real CIFAR-10 images: ROOT/train/classC/*.png, ROOT/val/..."""
+    from PIL import Image
+
+    from evoprune.data import load_dataset
+
+    ds = load_dataset("cifar10", shared_data)
+    for split, n, src in (("train", train, ds.train), ("val", val, ds.test)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in (src.y == c).nonzero().flatten()[:n].tolist():
+                Image.fromarray(src.x[i].permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    return root

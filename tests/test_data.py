@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from evoprune import data as D
 from evoprune.errors import DataNotFound, UnknownName
 
+from helpers import image_folder
+
 
 def _reload(name, root):
     D._load_cached.cache_clear()  # a second, independent read from disk
@@ -132,3 +134,21 @@ def test_imagefolder_tree_from_real_images(tmp_path, shared_data):
     assert xb.shape == (8, 3, 32, 32) and yb.dtype == torch.int64
     with pytest.raises(DataNotFound, match="no images|no class folders"):
         D.load_imagefolder(tmp_path / "train" / "class0")
+
+
+@pytest.mark.parametrize("augment", ["imagenet", "crop-flip"])
+def test_an_image_folder_stream_depends_on_its_seed_alone(tmp_path, shared_data, augment):
+    """Random crops and flips of files are drawn from the stream's seed, never from torch's global
+    RNG, so every candidate of a search sees the same images, with or without loader workers."""
+    ds = D.load_imagefolder(image_folder(tmp_path, shared_data, classes=2, train=12, val=2), image_size=32)
+
+    def stream(seed, **kw):
+        return [b for b in D.iterate(ds, ds.train, batch_size=8, shuffle=True, augment=augment, seed=seed, **kw)]
+
+    first = stream(3)
+    torch.manual_seed(123)  # the global RNG plays no part
+    for again in (stream(3), stream(3, workers=2)):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][0], stream(4)[0][0])
+    plain = next(D.iterate(ds, ds.train, batch_size=8, shuffle=True, seed=3))[0]
+    assert first[0][0].shape == plain.shape and not torch.equal(first[0][0], plain)  # augmented

@@ -25,7 +25,7 @@ from evoprune.train import accuracy
 from evoprune.transfer.prune import PruneConfig, choose_groups
 from evoprune.transfer.surgery import channel_groups, surgery, zero_pruned
 
-from helpers import run
+from helpers import image_folder, run
 
 FAST_TPP = ["--reg-step", "0.05", "--update-every", "2", "--stabilize-iters", "20"]
 
@@ -185,21 +185,8 @@ def test_iterate_shards_are_disjoint_and_cover_the_order():
     assert torch.equal(torch.stack(parts, 1).flatten(), full[:n])
 
 
-def _image_folder(root: Path, shared_data: Path, classes: int = 3, train: int = 24, val: int = 8) -> Path:
-    from PIL import Image
-
-    ds = load_dataset("cifar10", shared_data)
-    for split, n, src in (("train", train, ds.train), ("val", val, ds.test)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in (src.y == c).nonzero().flatten()[:n].tolist():
-                Image.fromarray(src.x[i].permute(1, 2, 0).numpy()).save(d / f"{i}.png")
-    return root
-
-
 def test_two_process_ddp_on_an_image_folder(shared_data, tmp_path):
-    folder = _image_folder(tmp_path / "images", shared_data)
+    folder = image_folder(tmp_path / "images", shared_data)
     tasks = tmp_path / "tasks.toml"
     tasks.write_text(f'[tiny-folder]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "resnet18"\n'
                      'recipe = { epochs = 1, batch_size = 16, lr = 0.05 }\n')
