@@ -43,6 +43,16 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Torch's global RNG seeded with `seed` inside, restored after (the caller's stream goes on
+    as if nothing had drawn from it): what a proxy run draws (dropout) depends on its seed alone."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, ds: DataSet, split: Split, *, device: torch.device | str = "cpu",
              batch_size: int = 512, limit: int | None = None) -> float:

@@ -2,6 +2,7 @@
 masked proxy score: the same function up to floating-point order."""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -67,3 +68,24 @@ def test_stacked_candidates_on_the_gpu(digits_pretrained, cache_dir):
     masks = _masks(task, proxy, device="cuda", cache_dir=cache_dir)
     single = [ctx.run(m, "full") for m in masks]
     _same(single, run_batch(ctx, masks, "full"), len(ctx.data.val), 2e-3)  # bf16 validation on both sides
+
+
+def with_dropout(pre):
+    """The pretrained digits CNN with dropout between its pooling and its classifier."""
+    model = copy.deepcopy(pre.model)
+    model.pool = torch.nn.Sequential(model.pool, torch.nn.Dropout(0.3))
+    return replace(pre, model=model)
+
+
+def test_stacked_candidates_with_dropout_score_as_single_runs(digits_pretrained):
+    """vmap draws one dropout mask for the K candidates, from the run's seed, as each single run
+    draws it: the same scores, and each single run repeats exactly."""
+    pre = with_dropout(digits_pretrained)
+    proxy = ProxyConfig(tasks=("digits-cnn",), finetune_steps=10, recalibrate_images=256, train="masked")
+    ctx = TaskContext("digits-cnn", proxy, pretrained=pre)
+    masker = TaskMasks.from_pretrained(pre, proxy.allocation, ["w_l1", "w_l2", "fpgm_dist", "act_mean"],
+                                       stat_images=128, seed=0)
+    masks = [masker(parse(f)) for f in FORMULAS]
+    single = [ctx.run(m, "full") for m in masks]
+    assert [r.score for r in single] == [ctx.run(m, "full").score for m in masks]
+    _same(single, run_batch(ctx, masks, "full"), len(ctx.data.val), 1e-5)

@@ -11,6 +11,8 @@ from evoprune.masks import TaskMasks
 from evoprune.primitives.expr import parse
 from evoprune.workers.proxy import ProxyConfig, TaskContext
 
+from helpers import image_folder
+
 FORMULAS = ["w_l1", "fpgm_dist", "div(w_l2, add(act_mean, 0.1))"]
 
 
@@ -22,7 +24,7 @@ def _agree(task, proxy, **kw):
         ctx = TaskContext(task, replace(proxy, train=train), **kw)
         results[train] = [ctx.run(masker(parse(f)), "full") for f in FORMULAS]
         if train == "pruned":
-            assert ctx.independent and ctx.narrows  # something was cut; tied convs compute only kept filters
+            assert ctx.independent and ctx.narrows and ctx.trains == "pruned"  # cut; tied convs narrowed
     n_val = len(ctx.data.val)
     for a, b in zip(results["masked"], results["pruned"]):
         assert abs(a.accuracy - b.accuracy) <= 1 / n_val + 1e-12
@@ -41,3 +43,24 @@ def test_pruned_and_masked_proxies_agree_on_a_cifar_resnet20(shared_data, tmp_pa
     tasks.write_text('[r20]\ndataset = "cifar10"\nmodel = "resnet20"\nrecipe = { epochs = 0 }\n')
     proxy = ProxyConfig(tasks=("r20",), ratio=0.6, finetune_steps=3, batch_size=64, recalibrate_images=128)
     _agree("r20", proxy, cache_dir=tmp_path / "cache", data_root=shared_data, tasks_file=tasks)
+
+
+@pytest.mark.parametrize("arch, trains", [("mobilenet_v2", "masked"), ("resnet18", "pruned")])
+def test_proxy_runs_repeat_exactly_on_an_image_folder_and_the_pruned_proxy_checks_it_trains_alike(
+        arch, trains, shared_data, tmp_path):
+    """Torchvision models on an image folder: a run's random crops and dropout come from its seed, so
+    the same masks give the same fitness twice. MobileNetV2's cut network does not train as its masked
+    one does (its classifier's dropout draws a mask over fewer features), which the pruned proxy finds
+    out once per task and trains it masked; ResNet-18's does, and it is cut."""
+    folder = image_folder(tmp_path / "images", shared_data, classes=3, train=16, val=6)
+    tasks = tmp_path / "tasks.toml"  # random weights: the equivalence does not need a trained network
+    tasks.write_text(f'[t]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "{arch}"\nrecipe = {{ epochs = 0 }}\n')
+    kw = dict(cache_dir=tmp_path / "cache", tasks_file=tasks)
+    proxy = ProxyConfig(tasks=("t",), ratio=0.5, finetune_steps=2, batch_size=8, recalibrate_images=16)
+    masks = TaskMasks.load("t", proxy.allocation, ["w_l1"], stat_images=16, seed=0, **kw)(parse("w_l1"))
+    pruned = TaskContext("t", proxy, **kw)
+    assert pruned.cfg.train == "pruned" and pruned.trains == trains
+    a, b = pruned.run(masks, "full"), pruned.run(masks, "full")
+    assert a.score == b.score and a.accuracy == b.accuracy
+    c = TaskContext("t", replace(proxy, train="masked"), **kw).run(masks, "full")
+    assert abs(a.score - c.score) <= (0 if trains == "masked" else 1e-3)

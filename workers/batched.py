@@ -29,7 +29,7 @@ from evoprune.allocators import Masks, kept_share
 from evoprune.data import iterate
 from evoprune.masks import mask_hash, mask_targets
 from evoprune.records import TaskResult
-from evoprune.train import autocast
+from evoprune.train import autocast, seeded
 
 
 class Stack:
@@ -127,10 +127,11 @@ def run_batch(ctx, masks_list: list[Masks], stage: str, data_seed: int | None = 
     t0 = time.perf_counter()
     seed = ctx.cfg.data_seed if data_seed is None else data_seed
     stack = Stack(ctx, masks_list)
-    stack.recalibrate(seed)
-    if stage == "full" and ctx.cfg.finetune_steps:
-        stack.finetune(seed)
+    with seeded(seed, ctx.device):  # as a single run: vmap's "same" randomness draws what it draws
         stack.recalibrate(seed)
+        if stage == "full" and ctx.cfg.finetune_steps:
+            stack.finetune(seed)
+            stack.recalibrate(seed)
     scores = stack.scores()
     share = (time.perf_counter() - t0) / len(masks_list)
     return [TaskResult(accuracy=acc, kept_flops=kept_share(m, ctx.macs, ctx.inputs_from),

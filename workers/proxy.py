@@ -31,6 +31,7 @@ from evoprune.masks import mask_hash, mask_targets
 from evoprune.primitives.layers import structure
 from evoprune.records import FitnessRecord, TaskResult, geometric_mean
 from evoprune.tasks import get_task
+from evoprune.train import seeded
 
 STAGES = ("screen", "full")
 SCORES = ("accuracy", "probability")
@@ -133,6 +134,7 @@ class TaskContext:
         self.out_channels = s.out_channels
         self._independent: set[str] | None = None
         self._narrows: bool | None = None
+        self._trains_alike: bool | None = None
 
     @property
     def independent(self) -> set[str]:
@@ -151,16 +153,17 @@ class TaskContext:
         with clock("copy the model"):
             model = copy.deepcopy(self.base)
         with clock("apply the masks"):
-            zero = self._apply(model, masks)
-        if self.cfg.recalibrate_images:
-            with clock("recalibrate BN"):
-                self._recalibrate(model, seed)
-        if stage == "full" and self.cfg.finetune_steps:
-            with clock("fine-tune"):
-                self._finetune(model, zero, seed)
+            zero = self._apply(model, masks, self.trains)
+        with seeded(seed, self.device):  # dropout draws from torch's global RNG: the same draws every run
             if self.cfg.recalibrate_images:
-                with clock("recalibrate BN again"):
+                with clock("recalibrate BN"):
                     self._recalibrate(model, seed)
+            if stage == "full" and self.cfg.finetune_steps:
+                with clock("fine-tune"):
+                    self._finetune(model, zero, seed)
+                if self.cfg.recalibrate_images:
+                    with clock("recalibrate BN again"):
+                        self._recalibrate(model, seed)
         with clock("validation pass"):
             acc, prob = self._scores(model)
         return TaskResult(accuracy=acc, kept_flops=kept_share(masks, self.macs, self.inputs_from),
@@ -168,12 +171,18 @@ class TaskContext:
                           seconds=time.perf_counter() - t0, mask=mask_hash(masks),
                           score=prob if self.cfg.score == "probability" else None)
 
-    def _apply(self, model: nn.Module, masks: Masks):
-        """Zero the pruned filters; the pruned proxy then cuts them out of every layer whose channels
-        no other layer shares (Torch-Pruning). Returns what keeps the rest (tied layers) at 0."""
+    @property
+    def trains(self) -> str:
+        """What the proxy trains: "pruned" (the cut network) where the config asks for it and the
+        task's cut network trains as its masked one does (`trains_alike`), else "masked"."""
+        return "pruned" if self.cfg.train == "pruned" and self.trains_alike else "masked"
+
+    def _apply(self, model: nn.Module, masks: Masks, train: str):
+        """Zero the pruned filters; with `train` "pruned", then cut them out of every layer whose
+        channels no other layer shares (Torch-Pruning). Returns what keeps the rest (tied layers) at 0."""
         zero = self._zeroer(model, masks)
         zero()
-        if self.cfg.train == "masked":
+        if train == "masked":
             return zero
         from evoprune.transfer.surgery import narrow_tied, surgery
 
@@ -219,6 +228,42 @@ class TaskContext:
             self._narrows = bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-6))
         return self._narrows
 
+    @property
+    def trains_alike(self) -> bool:
+        """Whether the cut network trains as the masked one does: checked once per task with a proxy
+        run in miniature of each (BN recalibrated as the config says, on fewer images, then two
+        short fine-tune steps) from the pretrained weights, on two draws of random masks, in float64;
+        then one training batch through both, with the same RNG state. In float64 they part by
+        about 1e-13 of their largest output where the function is the same (in float32 floating-
+        point order alone can part them by 1e-2 and more after two steps, where BN normalizes a few
+        values); where it is not, as with dropout reading a cut layer (MobileNetV2's classifier:
+        it draws a mask over fewer features), by 0.1 to 1. Over 1e-6 the task trains masked: the
+        same fitness, at the masked cost."""
+        if self._trains_alike is None:
+            batch = min(16, self.cfg.batch_size)
+            x = next(self.train_batches(1, steps=1, batch_size=batch))[0].double()
+            self._trains_alike = True
+            for draw in (1, 2):
+                gen = torch.Generator().manual_seed(draw)
+                masks = {n: (torch.rand(w, generator=gen) < 0.5).index_fill(0, torch.tensor([0]), True)
+                         for n, w in self.out_channels.items()}
+                outs = []
+                for train in ("masked", "pruned"):
+                    model = copy.deepcopy(self.base)
+                    zero = self._apply(model, masks, train)
+                    model.double()
+                    with seeded(0, self.device):
+                        if self.cfg.recalibrate_images:
+                            self._recalibrate(model, 0, images=32, dtype=torch.float64)
+                        self._finetune(model, zero, 0, steps=2, batch_size=batch, dtype=torch.float64)
+                        with torch.no_grad():
+                            outs.append(model.train()(x))
+                a, b = outs
+                if not float((a - b).abs().max()) <= 1e-6 * float(a.abs().max()) + 1e-9:
+                    self._trains_alike = False
+                    break
+        return self._trains_alike
+
     def _zeroer(self, model: nn.Module, masks: Masks):
         """A function that (re)sets the pruned filters, their biases and BN scale/shift to 0."""
         targets = mask_targets(model, masks, self.bn_of)
@@ -233,7 +278,7 @@ class TaskContext:
         return zero
 
     @torch.no_grad()
-    def _recalibrate(self, model: nn.Module, seed: int) -> None:
+    def _recalibrate(self, model: nn.Module, seed: int, images: int | None = None, dtype=None) -> None:
         """Re-estimate BN running statistics for the pruned network (a cumulative average)."""
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not bns:
@@ -243,28 +288,29 @@ class TaskContext:
             m.momentum = None
         model.train()
         for x, _ in iterate(self.data, self.data.train, batch_size=256, shuffle=True, seed=seed + 1,
-                            device=self.device, limit=self.cfg.recalibrate_images):
-            model(x)
+                            device=self.device, limit=images or self.cfg.recalibrate_images):
+            model(x if dtype is None else x.to(dtype))
         for m in bns:
             m.momentum = 0.1
         model.eval()
 
-    def train_batches(self, seed: int):
+    def train_batches(self, seed: int, steps: int | None = None, batch_size: int | None = None):
         """The fine-tune's `finetune_steps` batches: the same stream for every candidate (and for
         the batched proxy), epoch after epoch of the train split in the order `seed` fixes."""
         c = self.cfg
+        steps, batch_size = steps or c.finetune_steps, batch_size or c.batch_size
         step, epoch = 0, 0
-        while step < c.finetune_steps:
+        while step < steps:
             before = step
-            for batch in iterate(self.data, self.data.train, batch_size=c.batch_size, shuffle=True,
+            for batch in iterate(self.data, self.data.train, batch_size=batch_size, shuffle=True,
                                  augment=self.data.augment, seed=seed * 1000 + epoch, device=self.device,
                                  drop_last=True):
                 yield batch
                 step += 1
-                if step >= c.finetune_steps:
+                if step >= steps:
                     return
             if step == before:
-                raise EvopruneError(f"[proxy] batch_size {c.batch_size} is larger than the train split of "
+                raise EvopruneError(f"[proxy] batch_size {batch_size} is larger than the train split of "
                                     f"{self.name} ({len(self.data.train)} images)")
             epoch += 1
 
@@ -272,10 +318,11 @@ class TaskContext:
         c = self.cfg
         return torch.optim.SGD(params, lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)
 
-    def _finetune(self, model: nn.Module, zero, seed: int) -> None:
+    def _finetune(self, model: nn.Module, zero, seed: int, dtype=None, **batches) -> None:
         opt = self.optimizer(model.parameters())
         model.train()
-        for x, y in self.train_batches(seed):
+        for x, y in self.train_batches(seed, **batches):
+            x = x if dtype is None else x.to(dtype)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
