@@ -225,7 +225,7 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
            address: Annotated[Optional[str], typer.Option("--address", help="The Ray cluster to join (else "
                                                           "[run] address, $RAY_ADDRESS, a `ray start` on this "
                                                           "machine); implies Ray workers.")] = None,
-           data_root: DataRoot = None, cache_dir: CacheDir = None,
+           data_root: DataRoot = None, cache_dir: CacheDir = None, tasks_file: TasksFile = None,
            device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None):
     """Search for a pruning metric (the default search runs on the digits task)."""
     from dataclasses import replace
@@ -243,7 +243,7 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
         workers = -1  # a cluster asked for: one worker per CPU (or GPU) it offers
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
                  dict(workers=workers, data_root=data_root, cache_dir=cache_dir, device=device,
-                      address=address).items() if v is not None}
+                      address=address, tasks_file=tasks_file).items() if v is not None}
     cfg = replace(cfg, run=replace(cfg.run, **overrides))
     if generations is not None:
         cfg = replace(cfg, search=replace(cfg.search, generations=generations))
@@ -269,6 +269,7 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
                 plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write the plot here (PNG); "
                                                                   "default proxy-check.png.")] = None,
                 as_json: Json = False, data_root: DataRoot = None, cache_dir: CacheDir = None,
+                tasks_file: TasksFile = None,
                 device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None):
     """Measure the proxy's noise over data orders and its fidelity to a long fine-tune."""
     import json
@@ -281,7 +282,8 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
 
     cfg = load_config(config)
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
-                 dict(data_root=data_root, cache_dir=cache_dir, device=device).items() if v is not None}
+                 dict(data_root=data_root, cache_dir=cache_dir, device=device, tasks_file=tasks_file).items()
+                 if v is not None}
     cfg = replace(cfg, run=replace(cfg.run, **overrides))
     check_inputs(cfg)
     with progress("proxy check", orders + reference_seeds, Console(stderr=True), not as_json,

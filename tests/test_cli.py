@@ -52,6 +52,14 @@ def test_pretrain_from_a_tasks_file(capsys, tmp_path):
     assert rc == 0 and "trained in" in out
     rc, out, _ = run(capsys, *args)
     assert rc == 0 and "loaded from cache" in out
+    config = tmp_path / "search.toml"  # a search on the file's task, as `evoprune evolve --tasks-file` runs it
+    config.write_text('[search]\npopulation = 4\ngenerations = 1\n\n[proxy]\ntasks = ["tiny"]\nfinetune_steps = 2\n')
+    common = ("--tasks-file", str(tasks), "--cache-dir", str(tmp_path / "c"), "--db", str(tmp_path / "e.db"))
+    rc, out, err = run(capsys, "evolve", "--config", str(config), "--workers", "0", *common)
+    assert rc == 0 and "top formulas" in out, err
+    rc, _, err = run(capsys, "evolve", "--config", str(config), "--tasks-file", str(tmp_path / "none.toml"),
+                     "--db", str(tmp_path / "e.db"))
+    assert rc == 2 and err.startswith("error:") and "none.toml" in err and err.count("\n") == 1
 
 
 def test_installed_console_script():
