@@ -4,8 +4,8 @@
         update(epoch, loss=..., val=...)
 
 On a terminal the bar shows done/total, the fields, the time spent and the time left; in a
-log file (CI, `ray submit`, a pipe) one line is printed once `log_every` steps have passed
-since the last one, and at the end.
+log file (CI, `ray submit`, a pipe) one line is printed once `log_every` steps or
+`log_seconds` seconds have passed since the last one, and at the end.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _eta(done: int, total: int, elapsed: float) -> str:
 
 @contextlib.contextmanager
 def progress(label: str, total: int, console: Console | None, show: bool, *, fields: dict[str, str] | None = None,
-             log_every: int = 1) -> Iterator[Update]:
+             log_every: int = 1, log_seconds: float = 30.0) -> Iterator[Update]:
     """An `update(completed, **values)` callback; `fields` maps a value's name to its format spec."""
     fields = fields or {}
     console = console or Console(stderr=True)
@@ -37,11 +37,14 @@ def progress(label: str, total: int, console: Console | None, show: bool, *, fie
         yield lambda completed, **values: None
         return
     if not console.is_terminal:
-        t0, last = time.perf_counter(), [0]
+        t0 = time.perf_counter()
+        last = [0, t0]  # the step and the time of the last line
 
         def log(completed: int, **values) -> None:
-            if completed - last[0] >= log_every or completed >= total:
-                last[0] = completed
+            now = time.perf_counter()
+            if completed - last[0] >= log_every or completed >= total or (completed > last[0]
+                                                                          and now - last[1] >= log_seconds):
+                last[:] = completed, now
                 shown = "  ".join(f"{k} {format(values[k], spec)}" for k, spec in fields.items() if k in values)
                 console.print(f"{label} {completed}/{total}  {shown}{_eta(completed, total, time.perf_counter() - t0)}",
                               highlight=False)
