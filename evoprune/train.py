@@ -43,6 +43,26 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, ds: DataSet, *, images: int, seed: int, device, dtype=None,
+                   batch_size: int = 256) -> None:
+    """Re-estimate every BN's running statistics as the cumulative average over `images`
+    training images in the order `seed` fixes (the same images on every process); leaves the
+    model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x, _ in iterate(ds, ds.train, batch_size=batch_size, shuffle=True, seed=seed, device=device, limit=images):
+        model(x if dtype is None else x.to(dtype))
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+
+
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device):
     """Torch's global RNG seeded with `seed` inside, restored after (the caller's stream goes on

@@ -256,3 +256,22 @@ def test_digits_defaults_fit_the_task_and_tpp_still_zeroes_the_pruned_filters(di
     assert norms["pruned"] < 1e-3 * norms["kept"] and norms["pruned_bn"] < 1e-3, norms
     acc = rep["test_acc"]
     assert acc["pruned"] >= acc["pretrained"] - 0.01, acc
+
+
+def test_mobilenet_v2_is_cut_with_bn_statistics_re_estimated(shared_data, tmp_path, capsys):
+    """MobileNetV2 on an image folder: a pruned expansion channel reaches the projection conv as the
+    shift of the depthwise conv's BN, a constant the next BN's running mean does not remove; the
+    eval-mode check fails on the pretrained statistics and passes once both models' statistics are
+    re-estimated on the same images, which the cut model keeps (recorded in the report)."""
+    folder = image_folder(tmp_path / "images", shared_data, classes=3, train=16, val=6)
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text(f'[mnv2]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "mobilenet_v2"\n'
+                     'recipe = { epochs = 2, batch_size = 16, lr = 0.05 }\n')
+    out = tmp_path / "out"
+    rc, text, err = run(capsys, "prune", "--task", "mnv2", "--tasks-file", str(tasks), "--metric", "baseline:l1",
+                        "--ratio", "0.5", "--no-tpp", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-record")
+    assert rc == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["bn_recalibrated"] is True and rep["equivalence_max_diff"] < 1e-3
+    assert rep["macs_kept"] < 0.7 and "BN statistics are re-estimated" in err + text

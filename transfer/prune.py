@@ -51,13 +51,14 @@ from evoprune.primitives.layers import Structure, structure
 from evoprune.progress import epoch_progress, progress
 from evoprune.records import TransferRecord
 from evoprune.tasks import RETRAIN, Recipe, get_task
-from evoprune.train import TrainResult, accuracy, autocast, pick_device, train
+from evoprune.train import TrainResult, accuracy, autocast, pick_device, recalibrate_bn, train
 from evoprune.transfer.surgery import channel_groups, independent_layers, surgery, zero_pruned
 from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
 
 SCOPES = ("in-block", "coupled")
 CHECK_TOL = 1e-4  # surgery equivalence: max |pruned - masked| <= tol * max(1, max |masked|)
 TPP_SAVE_EVERY_S = 60.0  # checkpoint interval of the TPP phase (at pass boundaries)
+RECALIBRATE_IMAGES = 1024  # training images that re-estimate BN statistics where surgery's check needs it
 FILES = ("config.json", "masks.pt", "checkpoint.pt", "pruned_model.pt", "report.json")
 
 
@@ -161,10 +162,11 @@ class PruneState:
     pruned_test: float | None = None  # right after surgery, before retraining
     equivalence_max_diff: float | None = None
     tpp_norms: list[float] | None = None  # after TPP: mean L2 of pruned filters, |gamma|+|beta| of their BN, kept
+    bn_recalibrated: bool = False  # surgery's check needed BN statistics re-estimated on both models
 
     @classmethod
     def from_checkpoint(cls, ck: dict) -> "PruneState":
-        d = {f.name: ck[f.name] for f in fields(cls)}
+        d = {f.name: ck.get(f.name, f.default) for f in fields(cls)}  # an older checkpoint lacks newer fields
         d["base"] = Measured(**d["base"]) if d["base"] is not None else None
         return cls(**d)
 
@@ -260,8 +262,8 @@ def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor) -> float
     with full_precision():
         diff = (pruned(x) - masked_out).abs().max().item()
     if not diff <= CHECK_TOL * max(1.0, masked_out.abs().max().item()):
-        raise EvopruneError(f"surgery changed the model's outputs (max |diff| {diff:.3g}): Torch-Pruning did not "
-                            "follow this model's structure; nothing was retrained")
+        raise EvopruneError(f"surgery changed the model's outputs (max |diff| {diff:.3g}), also with BN statistics "
+                            "re-estimated: Torch-Pruning did not follow this model's structure; nothing was retrained")
     return diff
 
 
@@ -467,8 +469,29 @@ def cut_and_check(run: PruneRun, state: PruneState) -> None:
     check_x = next(iterate(run.data, run.data.val, batch_size=64, device=run.device))[0]
     with torch.no_grad(), full_precision():
         masked_out = run.model(check_x).float()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.model.modules())
+    masked = copy.deepcopy(run.model) if has_bn else None
     _cut(run)
-    state.equivalence_max_diff = check_equivalence(masked_out, run.model, check_x)
+    try:
+        state.equivalence_max_diff = check_equivalence(masked_out, run.model, check_x)
+    except EvopruneError:
+        if masked is None:
+            raise
+        # A pruned channel can reach later layers as a constant: a depthwise conv (cut with the channel)
+        # gives 0, its BN turns that into its shift. The next BN's batch mean removes a constant, its
+        # running mean does not: with both models' statistics re-estimated on the same images, the cut
+        # model computes what the masked one does (MobileNetV2's inverted residuals).
+        for m in (masked, run.model):
+            recalibrate_bn(m, run.data, images=RECALIBRATE_IMAGES, seed=run.cfg.retrain.seed, device=run.device)
+        with torch.no_grad(), full_precision():
+            masked_out = masked(check_x).float()
+        state.equivalence_max_diff = check_equivalence(masked_out, run.model, check_x)
+        state.bn_recalibrated = True
+        if run.show:
+            run.console.print("surgery: the cut model computes what the masked one does once BN statistics are "
+                              f"re-estimated on {RECALIBRATE_IMAGES} training images (a pruned channel reached "
+                              "later layers as a BN shift); both were, and the cut model keeps them", highlight=False)
+    del masked
     state.pruned_test = run.test()
     state.phase, state.epoch = "retrain", 0
     run.save(state, None)
@@ -507,6 +530,7 @@ def report(run: PruneRun, state: PruneState, result: TrainResult, seconds: dict[
         "measured_speedup": base.latency_ms / max(latency1, 1e-9),
         "test_acc": {k: v for k, v in tests.items() if v is not None},
         "val_acc": result.val_acc, "equivalence_max_diff": state.equivalence_max_diff,
+        "bn_recalibrated": state.bn_recalibrated,
         "tpp_norms": None if state.tpp_norms is None else dict(zip(("pruned", "pruned_bn", "kept"), state.tpp_norms)),
         "seconds": seconds, "device": str(run.device), "processes": dist.world(), "host": socket.gethostname(),
         "files": {"model": str(run.out / "pruned_model.pt"), "report": str(run.out / "report.json")},
@@ -529,6 +553,12 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
         console.print(f"{cfg.task}: {cfg.metric} ({cfg.expression}) keeps {kept} of "
                       f"{sum(len(m) for m in run.masks.values())} filters in {len(run.masks)} layers\n"
                       f"schedule: {cfg.schedule()}", highlight=False)
+        if cfg.tpp is not None:
+            per_pass = max(1, len(run.data.train) // max(1, cfg.retrain.batch_size))
+            console.print(f"TPP's {cfg.tpp.total_iterations} iterations are {cfg.tpp.total_iterations / per_pass:,.0f} "
+                          f"passes over the {len(run.data.train)} training images (the retraining makes "
+                          f"{cfg.retrain.epochs}); --reg-step, --update-every and --stabilize-iters size it "
+                          "(docs/transfer.md, \"Schedules\")", highlight=False)
     if state.phase == "tpp":
         if ck is not None:
             run.model.load_state_dict(ck["model"])

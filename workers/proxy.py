@@ -31,7 +31,7 @@ from evoprune.masks import mask_hash, mask_targets
 from evoprune.primitives.layers import structure
 from evoprune.records import FitnessRecord, TaskResult, geometric_mean
 from evoprune.tasks import get_task
-from evoprune.train import seeded
+from evoprune.train import recalibrate_bn, seeded
 
 STAGES = ("screen", "full")
 SCORES = ("accuracy", "probability")
@@ -277,22 +277,10 @@ class TaskContext:
                 torch._foreach_mul_(params, factors)
         return zero
 
-    @torch.no_grad()
     def _recalibrate(self, model: nn.Module, seed: int, images: int | None = None, dtype=None) -> None:
         """Re-estimate BN running statistics for the pruned network (a cumulative average)."""
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not bns:
-            return
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        for x, _ in iterate(self.data, self.data.train, batch_size=256, shuffle=True, seed=seed + 1,
-                            device=self.device, limit=images or self.cfg.recalibrate_images):
-            model(x if dtype is None else x.to(dtype))
-        for m in bns:
-            m.momentum = 0.1
-        model.eval()
+        recalibrate_bn(model, self.data, images=images or self.cfg.recalibrate_images, seed=seed + 1,
+                       device=self.device, dtype=dtype)
 
     def train_batches(self, seed: int, steps: int | None = None, batch_size: int | None = None):
         """The fine-tune's `finetune_steps` batches: the same stream for every candidate (and for
