@@ -250,7 +250,11 @@ class TaskContext:
                 outs = []
                 for train in ("masked", "pruned"):
                     model = copy.deepcopy(self.base)
-                    zero = self._apply(model, masks, train)
+                    try:
+                        zero = self._apply(model, masks, train)
+                    except EvopruneError:  # surgery refuses this model's structure: it trains masked
+                        self._trains_alike = False
+                        return False
                     model.double()
                     with seeded(0, self.device):
                         if self.cfg.recalibrate_images:
