@@ -253,15 +253,22 @@ def _time_limit(seconds: float):
         yield
         return
 
+    active = [True]
+
     def on_alarm(signum, frame):
-        raise _OutOfTime
+        if active[0]:
+            raise _OutOfTime
 
     t0 = time.monotonic()
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # The alarm repeats: Python runs a signal handler at the next bytecode, which may be inside a
+    # finalizer (__del__, a weakref callback, run by the garbage collector), where an exception is
+    # printed and dropped; a one-shot alarm lost there left sympy unbounded (a test hung 15 min).
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.25)
     try:
         yield
     finally:
+        active[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
         if outer_left > 0:
