@@ -46,7 +46,7 @@ def progress(label: str, total: int, console: Console | None, show: bool, *, fie
                                                                           and now - last[1] >= log_seconds):
                 last[:] = completed, now
                 shown = "  ".join(f"{k} {format(values[k], spec)}" for k, spec in fields.items() if k in values)
-                console.print(f"{label} {completed}/{total}  {shown}{_eta(completed, total, time.perf_counter() - t0)}",
+                console.print(f"{label} {completed}/{total}  {shown}{_eta(completed, total, now - t0)}",
                               highlight=False)
         yield log
         return

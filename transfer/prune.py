@@ -257,13 +257,14 @@ def full_precision():
 
 
 @torch.no_grad()
-def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor) -> float:
+def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor, recalibrated: bool = False) -> float:
     pruned.eval()
     with full_precision():
         diff = (pruned(x) - masked_out).abs().max().item()
     if not diff <= CHECK_TOL * max(1.0, masked_out.abs().max().item()):
-        raise EvopruneError(f"surgery changed the model's outputs (max |diff| {diff:.3g}), also with BN statistics "
-                            "re-estimated: Torch-Pruning did not follow this model's structure; nothing was retrained")
+        also = ", also with BN statistics re-estimated" if recalibrated else ""
+        raise EvopruneError(f"surgery changed the model's outputs (max |diff| {diff:.3g}){also}: Torch-Pruning did "
+                            "not follow this model's structure; nothing was retrained")
     return diff
 
 
@@ -485,7 +486,7 @@ def cut_and_check(run: PruneRun, state: PruneState) -> None:
             recalibrate_bn(m, run.data, images=RECALIBRATE_IMAGES, seed=run.cfg.retrain.seed, device=run.device)
         with torch.no_grad(), full_precision():
             masked_out = masked(check_x).float()
-        state.equivalence_max_diff = check_equivalence(masked_out, run.model, check_x)
+        state.equivalence_max_diff = check_equivalence(masked_out, run.model, check_x, recalibrated=True)
         state.bn_recalibrated = True
         if run.show:
             run.console.print("surgery: the cut model computes what the masked one does once BN statistics are "

@@ -215,10 +215,7 @@ class TaskContext:
         if self._narrows is None:
             from evoprune.transfer.surgery import narrow_tied
 
-            gen = torch.Generator().manual_seed(0)
-            masks = {n: torch.rand(w, generator=gen) < 0.5 for n, w in self.out_channels.items()
-                     if n not in self.independent}
-            masks = {n: m.index_fill(0, torch.tensor([0]), True) for n, m in masks.items()}  # >= 1 kept
+            masks = self._random_masks(0, [n for n in self.out_channels if n not in self.independent])
             masked = copy.deepcopy(self.base)
             self._zeroer(masked, masks)()
             narrowed = copy.deepcopy(masked)
@@ -244,9 +241,7 @@ class TaskContext:
             x = next(self.train_batches(1, steps=1, batch_size=batch))[0].double()
             self._trains_alike = True
             for draw in (1, 2):
-                gen = torch.Generator().manual_seed(draw)
-                masks = {n: (torch.rand(w, generator=gen) < 0.5).index_fill(0, torch.tensor([0]), True)
-                         for n, w in self.out_channels.items()}
+                masks = self._random_masks(draw, list(self.out_channels))
                 outs = []
                 for train in ("masked", "pruned"):
                     model = copy.deepcopy(self.base)
@@ -267,6 +262,13 @@ class TaskContext:
                     self._trains_alike = False
                     break
         return self._trains_alike
+
+    def _random_masks(self, seed: int, names: list[str]) -> Masks:
+        """Masks keeping each filter of the layers `names` with probability 1/2 (the first always,
+        so no layer loses them all), drawn from `seed`: what the per-task checks prune."""
+        gen = torch.Generator().manual_seed(seed)
+        return {n: (torch.rand(self.out_channels[n], generator=gen) < 0.5).index_fill(0, torch.tensor([0]), True)
+                for n in names}
 
     def _zeroer(self, model: nn.Module, masks: Masks):
         """A function that (re)sets the pruned filters, their biases and BN scale/shift to 0."""
