@@ -125,28 +125,29 @@ class EvopruneImportance(tp.importance.Importance):
         pruner = tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=0.5)
         pruner.step()
 
-    Scores are computed from `loader` on first use and again whenever a layer changes shape
-    (iterative pruning). A layer the metric does not cover (a depthwise conv, the output
-    layer) falls back to the L2 norm of its filters.
+    Scores are computed from `loader` once for the whole model, on first use, as the search
+    scored it: every layer ranked on the network before any of them is cut (one-shot). They are
+    computed again, on the model as it is then, when a layer's width has changed since
+    (iterative pruning: the next `pruner.step()`). A layer the metric does not cover (a
+    depthwise conv, the output layer) falls back to the L2 norm of its filters.
     """
 
     def __init__(self, model, loader, max_images=MAX_IMAGES, device="cpu"):
         self.model, self.loader, self.max_images, self.device = model, loader, max_images, device
-        self._key, self._by_module = None, {{}}
+        self._by_module = None
 
-    def _scores(self):
-        key = tuple((n, tuple(p.shape)) for n, p in self.model.named_parameters())
-        if key != self._key:
+    def _scores(self, module):
+        s = None if self._by_module is None else self._by_module.get(module)
+        if self._by_module is None or (s is not None and len(s) != module.weight.shape[0]):
             modules = dict(self.model.named_modules())
             self._by_module = {{modules[n]: s for n, s in score(self.model, self.loader, max_images=self.max_images,
                                                               device=self.device).items()}}
-            self._key = key
-        return self._by_module
+        return self._by_module.get(module)
 
     def __call__(self, group):
         dep, idxs = group[0].dep, group[0].idxs
         module = dep.target.module
-        s = self._scores().get(module)
+        s = self._scores(module)
         if s is None:
             w = module.weight.detach()
             s = (w.transpose(0, 1) if getattr(module, "transposed", False) else w).flatten(1).norm(dim=1)

@@ -142,12 +142,13 @@ def _run_batches(model, infos: list[LayerInfo], data: dict[str, LayerData], batc
     pfp_inputs: dict[str, list[Tensor]] = {}
     hooks = []
 
-    def act_hook(layer: str):
+    def act_hook(layer: str, axis: int):
         def hook(mod, inp, out):
-            a = F.relu(out.detach())
+            a = F.relu(out.detach()).movedim(axis, 1)  # channels on axis 1 from here on
             data[layer].act.add(a)
             if want_grad and out.requires_grad:
                 def on_grad(g, a=a):
+                    g = g.movedim(axis, 1)
                     prod = (a * g).reshape(a.shape[0], a.shape[1], -1).mean(2).abs().sum(0)
                     acc = data[layer].act
                     acc.taylor = prod if acc.taylor is None else acc.taylor + prod
@@ -163,7 +164,7 @@ def _run_batches(model, infos: list[LayerInfo], data: dict[str, LayerData], batc
 
     for info in infos:
         data[info.name].act = Activations()
-        hooks.append((info.bn or info.module).register_forward_hook(act_hook(info.name)))
+        hooks.append((info.bn or info.module).register_forward_hook(act_hook(info.name, info.channel_axis)))
         if want_pfp:
             for c in info.consumers:
                 if c not in pfp_inputs:
@@ -252,11 +253,19 @@ def _pfp_conv(x: Tensor, w: Tensor, conv: dict) -> Tensor:
 
 
 def _pfp_linear(x: Tensor, w: Tensor, channels: int) -> Tensor:
-    xv = x.reshape(len(x), channels, -1)  # a flatten puts each channel's features together
+    """A linear layer reads its input's last axis: every image (and position, on [N, ..., F])
+    is one row; a flatten of a channels-first map puts each channel's features together."""
+    o = w.shape[0]
+    rows = x.reshape(-1, w.shape[1])
+    stride = -(-(len(rows) * channels * o) // PFP_BUDGET)  # ceil: 1 keeps every row
+    xv = rows[::stride].reshape(-1, channels, w.shape[1] // channels)
+    step = max(1, PFP_CHUNK // (channels * o))
     best = torch.zeros(channels, device=x.device)
     for part in (w.clamp_min(0), (-w).clamp_min(0)):
-        num = torch.einsum("nck,ock->nco", xv, part.view(part.shape[0], channels, -1))
-        best = torch.maximum(best, _max_share(num, num.sum(1, keepdim=True)).amax((0, 2)))
+        wv = part.view(o, channels, -1)
+        for j in range(0, len(xv), step):
+            num = torch.einsum("nck,ock->nco", xv[j: j + step], wv)
+            best = torch.maximum(best, _max_share(num, num.sum(1, keepdim=True)).amax((0, 2)))
     return best
 
 

@@ -26,6 +26,7 @@ class LayerInfo:
     consumers: list[str] = field(default_factory=list)  # layers whose inputs carry our channels
     macs: int = 0  # multiply-accumulates for one input image
     sites: int = 1  # PFP's eta: max over consumers of (output positions + 1) x the inputs each channel feeds
+    channel_axis: int = 1  # the output's channel axis: 1, or the last for a linear layer on [N, ..., C]
 
     def filters(self) -> Tensor:
         """The layer's filters flattened: [C_out, fan_in] (detached)."""
@@ -78,7 +79,8 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
 
     def on_bn(m, inp, out):
         producer = by_output_id.get(id(inp[0]))
-        if producer is not None and outputs.get(producer) is inp[0] and producer not in bn_of:
+        if producer is not None and outputs.get(producer) is inp[0] and producer not in bn_of \
+                and m.num_features == _out_width(producer) and _channel_axis(producer, inp[0]) == 1:
             bn_of[producer] = m
 
     for m in model.modules():
@@ -99,7 +101,7 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
     consumers: dict[nn.Module, list[nn.Module]] = {m: [] for m in order}
     for m in order:
         for producer in _producers(inputs[m], node_owner):
-            if feeds_channelwise(producer, m):
+            if feeds_channelwise(producer, m, _channel_axis(producer, outputs[producer]) == 1):
                 consumers[producer].append(m)
     n_img = example.shape[0]
     infos = []
@@ -109,7 +111,8 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
         infos.append(LayerInfo(name=names[m], module=m, index=len(infos), out_channels=_out_width(m),
                                bn=bn_of.get(m), consumers=[names[c] for c in consumers[m]],
                                macs=_macs(m, outputs[m], n_img),
-                               sites=max(_sites(c, outputs[c], n_img, _out_width(m)) for c in consumers[m])))
+                               sites=max(_sites(c, outputs[c], n_img, _out_width(m)) for c in consumers[m]),
+                               channel_axis=_channel_axis(m, outputs[m])))
     return infos
 
 
@@ -144,11 +147,18 @@ def _in_width(m: nn.Module) -> int:
     return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
 
 
-def feeds_channelwise(producer: nn.Module, consumer: nn.Module) -> bool:
+def _channel_axis(m: nn.Module, out: Tensor) -> int:
+    """Where a layer's output keeps its channels: axis 1 for a conv, the last axis for a linear
+    layer (which acts on [N, ..., C], e.g. ConvNeXt's pointwise layers on channels-last maps)."""
+    return out.dim() - 1 if isinstance(m, nn.Linear) else 1
+
+
+def feeds_channelwise(producer: nn.Module, consumer: nn.Module, channels_first: bool = True) -> bool:
     """Whether the producer's channels are the consumer's inputs one-to-one (a conv), or as
-    equal contiguous blocks (a linear layer after a flatten); not through a pad or a concat."""
+    equal contiguous blocks (a linear layer after flattening a channels-first map); not through
+    a pad or a concat. A flattened channels-last map interleaves the channels: not channelwise."""
     c, w = _out_width(producer), _in_width(consumer)
-    return w == c or (isinstance(consumer, nn.Linear) and w % c == 0)
+    return w == c or (channels_first and isinstance(consumer, nn.Linear) and w % c == 0)
 
 
 def _macs(m: nn.Module, out: Tensor, n_img: int) -> int:
@@ -156,9 +166,12 @@ def _macs(m: nn.Module, out: Tensor, n_img: int) -> int:
     return int(out.numel() // n_img * per_out)
 
 
-def consumer_slices(consumer: nn.Module, channels: int) -> Tensor:
-    """The consumer's weights grouped by our channels: [C_out_of_consumer, channels, k]."""
-    w = consumer.weight.detach()
+def consumer_sq(consumer: nn.Module, channels: int) -> Tensor:
+    """Per input channel of `consumer`, the sum of squares of the weights that read it: [channels].
+    In a grouped conv (depthwise included) a channel is read only by its group's filters."""
+    w = consumer.weight.detach().float()
     if isinstance(consumer, nn.Conv2d):
-        return w.flatten(2)  # [O, C, kh*kw]
-    return w.reshape(w.shape[0], channels, -1)  # a flatten puts channel c's features contiguously
+        g = consumer.groups  # weight [O, C/g, kh, kw]: group i's filters read channels i*C/g ...
+        return w.reshape(g, w.shape[0] // g, channels // g, -1).pow(2).sum((1, 3)).reshape(channels)
+    # a flatten of a channels-first map puts channel c's features contiguously
+    return w.reshape(w.shape[0], channels, -1).pow(2).sum((0, 2))

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from evoprune.primitives.layers import LayerInfo, consumer_slices
+from evoprune.primitives.layers import LayerInfo, consumer_sq
 
 NORM_FLOOR = 1e-12  # smallest norm divided by (cosines, spectral tolerance)
 
@@ -150,7 +150,7 @@ statistic("w_std", "standard deviation of the filter's weights", Cost.WEIGHTS, n
 def _w_out(d: LayerData) -> Tensor:
     sq = torch.zeros(d.info.out_channels)
     for m in d.consumers:
-        sq += consumer_slices(m, d.info.out_channels).float().cpu().pow(2).sum((0, 2))
+        sq += consumer_sq(m, d.info.out_channels).float().cpu()
     return sq.sqrt()
 
 

@@ -75,6 +75,9 @@ def test_torch_pruning_export_prunes_a_cifar_resnet20(shortcut, shared_data, tmp
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 3, shortcut=shortcut).eval()
     before = sum(p.numel() for p in model.parameters())
+    scores = mod.score(model, [(x, y)], max_images=64)  # the whole model's, before any cut
+    inner = {name: m.weight.detach().clone() for name, m in model.named_modules() if name.endswith("conv1")
+             and name != "conv1"}
     imp = mod.EvopruneImportance(model, [(x, y)])
     ignored = [model.fc]
     if shortcut == "A":  # Torch-Pruning cannot follow channels through a zero-padding shortcut:
@@ -85,6 +88,11 @@ def test_torch_pruning_export_prunes_a_cifar_resnet20(shortcut, shared_data, tmp
     after = sum(p.numel() for p in model.parameters())
     assert after < (0.75 if shortcut == "A" else 0.5) * before
     assert model.layer1[0].conv1.out_channels == 8 and model.layer3[0].conv1.out_channels == 32
+    if shortcut == "A":  # the stream is kept, so each block's first conv keeps its input channels
+        modules = dict(model.named_modules())
+        for name, w in inner.items():  # one-shot, as the search ranks: each keeps its best half
+            keep = torch.topk(scores[name], len(w) // 2).indices.sort().values
+            assert torch.equal(modules[name].weight.detach(), w[keep]), name
     with torch.no_grad():
         out = model(x)
     assert out.shape == (64, 10) and torch.isfinite(out).all()

@@ -241,3 +241,96 @@ def test_collection_on_gpu_matches_cpu(digits_pretrained):
         for layer in cpu.layers:
             np.testing.assert_allclose(gpu.values[s][layer].numpy(), cpu.values[s][layer].numpy(),
                                        rtol=2e-3, atol=1e-5, err_msg=s)
+
+
+# ---------------------------------------------------------------- one network written two ways
+# A statistic describes the function a layer computes, not how its module is written: the same
+# network built from different modules must give the same values (layers found in order).
+class _ToLast(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+class _ToFirst(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 3, 1, 2)
+
+
+def _pointwise(channels_last: bool, cin: int, cout: int) -> list[nn.Module]:
+    return [_ToLast(), nn.Linear(cin, cout), _ToFirst()] if channels_last else [nn.Conv2d(cin, cout, 1)]
+
+
+def _net(channels_last: bool = False, groups: int = 1, dense_groups: bool = False, inplace: bool = False):
+    """conv-BN-ReLU6, a pointwise pair (1x1 convs, or linear layers on channels-last maps as in
+    ConvNeXt), a grouped 3x3 conv-BN-ReLU6 (or the same as a dense conv), a conv, a classifier."""
+    g = 1 if dense_groups else groups
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=inplace),
+              *_pointwise(channels_last, 8, 12), nn.ReLU(inplace=inplace), *_pointwise(channels_last, 12, 8),
+              nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=g), nn.BatchNorm2d(8), nn.ReLU6(inplace=inplace),
+              nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)]
+    return nn.Sequential(*layers)
+
+
+def _copy_weights(src: nn.Module, dst: nn.Module, groups: int) -> None:
+    """dst computes what src computes: a linear layer's weight as a 1x1 conv's, a grouped conv's
+    as the block-diagonal weight of a dense one."""
+    with torch.no_grad():
+        for a, b in zip([m for m in src.modules() if hasattr(m, "weight")],
+                        [m for m in dst.modules() if hasattr(m, "weight")]):
+            w = a.weight
+            if isinstance(b, nn.Conv2d) and w.dim() == 2:
+                w = w[:, :, None, None]
+            elif isinstance(b, nn.Conv2d) and b.groups == 1 and a.groups > 1:
+                dense = torch.zeros_like(b.weight)
+                per_in, per_out = w.shape[1], w.shape[0] // a.groups
+                for i in range(a.groups):
+                    dense[i * per_out:(i + 1) * per_out, i * per_in:(i + 1) * per_in] = w[i * per_out:(i + 1) * per_out]
+                w = dense
+            b.weight.copy_(w)
+            b.bias.copy_(a.bias)
+            for buf in ("running_mean", "running_var"):
+                if hasattr(a, buf):
+                    getattr(b, buf).copy_(getattr(a, buf))
+
+
+def _two_ways(made, way, groups, shared_data):
+    ds = load_dataset("cifar10", shared_data)
+    x, y = next(iterate(ds, ds.train, batch_size=24, shuffle=True, seed=1))
+    y = y % 4
+    torch.manual_seed(0)
+    a = made()
+    with torch.no_grad():  # BN statistics that are not the identity
+        for m in a.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    b = way()
+    _copy_weights(a, b, groups)
+    a.eval(), b.eval()
+    torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+    return collect_stats(a, [(x, y)]), collect_stats(b, [(x, y)])
+
+
+def _assert_same(ta, tb, pairs, names):
+    for la, lb in pairs:
+        for s in names:
+            torch.testing.assert_close(ta.values[s][la], tb.values[s][lb], rtol=2e-4, atol=1e-5,
+                                       msg=lambda m, s=s, la=la: f"{s} on {la}: {m}")
+
+
+def test_linear_layers_on_channels_last_maps_give_the_statistics_of_1x1_convs(shared_data):
+    ta, tb = _two_ways(lambda: _net(channels_last=True), lambda: _net(), 1, shared_data)
+    assert len(ta.layers) == len(tb.layers) == 5
+    _assert_same(ta, tb, zip(ta.layers, tb.layers), list(STATS))
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_a_grouped_consumer_gives_the_statistics_of_its_dense_block_diagonal_twin(groups, shared_data):
+    """The grouped conv (depthwise at 8) is not prunable itself; its producer and the layers
+    around it must see what a dense conv with zeros outside the groups gives them. The layers
+    have in-place activations (gradients are read through hooks on their inputs)."""
+    ta, tb = _two_ways(lambda: _net(groups=groups, inplace=True), lambda: _net(groups=groups, dense_groups=True),
+                       groups, shared_data)
+    assert len(ta.layers) == 4 and len(tb.layers) == 5
+    same = [s for s in STATS if s not in ("layer_depth", "layer_flops")]  # the dense twin has one layer more
+    _assert_same(ta, tb, [(ta.layers[i], tb.layers[i]) for i in (0, 1, 2)] + [(ta.layers[3], tb.layers[4])], same)
