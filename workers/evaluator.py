@@ -173,6 +173,8 @@ class _Slot:
     started: float = field(default_factory=time.monotonic)
     probe: Any = None  # the whoami() call that says the actor is up
     pid: int = 0
+    calls: list = field(default_factory=list)  # refs of its calls in flight, in order: the first runs
+    running_since: float = 0.0  # when its first call started (when sent, or when the one before ended)
 
 
 class RayEvaluator:
@@ -268,7 +270,7 @@ class RayEvaluator:
         ray = self.ray
         source = iter(jobs)
         queue: list[tuple[Job, int]] = []  # (job, attempt): jobs drawn (or to retry), not yet sent
-        flight: dict = {}  # object ref -> ([(job, attempt)], slot, start time)
+        flight: dict = {}  # object ref -> ([(job, attempt)], slot); each slot lists its own refs
         k = self.spec.proxy.batch_candidates  # jobs per call: trained together on the actor
         timeout = self.spec.proxy.timeout_s  # per evaluation: a call of n jobs gets n times it
         drawn_all = False
@@ -290,13 +292,17 @@ class RayEvaluator:
             if queue and not any(s.ready for s in self.slots):
                 self._wait_ready()  # every worker lost: wait for a replacement, up to the placement timeout
             for slot in [s for s in self.slots if s.ready] * CALLS_PER_ACTOR:
-                if self._calls(slot, flight) >= CALLS_PER_ACTOR:
+                if len(slot.calls) >= CALLS_PER_ACTOR:
                     continue
                 draw(k - len(queue))
                 if not queue:
                     break
                 batch, queue = queue[:k], queue[k:]
-                flight[slot.actor.evaluate.remote([j for j, _ in batch])] = (batch, slot, time.monotonic())
+                ref = slot.actor.evaluate.remote([j for j, _ in batch])
+                flight[ref] = (batch, slot)
+                if not slot.calls:
+                    slot.running_since = time.monotonic()
+                slot.calls.append(ref)
             if not flight:
                 continue
             ahead = not drawn_all and len(queue) < k * len(self.slots)
@@ -306,32 +312,28 @@ class RayEvaluator:
             for ref in done:
                 if ref not in flight:  # its actor was lost with an earlier call: retried already
                     continue
-                batch, slot, _ = flight.pop(ref)
+                batch, slot = flight.pop(ref)
+                slot.calls.remove(ref)
                 try:
                     recs = [FitnessRecord.from_dict(d) for d in ray.get(ref)]
                 except Exception as e:  # the actor died (node lost, killed) or the evaluation crashed
                     self._lost(slot, flight, queue, batch, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     continue
-                for other, (b, s_, _) in list(flight.items()):  # the actor's next call starts now
-                    if s_ is slot:
-                        flight[other] = (b, s_, time.monotonic())
+                slot.running_since = time.monotonic()  # the actor's next call starts now
                 yield from zip((j for j, _ in batch), recs)
             self._collect_probes(timeout=0)
             now = time.monotonic()
-            for ref, (batch, slot, t0) in list(flight.items()):
-                if ref not in flight or t0 > min(t for _, s_, t in flight.values() if s_ is slot):
-                    continue  # lost already, or queued behind the actor's running call
-                if now - t0 > timeout * len(batch):  # stalled: its node may be gone without a word
+            for slot in [s for s in self.slots if s.calls]:  # each actor's running call, one per actor
+                ref = slot.calls[0]
+                batch = flight[ref][0]
+                if now - slot.running_since > timeout * len(batch):  # stalled: its node may be gone silently
                     flight.pop(ref)
+                    slot.calls.remove(ref)
                     self._lost(slot, flight, queue, batch, f"no answer after {timeout * len(batch):.0f} s")
-
-    @staticmethod
-    def _calls(slot: _Slot, flight: dict) -> int:
-        return sum(s is slot for _, s, _ in flight.values())
 
     def _lost(self, slot: _Slot, flight: dict, queue: list, batch: list, why: str) -> None:
         """An actor failed `batch`: drop it, and run that and its other calls again elsewhere."""
-        queued = [ref for ref, (_, s, _) in flight.items() if s is slot]
+        queued, slot.calls = slot.calls, []
         self._drop(slot)
         for ref in reversed(queued):  # waiting behind the failed call: not an attempt of theirs
             queue[:0] = flight.pop(ref)[0]
