@@ -114,6 +114,9 @@ def collect_stats(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], na
         raise EvopruneError("collect_stats: no images given")
     example = first[0][:2].to(device)
     infos = discover(model, example)
+    if not infos:
+        raise EvopruneError("no prunable layers in this model: evoprune ranks the filters of 2-D convs "
+                            "(groups = 1) and linear layers whose outputs another such layer reads")
     modules = dict(model.named_modules())
     total_macs = sum(i.macs for i in infos)
     data = {i.name: LayerData(i, len(infos), total_macs, [modules[c] for c in i.consumers], spectral_tol)

@@ -11,6 +11,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from evoprune.data import iterate, load_dataset
+from evoprune.errors import EvopruneError
 from evoprune.models import MODELS, build_model
 from evoprune.primitives.collect import collect_stats, task_stats
 from evoprune.primitives.stats import STATS, Cost
@@ -334,3 +335,11 @@ def test_a_grouped_consumer_gives_the_statistics_of_its_dense_block_diagonal_twi
     assert len(ta.layers) == 4 and len(tb.layers) == 5
     same = [s for s in STATS if s not in ("layer_depth", "layer_flops")]  # the dense twin has one layer more
     _assert_same(ta, tb, [(ta.layers[i], tb.layers[i]) for i in (0, 1, 2)] + [(ta.layers[3], tb.layers[4])], same)
+
+
+@pytest.mark.parametrize("model", [nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),  # only the output layer
+                                   nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(248, 10))])
+def test_a_model_without_prunable_layers_is_told_so(model):
+    x = torch.randn(4, 1, 64) if isinstance(model[0], nn.Conv1d) else torch.randn(4, 1, 8, 8)
+    with pytest.raises(EvopruneError, match="no prunable layers"):
+        collect_stats(model, [(x, torch.arange(4))], ["w_l1", "act_mean"])
