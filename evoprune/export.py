@@ -145,13 +145,28 @@ class EvopruneImportance(tp.importance.Importance):
         return self._by_module.get(module)
 
     def __call__(self, group):
+        """Scores of the group's channels. Where several layers write them (a residual stream),
+        the mean of their per-layer ranks, as `evoprune prune --scope coupled` ranks them."""
         dep, idxs = group[0].dep, group[0].idxs
         module = dep.target.module
+        writers = []
+        for i, (d, ix) in enumerate(group):
+            s = self._scores(d.target.module) if d.pruning_fn in _OUT_CHANNELS else None
+            if s is not None and None not in group[i].root_idxs:
+                writers.append((rank(s.double())[torch.as_tensor(ix, dtype=torch.long)], group[i].root_idxs))
+        if len(writers) > 1:
+            ranks = torch.zeros(len(idxs), dtype=torch.float64)
+            for r, root in writers:
+                ranks.scatter_add_(0, torch.as_tensor(root, dtype=torch.long), r)
+            return (ranks / len(writers)).float().to(module.weight.device)
         s = self._scores(module)
         if s is None:
             w = module.weight.detach()
             s = (w.transpose(0, 1) if getattr(module, "transposed", False) else w).flatten(1).norm(dim=1)
         return s[torch.as_tensor(idxs, dtype=torch.long)].to(module.weight.device)
+
+
+_OUT_CHANNELS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 '''
 
 

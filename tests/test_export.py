@@ -76,6 +76,7 @@ def test_torch_pruning_export_prunes_a_cifar_resnet20(shortcut, shared_data, tmp
     model = build_model("resnet20", 10, 3, shortcut=shortcut).eval()
     before = sum(p.numel() for p in model.parameters())
     scores = mod.score(model, [(x, y)], max_images=64)  # the whole model's, before any cut
+    stem = model.conv1.weight.detach().clone()
     inner = {name: m.weight.detach().clone() for name, m in model.named_modules() if name.endswith("conv1")
              and name != "conv1"}
     imp = mod.EvopruneImportance(model, [(x, y)])
@@ -93,6 +94,13 @@ def test_torch_pruning_export_prunes_a_cifar_resnet20(shortcut, shared_data, tmp
         for name, w in inner.items():  # one-shot, as the search ranks: each keeps its best half
             keep = torch.topk(scores[name], len(w) // 2).indices.sort().values
             assert torch.equal(modules[name].weight.detach(), w[keep]), name
+    else:  # the first stage's stream, written by the stem and every block's second conv, is ranked
+        # as `evoprune prune --scope coupled` ranks it: by the mean of the writers' per-layer ranks
+        writers = ["conv1"] + [f"layer1.{i}.conv2" for i in range(3)]
+        mean_rank = torch.stack([mod.rank(scores[n].double()) for n in writers]).mean(0)
+        kept = [int((stem == row).all((1, 2, 3)).nonzero()) for row in model.conv1.weight.detach()]
+        dropped = sorted(set(range(16)) - set(kept))
+        assert len(kept) == 8 and mean_rank[kept].min() >= mean_rank[dropped].max()
     with torch.no_grad():
         out = model(x)
     assert out.shape == (64, 10) and torch.isfinite(out).all()
