@@ -113,13 +113,15 @@ def data_check(name: Annotated[str, typer.Argument(help="digits, mnist, cifar10,
 @models_app.command("list")
 def models_list():
     """List the models of the zoo."""
-    from evoprune.models import MODELS
+    from evoprune.models import MODELS, TORCHVISION
 
     t = Table(title="models")
     for col in ("name", "input", "description"):
         t.add_column(col)
     for spec in MODELS.values():
         t.add_row(spec.name, f"{spec.input_size}x{spec.input_size}", spec.description)
+    t.add_row(f"{TORCHVISION}ARCH", "224x224", "any torchvision classifier, e.g. torchvision:efficientnet_b0 "
+              "(weights=PATH; what can be cut: docs/configuration.md)")
     out.print(t)
 
 

@@ -186,7 +186,9 @@ def _torchvision(arch: str):
 
         if in_channels != 3:
             raise EvopruneError(f"{arch} expects 3-channel images, got {in_channels}")
-        model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        # GoogLeNet and Inception-v3 return auxiliary logits in training mode unless told not to
+        aux = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **aux)
         if weights:
             load_weights(model, weights)
         return model
@@ -216,10 +218,28 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+TORCHVISION = "torchvision:"  # any torchvision classification model: torchvision:efficientnet_b0
+
+
+def model_spec(name: str) -> ModelSpec:
+    """A zoo model, or `torchvision:ARCH` for any of torchvision's classification models."""
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith(TORCHVISION):
+        import torchvision
+
+        arch = name[len(TORCHVISION):]
+        known = torchvision.models.list_models(module=torchvision.models)
+        if arch not in known:
+            raise UnknownName("torchvision classification model", arch, known)
+        return ModelSpec(name, f"torchvision {arch}", _torchvision(arch), 299 if arch == "inception_v3" else 224)
+    raise EvopruneError(f"unknown model {name!r}; known: {', '.join(MODELS)}, or {TORCHVISION}ARCH for any "
+                        "torchvision classifier")
+
+
 def build_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
-    if name not in MODELS:
-        raise UnknownName("model", name, list(MODELS))
+    spec = model_spec(name)
     try:
-        return MODELS[name].build(num_classes=num_classes, in_channels=in_channels, **kwargs)
+        return spec.build(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as e:
         raise EvopruneError(f"bad options for model {name!r}: {e}") from None

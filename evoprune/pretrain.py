@@ -20,6 +20,7 @@ from rich.console import Console
 from torch import nn
 
 from evoprune.data import DataSet
+from evoprune.errors import EvopruneError
 from evoprune.models import build_model
 from evoprune.progress import epoch_progress
 from evoprune.tasks import Task
@@ -57,6 +58,26 @@ def _sha256(path: Path) -> str:
 def new_model(task: Task, data: DataSet) -> nn.Module:
     torch.manual_seed(task.recipe.seed)
     return build_model(task.model, data.num_classes, data.input_shape[0], **task.model_kwargs)
+
+
+@torch.no_grad()
+def check_model_runs(model: nn.Module, task: Task, data: DataSet) -> None:
+    """One forward pass of two blank images before any training: a model that cannot take the
+    data set's images (ViT at 32x32) or does not return logits [N, classes] is told so in one line."""
+    shape = "x".join(map(str, data.input_shape))
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(torch.zeros(2, *data.input_shape))
+    except Exception as e:
+        raise EvopruneError(f"task {task.name}: model {task.model} cannot run on {task.dataset}'s {shape} "
+                            f"images ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise EvopruneError(f"task {task.name}: model {task.model} returns {got} on {shape} images, not logits "
+                            f"[N, {data.num_classes}]")
 
 
 def _load(task: Task, data: DataSet, pt: Path, meta_path: Path) -> tuple[nn.Module, dict]:
@@ -114,6 +135,7 @@ def pretrained(task: Task, *, data_root=None, cache_dir=None, device="auto", dow
             (console or Console(stderr=True)).print(f"[yellow]cache file corrupt: {e}; rebuilding[/]")
     dev = pick_device(device)
     model = new_model(task, data)
+    check_model_runs(model, task, data)
     with epoch_progress(task.name, task.recipe.epochs, console, show_progress) as on_epoch:
         result = train(model, data, task.recipe, device=dev, on_epoch=on_epoch)
     model.cpu().eval()

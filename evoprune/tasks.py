@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from evoprune.errors import EvopruneError, UnknownName
+from evoprune.models import model_spec
 from evoprune.tomlfiles import read_toml
-from evoprune.models import MODELS
 
 TRAIN_CODE_VERSION = 1  # bump when the training loop changes what a recipe produces: old caches miss
 AUGMENTS = ("none", "flip", "crop", "crop-flip", "imagenet")
@@ -110,8 +110,10 @@ def _task_from_table(name: str, t: dict[str, Any], source: str) -> Task:
     for key in ("dataset", "model"):
         if not isinstance(t.get(key), str):
             raise EvopruneError(f"{where}: '{key}' (a string) is required")
-    if t["model"] not in MODELS:
-        raise EvopruneError(f"{where}: unknown model {t['model']!r}; known: {', '.join(MODELS)}")
+    try:
+        model_spec(t["model"])
+    except EvopruneError as e:
+        raise EvopruneError(f"{where}: {e}") from None
     r = _recipe(t.get("recipe", {}), Recipe(), where, "recipe")
     vf = t.get("val_fraction", 0.1)
     if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 0.9:

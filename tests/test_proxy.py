@@ -45,13 +45,17 @@ def test_pruned_and_masked_proxies_agree_on_a_cifar_resnet20(shared_data, tmp_pa
     _agree("r20", proxy, cache_dir=tmp_path / "cache", data_root=shared_data, tasks_file=tasks)
 
 
-@pytest.mark.parametrize("arch, trains", [("mobilenet_v2", "masked"), ("resnet18", "pruned")])
+@pytest.mark.parametrize("arch, trains", [("mobilenet_v2", "masked"), ("resnet18", "pruned"),
+                                          ("torchvision:regnet_x_400mf", "pruned"),  # grouped convs' feeders stay
+                                          ("torchvision:shufflenet_v2_x0_5", "masked")])  # Torch-Pruning refuses it
 def test_proxy_runs_repeat_exactly_on_an_image_folder_and_the_pruned_proxy_checks_it_trains_alike(
         arch, trains, shared_data, tmp_path):
     """Torchvision models on an image folder: a run's random crops and dropout come from its seed, so
     the same masks give the same fitness twice. MobileNetV2's cut network does not train as its masked
     one does (its classifier's dropout draws a mask over fewer features), which the pruned proxy finds
-    out once per task and trains it masked; ResNet-18's does, and it is cut."""
+    out once per task and trains it masked; ResNet-18's does, and it is cut. RegNet is cut except
+    where a grouped conv reads the channels; ShuffleNetV2, whose channel shuffle Torch-Pruning cannot
+    trace, trains masked."""
     folder = image_folder(tmp_path / "images", shared_data, classes=3, train=16, val=6)
     tasks = tmp_path / "tasks.toml"  # random weights: the equivalence does not need a trained network
     tasks.write_text(f'[t]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "{arch}"\nrecipe = {{ epochs = 0 }}\n')

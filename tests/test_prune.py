@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from evoprune.allocators import uniform
 from evoprune.data import iterate, load_dataset
@@ -275,3 +276,36 @@ def test_mobilenet_v2_is_cut_with_bn_statistics_re_estimated(shared_data, tmp_pa
     rep = json.loads((out / "report.json").read_text())
     assert rep["bn_recalibrated"] is True and rep["equivalence_max_diff"] < 1e-3
     assert rep["macs_kept"] < 0.7 and "BN statistics are re-estimated" in err + text
+
+
+@pytest.mark.parametrize("arch,args,expect", [
+    ("mobilenet_v3_small", (), "cut"),  # squeeze-excitation blocks, hardswish
+    ("regnet_x_400mf", ("--scope", "coupled"), "cut"),  # grouped convs: the layers feeding them stay whole
+    ("shufflenet_v2_x0_5", (), "Torch-Pruning cannot trace"),  # channel shuffle
+    ("vit_b_16", (), "cannot run on"),  # needs 224x224 images
+    ("efficientnet_b99", (), "unknown torchvision classification model 'efficientnet_b99'"),
+])
+def test_any_torchvision_model_by_name_is_cut_or_refused_in_one_line(arch, args, expect, shared_data, tmp_path,
+                                                                      capsys):
+    folder = image_folder(tmp_path / "images", shared_data, classes=3, train=16, val=6)
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text(f'[tv]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "torchvision:{arch}"\n'
+                     'recipe = { epochs = 1, batch_size = 16, lr = 0.05 }\n')
+    out = tmp_path / "out"
+    rc, text, err = run(capsys, "prune", "--task", "tv", "--tasks-file", str(tasks), "--metric", "baseline:l1",
+                        "--ratio", "0.5", "--no-tpp", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-record", *args)
+    if expect != "cut":
+        assert rc == 2 and expect in err and "Traceback" not in err, err
+        return
+    assert rc == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["macs_kept"] < 0.8 and rep["equivalence_max_diff"] < 1e-3
+    if arch.startswith("regnet"):  # the grouped convs keep every channel they read
+
+        def grouped(model):
+            return {n: m.in_channels for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Conv2d) and 1 < m.groups != m.in_channels}
+
+        before = grouped(torchvision.models.get_model(arch, num_classes=3))
+        assert before and grouped(torch.load(out / "pruned_model.pt", weights_only=False)) == before

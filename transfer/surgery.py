@@ -9,6 +9,8 @@ one mask). A mask that differs between members of a group is refused, never sile
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
@@ -30,16 +32,32 @@ def _graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
     was = model.training
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        with warnings.catch_warnings():  # parameters outside conv/linear/norm layers (ConvNeXt's
+            # layer_scale): Torch-Pruning cuts their last non-singleton axis, which is right for
+            # per-channel scales; every cut is checked against the masked model's outputs anyway
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    except Exception as e:  # e.g. ShuffleNetV2's channel shuffle: Torch-Pruning cannot follow it
+        raise EvopruneError(f"Torch-Pruning cannot trace how this model's channels depend on each other "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}), so it cannot "
+                            "be cut") from None
     finally:
         model.train(was)
+
+
+def _grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): it reads its input in groups of
+    channels, so a channel can only leave it with the same positions in every group."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups != m.in_channels
 
 
 def channel_groups(model: nn.Module, example: Tensor, names: list[str],
                    dg: tp.DependencyGraph | None = None) -> list[list[str]]:
     """`names` partitioned into groups of layers whose output channels are tied together (by
     residual additions, concatenations): each group must be pruned with one mask. A group may
-    name layers outside `names`; they are included, in model order."""
+    name layers outside `names`; they are included, in model order. A grouped conv reading the
+    channels is named in their group too: per-filter masks cannot keep its groups equal, so
+    such a group is never cut (`independent_layers` leaves it out; a coupled scope skips it)."""
     dg = dg or _graph(model, example)
     modules = dict(model.named_modules())
     name_of = {m: n for n, m in modules.items()}
@@ -51,7 +69,8 @@ def channel_groups(model: nn.Module, example: Tensor, names: list[str],
         m = modules[n]
         group = dg.get_pruning_group(m, _prune_fn(m), idxs=[0])
         members = sorted({name_of[item.dep.target.module] for item in group
-                          if item.dep.handler in _OUT.values()} | {n}, key=order.__getitem__)
+                          if item.dep.handler in _OUT.values() or _grouped(item.dep.target.module)} | {n},
+                         key=order.__getitem__)
         seen.update(members)
         groups.append(members)
     return groups
