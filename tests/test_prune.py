@@ -259,19 +259,26 @@ def test_digits_defaults_fit_the_task_and_tpp_still_zeroes_the_pruned_filters(di
     assert acc["pruned"] >= acc["pretrained"] - 0.01, acc
 
 
+def _prune_on_image_folder(model: str, shared_data, tmp_path, capsys, *args, epochs: int = 1):
+    """`evoprune prune` (L1, half the filters, no TPP, one epoch) of `model` pretrained for `epochs`
+    on a 32x32 image folder of 3 CIFAR-10 classes: (rc, stdout, stderr, output folder)."""
+    folder = image_folder(tmp_path / "images", shared_data, classes=3, train=16, val=6)
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text(f'[t]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "{model}"\n'
+                     f'recipe = {{ epochs = {epochs}, batch_size = 16, lr = 0.05 }}\n')
+    out = tmp_path / "out"
+    rc, text, err = run(capsys, "prune", "--task", "t", "--tasks-file", str(tasks), "--metric", "baseline:l1",
+                        "--ratio", "0.5", "--no-tpp", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-record", *args)
+    return rc, text, err, out
+
+
 def test_mobilenet_v2_is_cut_with_bn_statistics_re_estimated(shared_data, tmp_path, capsys):
     """MobileNetV2 on an image folder: a pruned expansion channel reaches the projection conv as the
     shift of the depthwise conv's BN, a constant the next BN's running mean does not remove; the
     eval-mode check fails on the pretrained statistics and passes once both models' statistics are
     re-estimated on the same images, which the cut model keeps (recorded in the report)."""
-    folder = image_folder(tmp_path / "images", shared_data, classes=3, train=16, val=6)
-    tasks = tmp_path / "tasks.toml"
-    tasks.write_text(f'[mnv2]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "mobilenet_v2"\n'
-                     'recipe = { epochs = 2, batch_size = 16, lr = 0.05 }\n')
-    out = tmp_path / "out"
-    rc, text, err = run(capsys, "prune", "--task", "mnv2", "--tasks-file", str(tasks), "--metric", "baseline:l1",
-                        "--ratio", "0.5", "--no-tpp", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
-                        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-record")
+    rc, text, err, out = _prune_on_image_folder("mobilenet_v2", shared_data, tmp_path, capsys, epochs=2)
     assert rc == 0, err
     rep = json.loads((out / "report.json").read_text())
     assert rep["bn_recalibrated"] is True and rep["equivalence_max_diff"] < 1e-3
@@ -287,14 +294,7 @@ def test_mobilenet_v2_is_cut_with_bn_statistics_re_estimated(shared_data, tmp_pa
 ])
 def test_any_torchvision_model_by_name_is_cut_or_refused_in_one_line(arch, args, expect, shared_data, tmp_path,
                                                                       capsys):
-    folder = image_folder(tmp_path / "images", shared_data, classes=3, train=16, val=6)
-    tasks = tmp_path / "tasks.toml"
-    tasks.write_text(f'[tv]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "torchvision:{arch}"\n'
-                     'recipe = { epochs = 1, batch_size = 16, lr = 0.05 }\n')
-    out = tmp_path / "out"
-    rc, text, err = run(capsys, "prune", "--task", "tv", "--tasks-file", str(tasks), "--metric", "baseline:l1",
-                        "--ratio", "0.5", "--no-tpp", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
-                        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-record", *args)
+    rc, text, err, out = _prune_on_image_folder(f"torchvision:{arch}", shared_data, tmp_path, capsys, *args)
     if expect != "cut":
         assert rc == 2 and expect in err and "Traceback" not in err, err
         return
