@@ -233,8 +233,10 @@ def model_spec(name: str) -> ModelSpec:
         if arch not in known:
             raise UnknownName("torchvision classification model", arch, known)
         return ModelSpec(name, f"torchvision {arch}", _torchvision(arch), 299 if arch == "inception_v3" else 224)
-    raise EvopruneError(f"unknown model {name!r}; known: {', '.join(MODELS)}, or {TORCHVISION}ARCH for any "
-                        "torchvision classifier")
+    err = UnknownName("model", name, list(MODELS))
+    err.args = (f"unknown model {name!r}; known: {', '.join(MODELS)}, or {TORCHVISION}ARCH for any "
+                "torchvision classifier",)  # every name: the torchvision form must not be cut off
+    raise err
 
 
 def build_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:

@@ -42,8 +42,11 @@ def test_torchvision_weights_from_a_local_file(tmp_path):
 
 
 def test_bad_model_requests():
-    with pytest.raises(UnknownName):
+    with pytest.raises(UnknownName, match="or torchvision:ARCH"):
         build_model("resnet21", 10, 3)
+    with pytest.raises(UnknownName, match="unknown torchvision classification model 'resnet21'"):
+        build_model("torchvision:resnet21", 10, 3)
+    assert build_model("torchvision:resnet18", 7, 3).fc.out_features == 7
     with pytest.raises(EvopruneError, match="weights file not found"):
         build_model("resnet50", 1000, 3, weights="/nonexistent/r50.pth")
     with pytest.raises(EvopruneError, match="bad options"):
