@@ -205,8 +205,18 @@ def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root
         _on_ray(todo, out, args, workers, finished)
     else:
         for run, cfg in todo:
-            finished(run, _do_run(cfg, out / "runs" / run.key, *args))
+            try:
+                rep = _do_run(cfg, out / "runs" / run.key, *args)
+            except EvopruneError as e:
+                raise _in_case(run, e) from None
+            finished(run, rep)
     return [r for r in rows if r["key"] in plan]
+
+
+def _in_case(run: Run, e: Exception) -> EvopruneError:
+    """A run's error, naming its case: the runs finished before it are kept (rerun to continue)."""
+    return EvopruneError(f"suite case {run.case.index + 1} ({run.case.label}), metric {run.metric}, seed {run.seed}: "
+                         f"{e}")
 
 
 def _on_ray(todo, out: Path, args, workers: int, finished) -> None:
@@ -223,7 +233,14 @@ def _on_ray(todo, out: Path, args, workers: int, finished) -> None:
             pending[remote.remote(cfg, out / "runs" / run.key, *args)] = run
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
-            finished(pending.pop(ref), ray.get(ref))
+            run = pending.pop(ref)
+            try:
+                rep = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, EvopruneError):  # the user's case, not the cluster, is at fault
+                    raise _in_case(run, e.cause) from None
+                raise
+            finished(run, rep)
 
 
 def _claim_folder(out: Path, suite: Suite, metrics: list[str]) -> None:
