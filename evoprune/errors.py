@@ -5,6 +5,13 @@ class EvopruneError(Exception):
     """A mistake or missing resource the user can fix (bad flag, missing data, unknown name)."""
 
 
+def one_line(e: BaseException, limit: int | None = None) -> str:
+    """An exception for a one-line message: its type and the first line of its text (an empty
+    text gives the type alone), the text cut at `limit` characters."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
 class DataNotFound(EvopruneError):
     """A data set is not where we looked; the message says where and how to get it."""
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from torch import nn
 
 from evoprune.data import DataSet
-from evoprune.errors import EvopruneError
+from evoprune.errors import EvopruneError, one_line
 from evoprune.models import build_model
 from evoprune.progress import epoch_progress
 from evoprune.tasks import Task
@@ -71,7 +71,7 @@ def check_model_runs(model: nn.Module, task: Task, data: DataSet) -> None:
         out = model(torch.zeros(2, *data.input_shape))
     except Exception as e:
         raise EvopruneError(f"task {task.name}: model {task.model} cannot run on {task.dataset}'s {shape} "
-                            f"images ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                            f"images ({one_line(e)})") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):

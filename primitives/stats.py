@@ -150,7 +150,7 @@ statistic("w_std", "standard deviation of the filter's weights", Cost.WEIGHTS, n
 def _w_out(d: LayerData) -> Tensor:
     sq = torch.zeros(d.info.out_channels)
     for m in d.consumers:
-        sq += consumer_sq(m, d.info.out_channels).float().cpu()
+        sq += consumer_sq(m, d.info.out_channels).cpu()
     return sq.sqrt()
 
 

@@ -15,7 +15,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from evoprune.errors import EvopruneError
+from evoprune.errors import EvopruneError, one_line
 from evoprune.masks import mask_targets
 
 _OUT = {nn.Conv2d: tp.prune_conv_out_channels, nn.Linear: tp.prune_linear_out_channels}
@@ -39,8 +39,7 @@ def _graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
             return tp.DependencyGraph().build_dependency(model, example_inputs=example)
     except Exception as e:  # e.g. ShuffleNetV2's channel shuffle: Torch-Pruning cannot follow it
         raise EvopruneError(f"Torch-Pruning cannot trace how this model's channels depend on each other "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}), so it cannot "
-                            "be cut") from None
+                            f"({one_line(e)}), so it cannot be cut") from None
     finally:
         model.train(was)
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from evoprune.errors import EvopruneError
+from evoprune.errors import EvopruneError, one_line
 from evoprune.records import FitnessRecord
 from evoprune.workers.proxy import Job, ProxyConfig, TaskContext, evaluate_job, evaluate_jobs
 
@@ -317,7 +317,7 @@ class RayEvaluator:
                 try:
                     recs = [FitnessRecord.from_dict(d) for d in ray.get(ref)]
                 except Exception as e:  # the actor died (node lost, killed) or the evaluation crashed
-                    self._lost(slot, flight, queue, batch, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    self._lost(slot, flight, queue, batch, one_line(e, 200))
                     continue
                 slot.running_since = time.monotonic()  # the actor's next call starts now
                 yield from zip((j for j, _ in batch), recs)
