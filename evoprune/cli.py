@@ -108,6 +108,9 @@ def data_check(name: Annotated[str, typer.Argument(help="digits, mnist, cifar10,
               f"  train {len(ds.train)}  val {len(ds.val)}  test {len(ds.test)} "
               f"(train per class {int(counts.min())}-{int(counts.max())})\n"
               f"  fingerprint {ds.fingerprint()}")
+    if ds.skipped:
+        kinds = ", ".join(f"{suffix} {n}" for suffix, n in ds.skipped)
+        out.print(f"  left out {sum(n for _, n in ds.skipped)} files whose suffix is not an image's ({kinds})")
 
 
 @models_app.command("list")

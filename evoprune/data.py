@@ -24,13 +24,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evoprune.errors import DataNotFound, EvopruneError, UnknownName
+from evoprune.errors import DataNotFound, EvopruneError, UnknownName, one_line
 
 SPLIT_SEED = 1234  # fixed: val (and test, where no official one exists) are carved the same way everywhere
 VAL_FRACTION = 0.1  # of the training images, stratified by class
 DEFAULT_DATA_ROOT = "./data"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BadImage(DataNotFound):
+    """An image folder's file that cannot be read as an image (found while reading it)."""
 
 
 # --------------------------------------------------------------------------- splits
@@ -73,6 +77,7 @@ class DataSet:
     source: str  # where the files were read from, for messages and reports
     augment: str = "none"  # default training augmentation: none | flip | crop-flip | imagenet
     classes: tuple[str, ...] = field(default=())
+    skipped: tuple[tuple[str, int], ...] = ()  # image folders: files left out, by suffix (not images)
 
     def fingerprint(self) -> str:
         """A short hash of the split contents; part of every pretraining cache key."""
@@ -245,12 +250,39 @@ def load_svhn(root: Path, download: bool) -> DataSet:
 
 
 def _list_images(folder: Path, class_to_idx: dict[str, int] | None = None):
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    """(classes, samples, skipped): the class folders under `folder`, the (path, class) pairs of
+    their images (torchvision's extensions, any case) and a count, by suffix, of the other files
+    (hidden ones, such as .DS_Store, aside), which the loader leaves out."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    classes, found = find_classes(str(folder))
+    classes, found = _find_classes(folder)
     mapping = class_to_idx or found
     samples = make_dataset(str(folder), mapping, extensions=IMG_EXTENSIONS, allow_empty=True)
-    return classes, samples
+    skipped: dict[str, int] = {}
+    for c in classes if class_to_idx is None else [c for c in classes if c in class_to_idx]:
+        for _, _, files in os.walk(folder / c, followlinks=True):
+            for f in files:
+                suffix = os.path.splitext(f)[1].lower()
+                if not f.startswith(".") and suffix not in IMG_EXTENSIONS:
+                    skipped[suffix or "(none)"] = skipped.get(suffix or "(none)", 0) + 1
+    return classes, samples, skipped
+
+
+def _check_classes(where: Path, classes: list[str], y: np.ndarray, least: int) -> None:
+    """Refuse class folders with fewer than `least` images: a class the model cannot learn
+    (or, with one image, that val takes whole) would be an output that is never trained."""
+    counts = np.bincount(y, minlength=len(classes))
+    few = [f"{c} ({n})" for c, n in zip(classes, counts.tolist()) if n < least]
+    if few:
+        shown = ", ".join(few[:8]) + (f" and {len(few) - 8} more" if len(few) > 8 else "")
+        raise DataNotFound(f"imagefolder: class folders under {where.resolve()} with fewer than {least} "
+                           f"images: {shown}; add images or remove those folders")
+
+
+def _find_classes(folder: Path):
+    from torchvision.datasets.folder import find_classes
+
+    return find_classes(str(folder))
 
 
 def load_imagefolder(path: Path, image_size: int = 224) -> DataSet:
@@ -263,7 +295,7 @@ def load_imagefolder(path: Path, image_size: int = 224) -> DataSet:
         raise DataNotFound(f"imagefolder: {path.resolve()} is not a directory")
     train_dir = path / "train" if (path / "train").is_dir() else path
     try:
-        classes, samples = _list_images(train_dir)
+        classes, samples, skipped = _list_images(train_dir)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataNotFound(f"imagefolder: no class folders under {train_dir.resolve()} ({e})") from None
     if not samples:
@@ -271,8 +303,21 @@ def load_imagefolder(path: Path, image_size: int = 224) -> DataSet:
     paths = np.array([p for p, _ in samples])
     y = np.array([c for _, c in samples], dtype=np.int64)
     test_dir = next((path / d for d in ("val", "test") if train_dir != path and (path / d).is_dir()), None)
+    # each class keeps a training image beside the one val holds out (and, in a single tree, test)
+    _check_classes(train_dir, classes, y, 2 if test_dir is not None else 3)
     if test_dir is not None:
-        _, test_samples = _list_images(test_dir, {c: i for i, c in enumerate(classes)})
+        try:
+            test_classes, _ = _find_classes(test_dir)
+        except (FileNotFoundError, RuntimeError):
+            test_classes = []
+        extra = sorted(set(test_classes) - set(classes))
+        if extra:
+            raise DataNotFound(f"imagefolder: {test_dir.resolve()} has classes {train_dir.resolve()} lacks: "
+                               f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}; a model trained "
+                               f"on the train classes cannot be tested on them")
+        _, test_samples, test_skipped = _list_images(test_dir, {c: i for i, c in enumerate(classes)})
+        for suffix, n in test_skipped.items():
+            skipped[suffix] = skipped.get(suffix, 0) + n
         te_paths = np.array([p for p, _ in test_samples])
         te_y = np.array([c for _, c in test_samples], dtype=np.int64)
     else:
@@ -287,6 +332,7 @@ def load_imagefolder(path: Path, image_size: int = 224) -> DataSet:
         name=f"imagefolder:{path}", num_classes=len(classes), input_shape=(3, image_size, image_size),
         mean=IMAGENET_MEAN, std=IMAGENET_STD, train=fs(paths[rest], y[rest]), val=fs(paths[val], y[val]),
         test=fs(te_paths, te_y), source=str(path.resolve()), augment="imagenet", classes=tuple(classes),
+        skipped=tuple(sorted(skipped.items())),
     )
 
 
@@ -457,22 +503,27 @@ class _FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         from PIL import Image
-        from torchvision.transforms import functional as TF
 
         i = self.order[k]
         g = torch.Generator().manual_seed(self.seed + k * self.shard[1] + self.shard[0])
-        with Image.open(self.split.paths[i]) as im:
-            im = im.convert("RGB")
-            if self.augment == "imagenet":
-                s = self.split.image_size
-                x = TF.to_tensor(TF.resized_crop(im, *_crop_box(im.width, im.height, g), [s, s]))
-                if torch.rand(1, generator=g).item() < 0.5:
-                    x = x.flip(2)
-            else:
-                x = TF.to_tensor(self.center(im))
-                if self.augment != "none":
-                    x = _augment(x[None], self.augment, g)[0]
-        return x, self.split.y[i]
+        try:
+            with Image.open(self.split.paths[i]) as im:
+                rgb = im.convert("RGB")  # decodes the whole file
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # a truncated or mislabelled file, one that vanished or PIL will not open: the user's data
+            raise BadImage(f"imagefolder: cannot read {self.split.paths[i]} ({one_line(e, 120)}); "
+                           f"remove or replace it") from None
+        return self._item(rgb, g), self.split.y[i]
+
+    def _item(self, im, g: torch.Generator) -> Tensor:
+        from torchvision.transforms import functional as TF
+
+        if self.augment == "imagenet":
+            s = self.split.image_size
+            x = TF.to_tensor(TF.resized_crop(im, *_crop_box(im.width, im.height, g), [s, s]))
+            return x.flip(2) if torch.rand(1, generator=g).item() < 0.5 else x
+        x = TF.to_tensor(self.center(im))
+        return _augment(x[None], self.augment, g)[0] if self.augment != "none" else x
 
 
 def _crop_box(width: int, height: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -505,8 +556,11 @@ def _iterate_files(ds, split, order, *, batch_size, augment, device, drop_last, 
     dl = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
                                      pin_memory=device.type == "cuda")
     norm = _normalizer(ds, device)
-    for x, y in dl:
-        yield norm(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+    try:
+        for x, y in dl:
+            yield norm(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+    except BadImage as e:  # from a DataLoader worker, its text is the worker's whole traceback
+        raise BadImage(str(e).strip().splitlines()[-1].removeprefix(f"{BadImage.__module__}.BadImage: ")) from None
 
 
 def quick_status(name: str, root: Path) -> str:

@@ -22,6 +22,12 @@ def _reload(name, root):
     return D.load_dataset(name, root)
 
 
+def _read_anew(name: str, root=None):
+    D._load_cached.cache_clear()
+    D._with_val_fraction.cache_clear()
+    return D.load_dataset(name, root)
+
+
 def _row_hashes(x) -> Counter:
     flat = x.reshape(len(x), -1)
     return Counter(hashlib.sha1(np.ascontiguousarray(r)).hexdigest() for r in np.asarray(flat))
@@ -152,3 +158,48 @@ def test_an_image_folder_stream_depends_on_its_seed_alone(tmp_path, shared_data,
     assert not torch.equal(first[0][0], stream(4)[0][0])
     plain = next(D.iterate(ds, ds.train, batch_size=8, shuffle=True, seed=3))[0]
     assert first[0][0].shape == plain.shape and not torch.equal(first[0][0], plain)  # augmented
+
+
+def test_an_image_folder_takes_any_pil_mode_and_names_what_it_cannot_use(tmp_path, shared_data, capsys):
+    """ImageNet's .JPEG suffix, grayscale, palette, RGBA and CMYK files are read as RGB; a GIF is
+    left out and counted by `data check`; an empty class folder, a val class train lacks and an
+    unreadable file are each one error line (exit 2) that names them."""
+    from PIL import Image
+
+    from helpers import run
+
+    root = image_folder(tmp_path / "t", shared_data, classes=2, train=10, val=3)
+    pngs = sorted((root / "train" / "class0").glob("*.png"))
+    for p, mode, suffix in zip(pngs, ["L", "P", "RGBA", "CMYK", "RGB"], [".png", ".png", ".png", ".jpg", ".JPEG"]):
+        Image.open(p).convert(mode).save(p.with_suffix(suffix))
+        if suffix != ".png":
+            p.unlink()
+    Image.open(pngs[5]).save(root / "train" / "class1" / "anim.gif")
+    name = f"imagefolder:{root}?size=16"
+    rc, out, err = run(capsys, "data", "check", name)
+    assert rc == 0 and "train 18  val 2  test 6" in out
+    assert "left out 1 files whose suffix is not an image's (.gif 1)" in out
+    ds = _read_anew(name)
+    xs = torch.cat([x for x, _ in D.iterate(ds, ds.train, batch_size=32)])
+    assert xs.shape == (18, 3, 16, 16) and torch.isfinite(xs).all()
+
+    spoiled = sorted((root / "train" / "class1").glob("*.png"))[0]
+    spoiled.write_bytes(spoiled.read_bytes()[:60])  # truncated
+    for workers in (0, 2):
+        with pytest.raises(D.BadImage, match=f"^imagefolder: cannot read {spoiled} \\(.*\\); remove or replace it$"):
+            list(D.iterate(ds, ds.train, batch_size=32, workers=workers))
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text(f'[t]\ndataset = "{name}"\nmodel = "cnn"\nrecipe = {{ epochs = 1, batch_size = 8 }}\n')
+    rc, out, err = run(capsys, "pretrain", "t", "--tasks-file", str(tasks), "--cache-dir", str(tmp_path / "c"))
+    assert rc == 2 and err.startswith(f"error: imagefolder: cannot read {spoiled}") and err.count("\n") == 1, err
+    spoiled.unlink()
+
+    (root / "val" / "class7").mkdir()
+    Image.open(pngs[5]).save(root / "val" / "class7" / "x.png")
+    with pytest.raises(DataNotFound, match="val has classes .* lacks: class7;"):
+        _read_anew(name)
+    shutil.rmtree(root / "val" / "class7")
+    (root / "train" / "class2").mkdir()
+    (root / "train" / "class2" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataNotFound, match=r"fewer than 2 images: class2 \(0\); add images or remove"):
+        _read_anew(name)
