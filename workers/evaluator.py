@@ -155,10 +155,16 @@ class _Actor:
         import torch
 
         torch.set_num_threads(spec.threads or 1)  # one actor per CPU slot: no oversubscription
-        self.contexts = spec.contexts({t: ray.get(ref) for t, ref in pretrained.items()})
         self.name = f"ray-{socket.gethostname()}-{ray.util.get_node_ip_address()}-{os.getpid()}"
+        self.error: EvopruneError | None = None
+        try:
+            self.contexts = spec.contexts({t: ray.get(ref) for t, ref in pretrained.items()})
+        except EvopruneError as e:  # the user's data or model (files missing on this node): said by
+            self.error = e  # whoami as a task error, which the driver can read; not a dead actor
 
     def whoami(self) -> tuple[int, str]:
+        if self.error is not None:
+            raise self.error
         return os.getpid(), self.name
 
     def evaluate(self, jobs: list[Job]) -> list[dict]:
@@ -201,8 +207,9 @@ class RayEvaluator:
         self.actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=0)(_Actor)
         self.gcs = ray.get_runtime_context().gcs_address  # host:port of the head's GCS
         self.head_lost = False
-        self.slots = [self._new_slot() for _ in range(workers)]
         self.restarts = 0
+        self.failed_starts = 0  # actors in a row that died before they answered their probe
+        self.slots = [self._new_slot() for _ in range(workers)]
 
     def _new_slot(self) -> _Slot:
         actor = self.actor_cls.remote(self.spec_to_ship, self.refs)
@@ -316,7 +323,13 @@ class RayEvaluator:
                 slot.calls.remove(ref)
                 try:
                     recs = [FitnessRecord.from_dict(d) for d in ray.get(ref)]
-                except Exception as e:  # the actor died (node lost, killed) or the evaluation crashed
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, EvopruneError):  # the user's data or model, not the cluster
+                        raise EvopruneError(f"{e.cause} (evaluating {batch[0][0].expression!r} on a Ray "
+                                            f"worker)") from None
+                    self._lost(slot, flight, queue, batch, one_line(e, 200))
+                    continue
+                except Exception as e:  # the actor died (node lost, killed)
                     self._lost(slot, flight, queue, batch, one_line(e, 200))
                     continue
                 slot.running_since = time.monotonic()  # the actor's next call starts now
@@ -352,9 +365,26 @@ class RayEvaluator:
             try:
                 slot.pid = self.ray.get(ref)[0]
                 slot.ready = True
-            except Exception:  # it died starting: its node is gone or it crashed
-                self._drop(slot)
+                self.failed_starts = 0
+            except self.ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, EvopruneError):  # every replacement would fail alike
+                    raise EvopruneError(f"a Ray worker cannot start: {e.cause}") from None
+                self._failed_start(slot, e)
+            except Exception as e:  # it died starting: its node is gone or it crashed
+                self._failed_start(slot, e)
         return True
+
+    def _failed_start(self, slot: _Slot, e: Exception) -> None:
+        """Drop an actor that died starting; when actors keep dying at start and none comes up,
+        the cause is not a lost node that a replacement can avoid: a cluster fault."""
+        self.failed_starts += 1
+        give_up = self.failed_starts >= MAX_ATTEMPTS * max(1, self.size)
+        why = f"{self.failed_starts} Ray workers in a row died starting (last: {one_line(e, 200)})"
+        if give_up and not any(s.ready for s in self.slots if s is not slot):
+            raise ClusterError(why)
+        self._drop(slot, replace=not give_up)
+        if give_up:
+            self.on_status(f"{why}: going on with {len(self.slots)} workers, without replacements")
 
     def _retry(self, queue: list, job: Job, attempt: int, why: str) -> None:
         if attempt >= MAX_ATTEMPTS:
