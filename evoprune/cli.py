@@ -537,10 +537,18 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
         suite = replace(suite, seeds=seeds)
     out_dir = out_dir or Path("validate") / suite.name
     n_runs = len(suite.cases) * suite.seeds * len(metric_list(suite, list(metrics), db))
-    with progress("validate", n_runs, Console(stderr=True), not (as_json or as_csv), fields={"last": "s"}) as update:
+    console = Console(stderr=True)
+
+    def schedules(plan: dict) -> None:  # a run's length is its schedule: say it before hours pass
+        cases = {run.case.index: (run.case.label, cfg) for run, cfg in reversed(plan.values())}
+        for i, (label, cfg) in sorted(cases.items()):
+            console.print(f"case {i + 1} ({label}): {cfg.schedule()}", highlight=False, markup=False, soft_wrap=True)
+
+    with progress("validate", n_runs, console, not (as_json or as_csv), fields={"last": "s"}) as update:
         rows = run_suite(suite, list(metrics), out=out_dir, db=db, data_root=data_root, cache_dir=cache_dir,
                          tasks_file=tasks_file, device=device, workers=workers, record=record,
-                         on_result=lambda row, done, total: update(done, last=f"{row['key']} {row['test']:.2%}"))
+                         on_result=lambda row, done, total: update(done, last=f"{row['key']} {row['test']:.2%}"),
+                         on_plan=None if as_json or as_csv else schedules)
     results, wtl = summarize(rows, suite.baselines)
     png = plot_path or out_dir / "suite.png"
     plot(rows, png)
@@ -567,7 +575,8 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
         for b in bases:
             d = r.diffs.get(b)
             mark = {"beats": "+", "ties": "=", "loses to": "-"}.get(r.verdicts.get(b, ""), "")
-            cells.append("" if d is None else f"{mark} {d.mean:+.2%} ({d.low:+.2%}..{d.high:+.2%})")
+            ci = f"{d.low:+.2%}..{d.high:+.2%}" if d is not None and d.n > 1 else "no CI: one seed"
+            cells.append("" if d is None else f"{mark} {d.mean:+.2%} ({ci})")
         t.add_row(f"{r.case + 1} {r.label}", r.metric[:40], f"{r.macs_kept:.1%}",
                   f"{r.test.mean:.2%} +- {r.test.std:.2%}" if r.test.n > 1 else f"{r.test.mean:.2%}", *cells)
     out.print(t)

@@ -130,3 +130,14 @@ def test_a_case_that_cannot_be_cut_is_named_and_the_runs_before_it_are_kept(work
         return  # on Ray the first case's runs may still be under way when the second fails
     rows = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
     assert {(r["case"], r["metric"]) for r in rows} == {(0, "expr:w_l2"), (0, "baseline:l1")}
+
+
+def test_the_table_states_each_cases_schedule_first_and_no_ci_for_one_seed(digits_pretrained, cache_dir, tmp_path,
+                                                                           capsys):
+    """A run's length is its schedule (the task's TPP can be 100,000 iterations): it is said before
+    the first run; one seed gives a difference without an interval, said in words, not +-inf."""
+    rc, out, err = run(capsys, "validate", "expr:w_l2", "--suite", _suite(tmp_path), "--seeds", "1", "--out",
+                       tmp_path / "o", "--cache-dir", cache_dir, "--device", "cpu", "--no-record")
+    assert rc == 0, err
+    assert err.startswith("case 1 (digits-cnn ratio 0.7 no-TPP): no TPP; retraining 2 epochs"), err
+    assert "(no CI: one seed)" in out and "inf" not in out

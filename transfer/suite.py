@@ -178,11 +178,15 @@ def _row(run: Run, rep: dict) -> dict:
 
 def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root=None, cache_dir=None,
               tasks_file=None, device: str = "auto", workers: int = 0, record: bool = True,
-              on_result: Callable[[dict, int, int], None] | None = None) -> list[dict]:
-    """Run (or continue) the suite; returns one row per run."""
+              on_result: Callable[[dict, int, int], None] | None = None,
+              on_plan: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
+    """Run (or continue) the suite; returns one row per run. `on_plan` sees every run's
+    (Run, PruneConfig) by key before the first one starts."""
     out = Path(out)
     metrics = metric_list(suite, metrics, db)
     plan = configs(suite, metrics, tasks_file=tasks_file, db=db, data_root=data_root)
+    if on_plan is not None:
+        on_plan(plan)
     _claim_folder(out, suite, metrics)
     results = out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
