@@ -116,7 +116,7 @@ def data_check(name: Annotated[str, typer.Argument(help="digits, mnist, cifar10,
 @models_app.command("list")
 def models_list():
     """List the models of the zoo."""
-    from evoprune.models import MODELS, TORCHVISION
+    from evoprune.models import IMPORT, MODELS, TORCHVISION
 
     t = Table(title="models")
     for col in ("name", "input", "description"):
@@ -125,6 +125,8 @@ def models_list():
         t.add_row(spec.name, f"{spec.input_size}x{spec.input_size}", spec.description)
     t.add_row(f"{TORCHVISION}ARCH", "224x224", "any torchvision classifier, e.g. torchvision:efficientnet_b0 "
               "(weights=PATH; what can be cut: docs/configuration.md)")
+    t.add_row(f"{IMPORT}MODULE:CALLABLE", "any", "your own: a callable taking num_classes (and in_channels, the "
+              "task's model_args) that returns an nn.Module")
     out.print(t)
 
 

@@ -19,7 +19,8 @@ class DataNotFound(EvopruneError):
 class UnknownName(EvopruneError):
     """A task, model, data set or metric name that is not registered."""
 
-    def __init__(self, kind: str, name: str, known: list[str]):
+    def __init__(self, kind: str, name: str, known: list[str], hint: str | None = None):
+        """`hint` replaces the list of known names in the message (which shows the first 12)."""
         self.kind, self.name, self.known = kind, name, known
-        hint = ", ".join(sorted(known)[:12]) + (" ..." if len(known) > 12 else "")
+        hint = hint or ", ".join(sorted(known)[:12]) + (" ..." if len(known) > 12 else "")
         super().__init__(f"unknown {kind} {name!r}; known: {hint}")

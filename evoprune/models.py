@@ -11,6 +11,11 @@ Every ReLU is its own module, so forward hooks see post-activation outputs.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evoprune.errors import EvopruneError, UnknownName
+from evoprune.errors import EvopruneError, UnknownName, one_line
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1) -> list[nn.Module]:
@@ -219,12 +224,76 @@ MODELS: dict[str, ModelSpec] = {
 
 
 TORCHVISION = "torchvision:"  # any torchvision classification model: torchvision:efficientnet_b0
+IMPORT = "import:"  # the user's own: import:MODULE:CALLABLE, a callable that returns an nn.Module
+
+
+def _import(name: str) -> tuple[Callable[..., nn.Module], str]:
+    """The callable `import:MODULE:CALLABLE` names, and its module's file (the current directory
+    is searched last, as `python -m` would search it first)."""
+    module_name, _, attr = name[len(IMPORT):].partition(":")
+    if not module_name or not attr:
+        raise EvopruneError(f"model {name!r}: expected import:MODULE:CALLABLE, e.g. import:mynets:build_net")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module: any error of theirs, said in one line
+        raise EvopruneError(f"model {name!r}: cannot import {module_name} ({one_line(e, 200)}); it must be "
+                            "importable here and on every Ray node (pip install it, or set PYTHONPATH)") from None
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if not callable(obj):
+        raise EvopruneError(f"model {name!r}: {module_name} has no callable {attr!r}")
+    return obj, getattr(module, "__file__", None) or ""
+
+
+def _imported(name: str) -> ModelSpec:
+    factory, source = _import(name)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not (var_kw or "num_classes" in params):
+        raise EvopruneError(f"model {name!r}: the callable must take num_classes (and may take in_channels and "
+                            "the task's model_args)")
+
+    def build(num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+        given = {"num_classes": num_classes, **({"in_channels": in_channels} if var_kw or "in_channels" in params
+                                                else {})}
+        try:
+            model = factory(**given, **kwargs)
+        except TypeError:
+            raise  # its options: build_model says so
+        except Exception as e:
+            raise EvopruneError(f"model {name!r} raised {one_line(e, 200)}") from None
+        if not isinstance(model, nn.Module):
+            raise EvopruneError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    return ModelSpec(name, f"imported from {source or name}", build, 0)
+
+
+def model_source_hash(name: str) -> str:
+    """For an imported model, a hash of its module's file (edit the code: the cache misses);
+    '' for the zoo and torchvision, whose code comes with evoprune and torch."""
+    if not name.startswith(IMPORT):
+        return ""
+    _, source = _import(name)
+    try:
+        return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""
 
 
 def model_spec(name: str) -> ModelSpec:
-    """A zoo model, or `torchvision:ARCH` for any of torchvision's classification models."""
+    """A zoo model, `torchvision:ARCH` for any of torchvision's classification models, or
+    `import:MODULE:CALLABLE` for the user's own."""
     if name in MODELS:
         return MODELS[name]
+    if name.startswith(IMPORT):
+        return _imported(name)
     if name.startswith(TORCHVISION):
         import torchvision
 
@@ -233,10 +302,8 @@ def model_spec(name: str) -> ModelSpec:
         if arch not in known:
             raise UnknownName("torchvision classification model", arch, known)
         return ModelSpec(name, f"torchvision {arch}", _torchvision(arch), 299 if arch == "inception_v3" else 224)
-    err = UnknownName("model", name, list(MODELS))
-    err.args = (f"unknown model {name!r}; known: {', '.join(MODELS)}, or {TORCHVISION}ARCH for any "
-                "torchvision classifier",)  # every name: the torchvision form must not be cut off
-    raise err
+    raise UnknownName("model", name, list(MODELS), hint=f"{', '.join(MODELS)}, {TORCHVISION}ARCH for any "
+                      f"torchvision classifier, or {IMPORT}MODULE:CALLABLE for your own")  # every form, uncut
 
 
 def build_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:

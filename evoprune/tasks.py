@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from evoprune.errors import EvopruneError, UnknownName
-from evoprune.models import model_spec
+from evoprune.models import model_source_hash, model_spec
 from evoprune.tomlfiles import read_toml
 
 TRAIN_CODE_VERSION = 1  # bump when the training loop changes what a recipe produces: old caches miss
@@ -95,8 +95,11 @@ class Task:
 
     def cache_key(self, data_fingerprint: str) -> str:
         """Hash of everything that decides the pretrained weights: data, model, recipe, code."""
-        blob = json.dumps({"data": data_fingerprint, "model": self.model, "args": self.model_kwargs,
-                           "recipe": asdict(self.recipe), "code": TRAIN_CODE_VERSION}, sort_keys=True)
+        key = {"data": data_fingerprint, "model": self.model, "args": self.model_kwargs,
+               "recipe": asdict(self.recipe), "code": TRAIN_CODE_VERSION}
+        if source := model_source_hash(self.model):  # an imported model's own code (none for the zoo's)
+            key["source"] = source
+        blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

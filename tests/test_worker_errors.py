@@ -16,8 +16,9 @@ from evoprune.workers.evaluator import ClusterError, RayEvaluator, WorkerSpec
 from helpers import image_folder
 
 
-def _start(pool: RayEvaluator, seconds: float = 120.0) -> BaseException | None:
-    """wait_ready in a thread: what it raised, or a failure if it never returns."""
+def _start(spec: WorkerSpec, workers: int, seconds: float = 120.0) -> tuple[BaseException | None, RayEvaluator]:
+    """A pool's wait_ready, in a thread: what it raised (a failure if it never returns), and the pool."""
+    pool = RayEvaluator(spec, workers=workers, placement_timeout_s=60)
     raised: list[BaseException | None] = [None]
 
     def go():
@@ -28,35 +29,45 @@ def _start(pool: RayEvaluator, seconds: float = 120.0) -> BaseException | None:
 
     t = threading.Thread(target=go, daemon=True)
     t.start()
-    t.join(seconds)
-    if t.is_alive():  # end its loop (no more replacements, no more patience) before failing
-        pool.size, pool.placement_timeout_s = 0, 0.0
-        t.join(60)
-        raise AssertionError(f"the pool was still starting workers after {seconds:.0f} s")
-    return raised[0]
+    try:
+        t.join(seconds)
+        if t.is_alive():  # end its loop (no more replacements, no more patience) before failing
+            pool.size, pool.placement_timeout_s = 0, 0.0
+            t.join(60)
+            raise AssertionError(f"the pool was still starting workers after {seconds:.0f} s")
+    finally:
+        pool.close()
+    return raised[0], pool
 
 
 def test_data_missing_on_the_workers_is_the_users_error(ray_session, tmp_path):
     spec = WorkerSpec(proxy=ProxyConfig(tasks=("mnist-cnn",)), data_root=str(tmp_path / "nothing"),
                       cache_dir=str(tmp_path / "cache"))  # no driver's copy: each worker loads its own
-    pool = RayEvaluator(spec, workers=2, placement_timeout_s=60)
-    try:
-        e = _start(pool)
-    finally:
-        pool.close()
+    e, pool = _start(spec, 2)
     assert isinstance(e, EvopruneError) and not isinstance(e, ClusterError), repr(e)
     assert str(e).startswith("a Ray worker cannot start: mnist: no IDX files at"), str(e)
     assert pool.restarts == 0  # found out from the first worker: none was started again
 
 
+def test_a_model_module_missing_on_the_workers_is_the_users_error(ray_session, tmp_path, monkeypatch):
+    """An `import:` model's module the driver imports and the workers cannot (not installed on
+    their node): the actors cannot unpickle the driver's model; that is said as the user's to fix."""
+    import importlib
+
+    (tmp_path / "only_on_the_driver.py").write_text("class Net:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = importlib.import_module("only_on_the_driver").Net()
+    spec = WorkerSpec(proxy=ProxyConfig(tasks=("digits-cnn",)), cache_dir=str(tmp_path),
+                      pretrained={"digits-cnn": net})
+    e, _ = _start(spec, 1)
+    assert isinstance(e, EvopruneError) and not isinstance(e, ClusterError), repr(e)
+    assert "cannot load the task's model (ModuleNotFoundError: No module named 'only_on_the_driver')" in str(e)
+
+
 def test_workers_that_keep_dying_at_start_are_a_cluster_fault(ray_session, tmp_path):
     spec = WorkerSpec(proxy=ProxyConfig(tasks=("digits-cnn",)), cache_dir=str(tmp_path),
                       pretrained={"digits-cnn": "not a pretrained model"})  # the actors crash building their tasks
-    pool = RayEvaluator(spec, workers=2, placement_timeout_s=60)
-    try:
-        e = _start(pool)
-    finally:
-        pool.close()
+    e, _ = _start(spec, 2)
     assert isinstance(e, ClusterError) and "died starting" in str(e), repr(e)
 
 

@@ -158,7 +158,7 @@ class _Actor:
         self.name = f"ray-{socket.gethostname()}-{ray.util.get_node_ip_address()}-{os.getpid()}"
         self.error: EvopruneError | None = None
         try:
-            self.contexts = spec.contexts({t: ray.get(ref) for t, ref in pretrained.items()})
+            self.contexts = spec.contexts({t: _unpickled(ray, ref) for t, ref in pretrained.items()})
         except EvopruneError as e:  # the user's data or model (files missing on this node): said by
             self.error = e  # whoami as a task error, which the driver can read; not a dead actor
 
@@ -170,6 +170,19 @@ class _Actor:
     def evaluate(self, jobs: list[Job]) -> list[dict]:
         """One job, or `[proxy] batch_candidates` of them trained together."""
         return [r.to_dict() for r in evaluate_jobs(self.contexts, jobs, worker=self.name)]
+
+
+def _unpickled(ray, ref):
+    """The driver's model and data. Its classes are imported here: an `import:` model whose
+    module this node lacks is the user's to install, said as such."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RaySystemError as e:
+        last = str(e).strip().splitlines()[-1]
+        if last.startswith(("ModuleNotFoundError", "ImportError")):
+            raise EvopruneError(f"this node cannot load the task's model ({last}); an import: model's module "
+                                "must be importable on every Ray node") from None
+        raise
 
 
 @dataclass
