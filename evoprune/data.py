@@ -251,20 +251,26 @@ def load_svhn(root: Path, download: bool) -> DataSet:
 
 def _list_images(folder: Path, class_to_idx: dict[str, int] | None = None):
     """(classes, samples, skipped): the class folders under `folder`, the (path, class) pairs of
-    their images (torchvision's extensions, any case) and a count, by suffix, of the other files
-    (hidden ones, such as .DS_Store, aside), which the loader leaves out."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    their images (torchvision's extensions, any case) in the order torchvision's `make_dataset`
+    gives them, and a count, by suffix, of the other files (hidden ones, such as .DS_Store, aside),
+    which are left out. One walk of the tree."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     classes, found = _find_classes(folder)
     mapping = class_to_idx or found
-    samples = make_dataset(str(folder), mapping, extensions=IMG_EXTENSIONS, allow_empty=True)
+    samples: list[tuple[str, int]] = []
     skipped: dict[str, int] = {}
-    for c in classes if class_to_idx is None else [c for c in classes if c in class_to_idx]:
-        for _, _, files in os.walk(folder / c, followlinks=True):
-            for f in files:
-                suffix = os.path.splitext(f)[1].lower()
-                if not f.startswith(".") and suffix not in IMG_EXTENSIONS:
-                    skipped[suffix or "(none)"] = skipped.get(suffix or "(none)", 0) + 1
+    for c in sorted(mapping):
+        target = os.path.join(os.path.expanduser(str(folder)), c)
+        if not os.path.isdir(target):
+            continue
+        for root, _, files in sorted(os.walk(target, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.join(root, f), mapping[c]))
+                elif not f.startswith("."):
+                    suffix = os.path.splitext(f)[1].lower() or "(none)"
+                    skipped[suffix] = skipped.get(suffix, 0) + 1
     return classes, samples, skipped
 
 
