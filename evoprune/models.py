@@ -239,7 +239,8 @@ def _import(name: str) -> tuple[Callable[..., nn.Module], str]:
         module = importlib.import_module(module_name)
     except Exception as e:  # the user's module: any error of theirs, said in one line
         raise EvopruneError(f"model {name!r}: cannot import {module_name} ({one_line(e, 200)}); it must be "
-                            "importable here and on every Ray node (pip install it, or set PYTHONPATH)") from None
+                            "importable here and on every Ray node (pip install it, set PYTHONPATH, or run "
+                            "evoprune in its folder)") from None
     obj = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
