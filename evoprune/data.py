@@ -305,7 +305,9 @@ def load_imagefolder(path: Path, image_size: int = 224) -> DataSet:
     except (FileNotFoundError, RuntimeError) as e:
         raise DataNotFound(f"imagefolder: no class folders under {train_dir.resolve()} ({e})") from None
     if not samples:
-        raise DataNotFound(f"imagefolder: no images under {train_dir.resolve()}")
+        other = ", ".join(f"{suffix} {n}" for suffix, n in sorted(skipped.items()))
+        raise DataNotFound(f"imagefolder: no images under {train_dir.resolve()}"
+                           + (f" (files whose suffix is not an image's: {other})" if other else ""))
     paths = np.array([p for p, _ in samples])
     y = np.array([c for _, c in samples], dtype=np.int64)
     test_dir = next((path / d for d in ("val", "test") if train_dir != path and (path / d).is_dir()), None)

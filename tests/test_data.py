@@ -203,3 +203,9 @@ def test_an_image_folder_takes_any_pil_mode_and_names_what_it_cannot_use(tmp_pat
     (root / "train" / "class2" / "notes.txt").write_text("no images here")
     with pytest.raises(DataNotFound, match=r"fewer than 2 images: class2 \(0\); add images or remove"):
         _read_anew(name)
+    only_gifs = tmp_path / "gifs" / "train" / "a"
+    only_gifs.mkdir(parents=True)
+    Image.open(pngs[5]).save(only_gifs / "x.gif")
+    with pytest.raises(DataNotFound, match=r"no images under .*gifs/train \(files whose suffix is not an image's: "
+                                           r"\.gif 1\)"):
+        _read_anew(f"imagefolder:{tmp_path / 'gifs'}")
