@@ -19,11 +19,18 @@ from evoprune.tasks import Recipe
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from evoprune.errors import EvopruneError
+    from evoprune.errors import EvopruneError
 
-        raise EvopruneError("--device cuda asked for, but no CUDA device is visible")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise EvopruneError(f"--device {str(device)!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvopruneError(f"--device {device} asked for, but no CUDA device is visible")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EvopruneError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
     return dev
 
 

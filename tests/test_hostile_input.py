@@ -152,6 +152,10 @@ def test_an_in_memory_database_is_refused_before_a_search(capsys, tmp_path):
     (["prune", "--task", "digits-cnn", "--metric", "expr:1.0", "--ratio", "0.5"], "a constant ranks no filters"),
     (["prune", "--task", "digits-cnn", "--metric", "baseline:l1", "--ratio", "0.5", "--out", "{tmp}/file"],
      "is a file, not a folder"),
+    (["prune", "--task", "digits-cnn", "--metric", "baseline:l1", "--ratio", "0.5", "--device", "tpu"],
+     "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+    (["prune", "--task", "digits-cnn", "--metric", "baseline:l1", "--ratio", "0.5", "--device", "cuda:99"],
+     "--device cuda:99"),
     (["primitives", "check", "-1"], "put -- before it"),
     (["primitives", "check", "add(w_l1, \u0661)"], "unexpected character"),
 ])
