@@ -97,7 +97,7 @@ def data_check(name: Annotated[str, typer.Argument(help="digits, mnist, cifar10,
                                                     "imagefolder:PATH")],
                data_root: DataRoot = None, download: Download = False):
     """Load a data set and report where we looked, what we found and the split sizes."""
-    from evoprune.data import load_dataset, resolve_data_root
+    from evoprune.data import load_dataset, resolve_data_root, suffix_counts
 
     root, origin = resolve_data_root(data_root)
     out.print(f"looking under {root.resolve()} (data root from {origin})")
@@ -109,8 +109,8 @@ def data_check(name: Annotated[str, typer.Argument(help="digits, mnist, cifar10,
               f"(train per class {int(counts.min())}-{int(counts.max())})\n"
               f"  fingerprint {ds.fingerprint()}")
     if ds.skipped:
-        kinds = ", ".join(f"{suffix} {n}" for suffix, n in ds.skipped)
-        out.print(f"  left out {sum(n for _, n in ds.skipped)} files whose suffix is not an image's ({kinds})")
+        out.print(f"  left out {sum(n for _, n in ds.skipped)} files whose suffix is not an image's "
+                  f"({suffix_counts(ds.skipped)})")
 
 
 @models_app.command("list")
@@ -542,7 +542,9 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
     console = Console(stderr=True)
 
     def schedules(plan: dict) -> None:  # a run's length is its schedule: say it before hours pass
-        cases = {run.case.index: (run.case.label, cfg) for run, cfg in reversed(plan.values())}
+        cases: dict[int, tuple] = {}
+        for run, cfg in plan.values():  # the metrics of a case share its schedule
+            cases.setdefault(run.case.index, (run.case.label, cfg))
         for i, (label, cfg) in sorted(cases.items()):
             console.print(f"case {i + 1} ({label}): {cfg.schedule()}", highlight=False, markup=False, soft_wrap=True)
 

@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import pickle
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -259,7 +260,7 @@ def _list_images(folder: Path, class_to_idx: dict[str, int] | None = None):
     classes, found = _find_classes(folder)
     mapping = class_to_idx or found
     samples: list[tuple[str, int]] = []
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()
     for c in sorted(mapping):
         target = os.path.join(os.path.expanduser(str(folder)), c)
         if not os.path.isdir(target):
@@ -269,9 +270,13 @@ def _list_images(folder: Path, class_to_idx: dict[str, int] | None = None):
                 if f.lower().endswith(IMG_EXTENSIONS):
                     samples.append((os.path.join(root, f), mapping[c]))
                 elif not f.startswith("."):
-                    suffix = os.path.splitext(f)[1].lower() or "(none)"
-                    skipped[suffix] = skipped.get(suffix, 0) + 1
+                    skipped[os.path.splitext(f)[1].lower() or "(none)"] += 1
     return classes, samples, skipped
+
+
+def suffix_counts(skipped) -> str:
+    """Files left out, by suffix, in words: '.gif 48, .txt 1' (a Counter or (suffix, n) pairs)."""
+    return ", ".join(f"{suffix} {n}" for suffix, n in sorted(dict(skipped).items()))
 
 
 def _check_classes(where: Path, classes: list[str], y: np.ndarray, least: int) -> None:
@@ -305,9 +310,8 @@ def load_imagefolder(path: Path, image_size: int = 224) -> DataSet:
     except (FileNotFoundError, RuntimeError) as e:
         raise DataNotFound(f"imagefolder: no class folders under {train_dir.resolve()} ({e})") from None
     if not samples:
-        other = ", ".join(f"{suffix} {n}" for suffix, n in sorted(skipped.items()))
         raise DataNotFound(f"imagefolder: no images under {train_dir.resolve()}"
-                           + (f" (files whose suffix is not an image's: {other})" if other else ""))
+                           + (f" (files whose suffix is not an image's: {suffix_counts(skipped)})" if skipped else ""))
     paths = np.array([p for p, _ in samples])
     y = np.array([c for _, c in samples], dtype=np.int64)
     test_dir = next((path / d for d in ("val", "test") if train_dir != path and (path / d).is_dir()), None)
@@ -324,8 +328,7 @@ def load_imagefolder(path: Path, image_size: int = 224) -> DataSet:
                                f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}; a model trained "
                                f"on the train classes cannot be tested on them")
         _, test_samples, test_skipped = _list_images(test_dir, {c: i for i, c in enumerate(classes)})
-        for suffix, n in test_skipped.items():
-            skipped[suffix] = skipped.get(suffix, 0) + n
+        skipped += test_skipped
         te_paths = np.array([p for p, _ in test_samples])
         te_y = np.array([c for _, c in test_samples], dtype=np.int64)
     else:

@@ -261,8 +261,9 @@ def _imported(name: str) -> ModelSpec:
                             "the task's model_args)")
 
     def build(num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
-        given = {"num_classes": num_classes, **({"in_channels": in_channels} if var_kw or "in_channels" in params
-                                                else {})}
+        given = {"num_classes": num_classes}
+        if var_kw or "in_channels" in params:
+            given["in_channels"] = in_channels
         try:
             model = factory(**given, **kwargs)
         except TypeError:

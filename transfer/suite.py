@@ -226,7 +226,7 @@ def _in_case(run: Run, e: Exception) -> EvopruneError:
 def _on_ray(todo, out: Path, args, workers: int, finished) -> None:
     import ray
 
-    from evoprune.workers.evaluator import init_ray
+    from evoprune.workers.evaluator import init_ray, users_error
 
     init_ray()
     remote = ray.remote(num_cpus=1, max_retries=2)(_do_run)
@@ -240,9 +240,9 @@ def _on_ray(todo, out: Path, args, workers: int, finished) -> None:
             run = pending.pop(ref)
             try:
                 rep = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, EvopruneError):  # the user's case, not the cluster, is at fault
-                    raise _in_case(run, e.cause) from None
+            except Exception as e:
+                if mistake := users_error(e):  # the user's case, not the cluster, is at fault
+                    raise _in_case(run, mistake) from None
                 raise
             finished(run, rep)
 

@@ -172,6 +172,13 @@ class _Actor:
         return [r.to_dict() for r in evaluate_jobs(self.contexts, jobs, worker=self.name)]
 
 
+def users_error(e: BaseException) -> EvopruneError | None:
+    """The user's own mistake a Ray task or actor raised (`RayTaskError.cause`), else None: a
+    crash or a lost node, which another worker may get past."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, EvopruneError) else None
+
+
 def _unpickled(ray, ref):
     """The driver's model and data. Its classes are imported here: an `import:` model whose
     module this node lacks is the user's to install, said as such."""
@@ -336,13 +343,10 @@ class RayEvaluator:
                 slot.calls.remove(ref)
                 try:
                     recs = [FitnessRecord.from_dict(d) for d in ray.get(ref)]
-                except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.cause, EvopruneError):  # the user's data or model, not the cluster
-                        raise EvopruneError(f"{e.cause} (evaluating {batch[0][0].expression!r} on a Ray "
+                except Exception as e:  # the user's data or model; else the actor died or crashed
+                    if mistake := users_error(e):
+                        raise EvopruneError(f"{mistake} (evaluating {batch[0][0].expression!r} on a Ray "
                                             f"worker)") from None
-                    self._lost(slot, flight, queue, batch, one_line(e, 200))
-                    continue
-                except Exception as e:  # the actor died (node lost, killed)
                     self._lost(slot, flight, queue, batch, one_line(e, 200))
                     continue
                 slot.running_since = time.monotonic()  # the actor's next call starts now
@@ -379,11 +383,9 @@ class RayEvaluator:
                 slot.pid = self.ray.get(ref)[0]
                 slot.ready = True
                 self.failed_starts = 0
-            except self.ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, EvopruneError):  # every replacement would fail alike
-                    raise EvopruneError(f"a Ray worker cannot start: {e.cause}") from None
-                self._failed_start(slot, e)
-            except Exception as e:  # it died starting: its node is gone or it crashed
+            except Exception as e:  # the user's mistake (every replacement would fail alike), or it died
+                if mistake := users_error(e):
+                    raise EvopruneError(f"a Ray worker cannot start: {mistake}") from None
                 self._failed_start(slot, e)
         return True
 
