@@ -16,6 +16,16 @@ class DataNotFound(EvopruneError):
     """A data set is not where we looked; the message says where and how to get it."""
 
 
+class Diverged(EvopruneError):
+    """Training's loss became inf or nan (a learning rate or a regularization too large for the
+    model); nothing trained after it is kept: no cache entry, no checkpoint, no result. `what`
+    says what happened, `advice` what to change where the user set it (a flag, a suite file)."""
+
+    def __init__(self, what: str, advice: str = ""):
+        self.what, self.advice = what, advice
+        super().__init__(f"{what}; {advice}" if advice else what)
+
+
 class UnknownName(EvopruneError):
     """A task, model, data set or metric name that is not registered."""
 

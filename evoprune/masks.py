@@ -67,8 +67,9 @@ def make_masks(node: Node, table: StatTable, allocation: Allocation, structure: 
     if allocation.target == "flops":
         removed = 1 - kept_share(masks, structure.macs, structure.inputs_from, layers=every)
         if removed < allocation.flops_reduction - 1e-6:
-            raise EvopruneError(f"pruning these {len(masks)} layers removes at most {removed:.0%} of the prunable "
-                                f"MACs; ask for less than {allocation.flops_reduction:.0%}")
+            layers = f"these {len(masks)} layers" if len(masks) != 1 else "this 1 layer"
+            raise EvopruneError(f"pruning {layers} removes at most {removed:.1%} of the prunable MACs, not "
+                                f"{allocation.flops_reduction:.0%}; ask for {math.floor(removed * 100)}% or less")
     elif allocation.target == "ratio" and allocation.kind in ("pfp", "spectral"):
         kept, total = sum(int(masks[g[0]].sum()) for g in groups), sum(len(masks[g[0]]) for g in groups)
         want = max(1, math.ceil((1 - allocation.ratio) * total - 1e-9))

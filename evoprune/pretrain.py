@@ -20,7 +20,7 @@ from rich.console import Console
 from torch import nn
 
 from evoprune.data import DataSet
-from evoprune.errors import EvopruneError, one_line
+from evoprune.errors import Diverged, EvopruneError, one_line
 from evoprune.models import build_model
 from evoprune.progress import epoch_progress
 from evoprune.tasks import Task
@@ -96,6 +96,8 @@ def _load(task: Task, data: DataSet, pt: Path, meta_path: Path) -> tuple[nn.Modu
         model.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
     except Exception as e:
         raise CorruptCache(f"{pt.name} does not load ({type(e).__name__})") from None
+    if bad := [n for n, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]:
+        raise CorruptCache(f"{pt.name} holds inf or nan in {bad[0]} (its pretraining diverged)")
     return model.eval(), meta
 
 
@@ -136,12 +138,22 @@ def pretrained(task: Task, *, data_root=None, cache_dir=None, device="auto", dow
     dev = pick_device(device)
     model = new_model(task, data)
     check_model_runs(model, task, data)
-    with epoch_progress(task.name, task.recipe.epochs, console, show_progress) as on_epoch:
-        result = train(model, data, task.recipe, device=dev, on_epoch=on_epoch)
+    try:
+        with epoch_progress(task.name, task.recipe.epochs, console, show_progress) as on_epoch:
+            result = train(model, data, task.recipe, device=dev, on_epoch=on_epoch)
+    except Diverged as e:
+        raise Diverged(f"pretraining {task.name} diverged: {e.what}",
+                       "lower `lr` in the task's recipe (nothing was cached)") from None
     model.cpu().eval()
     meta = {"task": task.name, "key": key, "dataset": task.dataset, "data_source": data.source,
             "data_fingerprint": data.fingerprint(), "model": task.model, "model_args": task.model_kwargs,
             "recipe": asdict(task.recipe), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "torch": torch.__version__, **asdict(result)}
     _save(model, meta, pt, meta_path, console)
+    chance = 1 / data.num_classes
+    if result.test_acc < min(2 * chance, chance + 0.1):  # cached all the same: it is what the recipe gives
+        (console or Console(stderr=True)).print(
+            f"[yellow]warning: {task.name}'s test accuracy {result.test_acc:.1%} is near chance "
+            f"({chance:.1%} for {data.num_classes} classes): pruning metrics cannot be told apart "
+            "on this model; train it longer or with another `lr` in its recipe[/]", highlight=False)
     return Pretrained(task, data, model, meta, cached=False, path=pt)

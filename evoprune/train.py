@@ -9,10 +9,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from evoprune import dist
 from evoprune.data import DataSet, Split, iterate
+from evoprune.errors import Diverged
 from evoprune.tasks import Recipe
 
 
@@ -80,6 +81,17 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
+def classified_right(out: Tensor, y: Tensor) -> Tensor:
+    """Which images the logits `out` [..., N, classes] classify right; a row with a non-finite
+    logit (a network that diverged) counts as wrong, where argmax would pick its nan."""
+    return (out.argmax(-1) == y) & out.isfinite().all(-1)
+
+
+def true_class_prob(out: Tensor, y: Tensor) -> Tensor:
+    """The softmax probability of the true class per image [..., N]; 0 for a non-finite row."""
+    return out.softmax(-1).gather(-1, y.expand(out.shape[:-1])[..., None]).squeeze(-1).nan_to_num(0.0)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, ds: DataSet, split: Split, *, device: torch.device | str = "cpu",
              batch_size: int = 512, limit: int | None = None) -> float:
@@ -93,7 +105,7 @@ def accuracy(model: nn.Module, ds: DataSet, split: Split, *, device: torch.devic
     for x, y in iterate(ds, split, batch_size=batch_size, device=device, limit=limit, shard=dist.shard()):
         with autocast(device):
             out = model(x)
-        correct += int((out.argmax(1) == y).sum())
+        correct += int(classified_right(out, y).sum())
         total += len(y)
     model.train(was_training)
     correct, total = dist.all_sum([correct, total], device)
@@ -104,7 +116,8 @@ def accuracy(model: nn.Module, ds: DataSet, split: Split, *, device: torch.devic
 def true_class_probability(model: nn.Module, ds: DataSet, split: Split, *, device: torch.device | str = "cpu",
                            batch_size: int = 512, limit: int | None = None) -> tuple[float, float]:
     """(top-1 accuracy, mean softmax probability of the true class): the second is a continuous
-    score (on a 143-image split accuracy moves in steps of 0.7 points; this does not)."""
+    score (on a 143-image split accuracy moves in steps of 0.7 points; this does not). An image
+    whose logits are not finite is wrong and has probability 0."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -113,8 +126,8 @@ def true_class_probability(model: nn.Module, ds: DataSet, split: Split, *, devic
     for x, y in iterate(ds, split, batch_size=batch_size, device=device, limit=limit, shard=dist.shard()):
         with autocast(device):
             out = model(x).float()
-        correct += int((out.argmax(1) == y).sum())
-        prob += float(out.softmax(1).gather(1, y[:, None]).sum())
+        correct += int(classified_right(out, y).sum())
+        prob += float(true_class_prob(out, y).sum())
         total += len(y)
     model.train(was_training)
     correct, prob, total = dist.all_sum([correct, prob, total], device)
@@ -191,8 +204,11 @@ def train(model: nn.Module, ds: DataSet, recipe: Recipe, *, device: torch.device
             step += 1
             lv = loss.detach().float()  # kept on the device: no wait for the GPU at every step
             loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
-        val = accuracy(model, ds, ds.val, device=device)
         loss_avg = float(loss_ema) if loss_ema is not None else loss_avg
+        if loss_ema is not None and not math.isfinite(loss_avg):  # before the checkpoint: a good one is not overwritten
+            raise Diverged(f"the training loss is {loss_avg} in epoch {epoch + 1} of {recipe.epochs} "
+                           f"(peak lr {recipe.lr:g})")
+        val = accuracy(model, ds, ds.val, device=device)
         if on_epoch:
             on_epoch(epoch + 1, loss_avg, val)
         if checkpoint:

@@ -139,7 +139,11 @@ def test_flops_target_beyond_reach_is_refused(digits_pretrained, cache_dir, tmp_
     rc, _, err = run(capsys, "prune", "--task", "digits-cnn", "--metric", "baseline:l1", "--flops-reduction",
                      "0.5", *[x for n in ("0", "3", "7") for x in ("--skip", f"features.{n}")], *FAST_TPP,
                      "--epochs", "1", "--cache-dir", str(cache_dir), "--out", str(tmp_path / "o"))
-    assert rc == 2 and "removes at most" in err, err
+    said = " ".join(err.split())
+    assert rc == 2 and "pruning this 1 layer removes at most" in said, err
+    most = float(said.split("removes at most ")[1].split("%")[0])
+    ask = int(said.split("not 50%; ask for ")[1].split("%")[0])
+    assert most < 50 and ask <= most < ask + 1.1 and "% or less" in said, err  # what can be asked, not the request
 
 
 def test_coupled_groups_prune_together_on_option_b_and_are_refused_on_option_a(shared_data):

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import fnmatch
 import json
+import math
 import os
 import socket
 import time
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 from evoprune import dist
 from evoprune.allocators import Allocation, Masks
 from evoprune.data import iterate
-from evoprune.errors import EvopruneError
+from evoprune.errors import Diverged, EvopruneError
 from evoprune.masks import UnusableMetric, make_masks, mask_hash, require_statistics, stat_table
 from evoprune.metricref import MetricRef
 from evoprune.primitives.expr import canonical, canonical_hash, parse
@@ -428,6 +429,13 @@ def regularize(run: PruneRun, state: PruneState, ck: dict | None) -> None:
     before = state.tpp_seconds
     run.model.train()
     every = 20  # reading the loss waits for the GPU: the display is updated every 20 iterations
+
+    def finite(loss: torch.Tensor) -> float:
+        if not math.isfinite(value := float(loss.detach())):
+            raise Diverged(f"TPP diverged: the loss is {value} at iteration {reg.iteration} of {tpp.total_iterations} "
+                           f"(reg {reg.reg:g}, lr {tpp.lr:g}); nothing was cut",
+                           "lower --tpp-lr, --reg-step or --gram-weight and start again with another --out")
+        return value
     with progress("tpp", tpp.total_iterations, run.console, run.show, fields={"phase": "s", "reg": ".4f",
                   "loss": ".3f"}, log_every=max(every, tpp.total_iterations // 20)) as update:
         while not reg.done:
@@ -444,12 +452,13 @@ def regularize(run: PruneRun, state: PruneState, ck: dict | None) -> None:
                 opt.step()
                 reg.step()
                 if reg.iteration % every == 0 or reg.done:
-                    update(reg.iteration, phase=reg.phase, reg=reg.reg, loss=float(loss.detach()))
+                    update(reg.iteration, phase=reg.phase, reg=reg.reg, loss=finite(loss))
                 if reg.done:
                     break
             state.epoch += 1
             state.iteration, state.tpp_seconds = reg.iteration, before + time.perf_counter() - t0
             if reg.done or time.perf_counter() - last_save >= TPP_SAVE_EVERY_S:
+                finite(loss)  # a checkpoint never holds a diverged model
                 run.save(state, opt)
                 last_save = time.perf_counter()
     state.tpp_norms = list(reg.pruned_norms())
@@ -470,6 +479,9 @@ def cut_and_check(run: PruneRun, state: PruneState) -> None:
     check_x = next(iterate(run.data, run.data.val, batch_size=64, device=run.device))[0]
     with torch.no_grad(), full_precision():
         masked_out = run.model(check_x).float()
+    if not masked_out.isfinite().all():
+        raise Diverged("the model's outputs on validation images are inf or nan before anything was cut, so "
+                       "surgery cannot be checked: a model that diverged, or one that computes nan on real images")
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.model.modules())
     masked = copy.deepcopy(run.model) if has_bn else None
     _cut(run)
@@ -506,9 +518,13 @@ def retrain(run: PruneRun, state: PruneState, ck: dict | None) -> TrainResult:
         state.epoch = epoch
         run.save(state, opt)
 
-    with epoch_progress("retrain", run.cfg.retrain.epochs, run.console, run.show) as on_epoch:
-        result = train(run.model, run.data, run.cfg.retrain, device=run.device, on_epoch=on_epoch,
-                       start_epoch=state.epoch, optimizer_state=opt_state, checkpoint=save)
+    try:
+        with epoch_progress("retrain", run.cfg.retrain.epochs, run.console, run.show) as on_epoch:
+            result = train(run.model, run.data, run.cfg.retrain, device=run.device, on_epoch=on_epoch,
+                           start_epoch=state.epoch, optimizer_state=opt_state, checkpoint=save)
+    except Diverged as e:
+        raise Diverged(f"retraining the pruned model diverged: {e.what}",
+                       "lower --lr and start again with another --out") from None
     run.model.eval()
     return result
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from evoprune.errors import EvopruneError
+from evoprune.errors import Diverged, EvopruneError
 from evoprune.metricref import resolve
 from evoprune.primitives.baselines import BASELINES
 from evoprune.tomlfiles import read_toml
@@ -218,7 +218,11 @@ def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root
 
 
 def _in_case(run: Run, e: Exception) -> EvopruneError:
-    """A run's error, naming its case: the runs finished before it are kept (rerun to continue)."""
+    """A run's error, naming its case: the runs finished before it are kept (rerun to continue).
+    A run that diverged is advised in the suite's terms, not prune's flags."""
+    if isinstance(e, Diverged):
+        e = (f"{e.what}; lower this case's `lr` in `tpp_settings` or `retrain` (or the task's) in the suite "
+             "file, and run validate again with another --out")
     return EvopruneError(f"suite case {run.case.index + 1} ({run.case.label}), metric {run.metric}, seed {run.seed}: "
                          f"{e}")
 

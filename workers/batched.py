@@ -29,7 +29,7 @@ from evoprune.allocators import Masks, kept_share
 from evoprune.data import iterate
 from evoprune.masks import mask_hash, mask_targets
 from evoprune.records import TaskResult
-from evoprune.train import autocast, seeded
+from evoprune.train import autocast, classified_right, seeded, true_class_prob
 
 
 class Stack:
@@ -115,8 +115,8 @@ class Stack:
                             limit=ctx.cfg.val_images or None):
             with autocast(ctx.device):
                 out = self.forward(x).float()
-            correct += (out.argmax(2) == y).sum(1)
-            prob += out.softmax(2).gather(2, y.expand(self.k, -1)[..., None]).squeeze(2).sum(1).double()
+            correct += classified_right(out, y).sum(1)
+            prob += true_class_prob(out, y).sum(1).double()
             total += len(y)
         return [(float(a) / max(total, 1), float(p) / max(total, 1)) for a, p in zip(correct.cpu(), prob.cpu())]
 
