@@ -175,16 +175,17 @@ def primitives_list():
 
 @primitives_app.command("check")
 def primitives_check(expression: Annotated[str, typer.Argument(help="An expression, e.g. "
-                                                                 "'div(w_l1, add(bn_abs_gamma, 0.1))', "
-                                                                 "or baseline:NAME.")]):
+                                                                 "'div(w_l1, add(bn_abs_gamma, 0.1))' or "
+                                                                 "'w_l1 / (bn_abs_gamma + 0.1)', or baseline:NAME.")]):
     """Parse an expression: its simplified form, LaTeX and the statistics it needs."""
     from evoprune.primitives.baselines import get_baseline
-    from evoprune.primitives.expr import canonical, canonical_hash, parse, strip_monotone, to_latex
+    from evoprune.primitives.expr import canonical, canonical_hash, strip_monotone, to_latex
+    from evoprune.primitives.infix import read_formula
     from evoprune.primitives.stats import STATS
 
     if expression.startswith("baseline:"):
         expression = get_baseline(expression.split(":", 1)[1]).expression
-    node = parse(expression)
+    node = read_formula(expression)
     core, rev = strip_monotone(node)
     out.print(f"expression   {node}\n"
               f"simplified   {canonical(node)}\n"

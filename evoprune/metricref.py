@@ -3,7 +3,8 @@
     ID              a candidate of a search (`evoprune metrics top`), e.g. 27
     NAME            a promoted metric (`evoprune metrics promote ID NAME`)
     baseline:NAME   a built-in metric (`evoprune primitives list`)
-    expr:EXPR       a formula written out, e.g. expr:div(w_l1, add(bn_abs_gamma, 0.1))
+    expr:EXPR       a formula written out, in prefix form, e.g. expr:div(w_l1, add(bn_abs_gamma, 0.1)),
+                    or infix, e.g. expr:'w_l1 / (bn_abs_gamma + 0.1)' (primitives/infix.py)
 """
 from __future__ import annotations
 
@@ -50,11 +51,16 @@ def resolve(ref: str | MetricRef, db: str | None = None) -> MetricSource:
     """The formula a reference names; expressions are parsed (one clear message when malformed)."""
     from evoprune.primitives.baselines import get_baseline
     from evoprune.primitives.expr import parse
+    from evoprune.primitives.infix import read_formula
 
     r = ref if isinstance(ref, MetricRef) else MetricRef.parse(ref)
-    if r.kind == "expr":
-        parse(r.value)
-        return MetricSource("custom", r.value, "an expression given on the command line")
+    if r.kind == "expr":  # prefix as given; infix (as typed, or as printed simplified) in prefix form
+        try:
+            parse(r.value)
+            text = r.value
+        except EvopruneError:
+            text = str(read_formula(r.value))  # or its error
+        return MetricSource("custom", text, "an expression given on the command line")
     if r.kind == "baseline":
         b = get_baseline(r.value)
         return MetricSource(b.name, b.expression, f"baseline {b.name}: {b.description}")

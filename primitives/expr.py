@@ -90,10 +90,11 @@ _TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]
                     r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>[(),]))")
 
 
-def _tokens(text: str):
+def tokens(text: str, grammar: re.Pattern = _TOKEN):
+    """(kind, text, position) of each token `grammar`'s named groups match (infix.py has its own)."""
     pos = 0
     while pos < len(text):
-        m = _TOKEN.match(text, pos)
+        m = grammar.match(text, pos)
         if not m or m.end() == pos:
             if text[pos:].strip() == "":
                 return
@@ -110,7 +111,7 @@ def parse(text: str) -> Node:
         raise ExpressionError("an expression must be a string", 0, "")
     if len(text) > MAX_LENGTH:
         raise ExpressionError(f"expression longer than {MAX_LENGTH} characters", MAX_LENGTH, text[:80])
-    toks = list(_tokens(text))
+    toks = list(tokens(text))
     if not toks:
         raise ExpressionError("empty expression", 0, text)
     node, i = _parse_at(toks, 0, text, 1)
