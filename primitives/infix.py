@@ -14,9 +14,9 @@ this grammar) and sympy's names for them (`Abs`, `Min`, `Max` with two or more a
 protected division `div`, `sqrt(a)` is sqrt(|a|), `log(a)` is log(|a| + 1e-6), and sympy's
 spellings of that last one read back as it: `log(Abs(a) + 1/1000000)` is `log(a)`, and a
 constant c > 1e-6 added inside a log is what sympy merged with the 1e-6 (`log(w_l1 + 1/2)` is
-`log(add(w_l1, 0.499999))`: log(w_l1 + 1/2) for w_l1 >= 0). Powers must be
-whole or half constants up to 8 in size (`x**2`, `x**(3/2)`, `x**(-1)`); they become `square`,
-`mul`, `sqrt` and `div`. Constant arithmetic is folded exactly (`1/10` is 0.1), so a printed
+`log(add(w_l1, 0.499999))`: log(w_l1 + 1/2) for w_l1 >= 0). A power's exponent must be a
+constant up to 8 in size whose fraction is halves, quarters ... down to sixteenths (`x**2`,
+`x**(3/2)`, `x**(1/4)`, `x**(-1)`); it becomes `square`, `mul`, nested `sqrt` and `div`. Constant arithmetic is folded exactly (`1/10` is 0.1), so a printed
 form reads back to a formula with the same canonical form.
 
 Like `expr.parse`, this never evaluates text: a whitelist of names, a hand-written parser, one
