@@ -50,7 +50,8 @@ class SearchConfig:
     unique_retries: int = 10  # a child already in the next population is bred again up to this often
     #                            (0 allows copies; with copies the default search converged in 2 generations)
     hall_of_fame: int = 10  # best distinct formulas kept
-    seeds: tuple[str, ...] = DEFAULT_SEEDS  # baseline metrics put into the initial population
+    seeds: tuple[str, ...] = DEFAULT_SEEDS  # put into the initial population: baseline names, and
+    #                                          formulas of your own as "expr:FORMULA" (prefix or infix)
     stats: tuple[str, ...] = ()  # statistics the search may use (empty: all)
     ops: tuple[str, ...] = ()  # operators it may use (empty: all)
 
@@ -84,10 +85,37 @@ class SearchConfig:
         for ok, msg in checks:
             if not ok:
                 raise EvopruneError(f"[search] {msg}")
-        for kind, names, known in (("seeds", self.seeds, BASELINES), ("stats", self.stats, STATS),
+        named = [n for n in self.seeds if not n.startswith("expr:")]
+        for kind, names, known in (("seeds", named, BASELINES), ("stats", self.stats, STATS),
                                    ("ops", self.ops, OPS)):
             if bad := [n for n in names if n not in known]:
-                raise EvopruneError(f"[search] {kind}: unknown {bad}; known: {', '.join(known)}")
+                raise EvopruneError(f"[search] {kind}: unknown {bad}; known: {', '.join(known)}"
+                                    + (" (or expr:FORMULA, a formula of your own)" if kind == "seeds" else ""))
+        self.seed_formulas()
+
+    def seed_formulas(self) -> list[str]:
+        """The seeds in prefix form, in order: baselines' expressions and the user's `expr:` formulas,
+        each checked against this search space (its statistics, operators and size limits)."""
+        from evoprune.primitives.infix import read_formula
+
+        out = []
+        for seed in self.seeds:
+            if not seed.startswith("expr:"):
+                out.append(BASELINES[seed].expression)
+                continue
+            try:
+                node = read_formula(seed[5:])
+            except EvopruneError as e:
+                raise EvopruneError(f"[search] seeds: {seed!r}: {e}") from None
+            names = {n.name for n in node.walk() if not n.is_const}
+            if outside := sorted(names - set(self.stat_names) - set(self.op_names)):
+                raise EvopruneError(f"[search] seeds: {seed!r} uses {outside}, which this search's stats and ops "
+                                    "leave out")
+            if node.depth > self.max_height or node.size > self.max_size:
+                raise EvopruneError(f"[search] seeds: {seed!r} has depth {node.depth} and size {node.size}; "
+                                    f"max_height is {self.max_height} and max_size {self.max_size}")
+            out.append(str(node))
+        return out
 
     @property
     def stat_names(self) -> list[str]:

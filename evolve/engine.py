@@ -172,12 +172,12 @@ class Search:
     def initial_population(self) -> list:
         s = self.cfg.search
         pop, seen = [], set()
-        for name in s.seeds:
-            b = BASELINES[name]
-            if all(n.is_const or n.name in self.pset.mapping for n in b.node.walk()):  # within this search space
-                if b.expression not in seen:
-                    pop.append(self._from_expression(b.expression))
-                    seen.add(b.expression)
+        for expression in s.seed_formulas():  # a baseline outside this search space is left out; a
+            #                                   formula of the user's is checked against it with the config
+            if expression not in seen and all(n.is_const or n.name in self.pset.mapping
+                                              for n in parse(expression).walk()):
+                pop.append(self._from_expression(expression))
+                seen.add(expression)
         while len(pop) < s.population:
             ind = self.toolbox.individual()
             ind.parents = []

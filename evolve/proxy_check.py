@@ -118,11 +118,12 @@ def metric_set(cfg: Config, n_random: int, seed: int, valid: Callable) -> list[t
     s = cfg.search
     pset = build_pset(s.stat_names, s.op_names)
     out, seen = [], set()
-    for name in s.seeds or tuple(BASELINES):
-        b = BASELINES[name]
-        if all(n.is_const or n.name in pset.mapping for n in b.node.walk()):
-            out.append((name, b.expression, True))
-            seen.add(canonical_hash(b.node))
+    names = s.seeds or tuple(BASELINES)  # a formula of the user's (expr:) is ranked as a random one is
+    for name, expression in zip(names, replace(s, seeds=names).seed_formulas()):
+        node = parse(expression)
+        if all(n.is_const or n.name in pset.mapping for n in node.walk()):
+            out.append((name, expression, not name.startswith("expr:")))
+            seen.add(canonical_hash(node))
     state = random.getstate()
     random.seed(seed)
     try:

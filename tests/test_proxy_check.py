@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from evoprune.evolve.proxy_check import bootstrap_tau, kendall_tau
+from evoprune.evolve.config import Config, SearchConfig
+from evoprune.evolve.proxy_check import bootstrap_tau, kendall_tau, metric_set
 
 from helpers import run
 
@@ -47,3 +48,11 @@ def test_kendall_tau_and_its_interval():
     assert kendall_tau(a, a) == pytest.approx(1.0) and kendall_tau(a, a[::-1]) == pytest.approx(-1.0)
     lo, hi = bootstrap_tau(a, [0.1, 0.3, 0.2, 0.4, 0.6, 0.5])
     assert -1 <= lo < hi <= 1
+
+
+def test_a_users_seed_formula_is_ranked_beside_the_baselines():
+    cfg = Config(search=SearchConfig(seeds=("l1", "expr:w_l1 / bn_gamma", "bn_scale")))
+    got = metric_set(cfg, n_random=0, seed=0, valid=lambda node: True)
+    assert got[:3] == [("l1", "w_l1", True), ("expr:w_l1 / bn_gamma", "div(w_l1, bn_gamma)", False),
+                       ("bn_scale", "bn_abs_gamma", True)]
+    assert len(got) >= 12  # random formulas make up the rest

@@ -64,6 +64,22 @@ class HiddenFormulaFitness:
         pass
 
 
+def test_formulas_of_the_users_own_seed_the_search(digits_ctx, tmp_path):
+    """`seeds` takes `expr:FORMULA` (prefix or infix) beside baseline names: each enters the
+    initial population once, in prefix form, and is scored and stored as any candidate is."""
+    cfg = Config(search=SearchConfig(population=6, generations=0, seed=3, seeds=(
+        "l1", "expr:w_l1 / (bn_abs_gamma + 0.1)", "expr:div(w_l1, add(bn_abs_gamma, 0.1))", "expr:w_l2 ^ 2")),
+        proxy=replace(TINY_PROXY, screen=False))
+    assert cfg.search.seed_formulas() == ["w_l1", "div(w_l1, add(bn_abs_gamma, 0.1))",
+                                          "div(w_l1, add(bn_abs_gamma, 0.1))", "square(w_l2)"]
+    fitness = HiddenFormulaFitness(digits_ctx["digits-cnn"], "w_l1")
+    search = Search(cfg, fitness, digits_ctx, StoreRecorder.new_run(store.connect(f"sqlite:///{tmp_path / 'r.db'}"),
+                                                                    cfg))
+    pop = [str(i) for i in search.run()]
+    assert pop[:3] == ["w_l1", "div(w_l1, add(bn_abs_gamma, 0.1))", "square(w_l2)"] and len(pop) == 6
+    assert search.records[search._canonical("square(w_l2)")[1]].fitness > 0.9  # ranks as w_l2, near w_l1
+
+
 def test_engine_recovers_a_hidden_formula(digits_ctx, tmp_path):
     hidden = "mul(w_l2, bn_abs_gamma)"
     cfg = Config(search=SearchConfig(population=40, generations=12, seed=1, seeds=(), parsimony=0.001,
@@ -175,6 +191,9 @@ def test_driver_killed_between_generations_resumes_to_the_same_population(digits
     ("[search]\nmutation_weights = [inf, 0, 0, 0]\n", "must be a finite number"),
     ("[search]\nops = { add = 1 }\n", "ops must be a list"),
     ("[search]\nseeds = [['l1']]\n", "seeds[0] must be a str"),
+    ("[search]\nseeds = ['expr:w_l1 + foo']\n", "seeds: 'expr:w_l1 + foo': position 7: unknown name 'foo'"),
+    ("[search]\nseeds = ['expr:bn_gamma * w_l1']\nstats = ['w_l1']\n", "uses ['bn_gamma'], which this search"),
+    ("[search]\nseeds = ['expr:w_l1**8']\nmax_size = 5\n", "max_height is 8 and max_size 5"),
     ("[search]\npopulation = 9223372036854775807\n", "population must be <= 10000"),
     ("[search]\ninit_min_depth = 500\ninit_max_depth = 500\nmax_height = 501\n", "max_height must be <= 17"),
     ("[search]\nparsimony = inf\n", "must be a finite number"),
