@@ -280,7 +280,6 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
                 tasks_file: TasksFile = None,
                 device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None):
     """Measure the proxy's noise over data orders and its fidelity to a long fine-tune."""
-    import json
     from dataclasses import replace
 
     from evoprune.evolve.config import load_config
@@ -302,7 +301,7 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
     png = plot_path or Path("proxy-check.png")
     plot(res, png)
     if as_json:
-        print(json.dumps(res.to_dict(), indent=2, default=str))
+        print_json(res.to_dict())
         return
     t = Table(title=f"proxy check: {', '.join(res.tasks)}, {res.finetune_steps} steps, {res.orders} data orders; "
                     f"reference {res.reference_steps} steps x {res.reference_seeds}")
@@ -322,17 +321,34 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
     out.print(f"{res.verdict}\nplot: {png}", highlight=False, markup=False)
 
 
+def print_json(obj) -> None:
+    """`obj` as JSON that strict readers (jq, JavaScript) take: an inf or nan (a CI of one seed, a
+    tau of tied scores), which Python would write as a bare Infinity or NaN, is null."""
+    import json
+    import math
+
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    print(json.dumps(clean(obj), indent=2, default=str, allow_nan=False))
+
+
 def emit(rows: list[dict], title: str, as_json: bool = False, as_csv: bool = False,
          columns: list[str] | None = None) -> None:
     """Rows as a table, or as JSON / CSV for scripts."""
     import csv
-    import json
 
     if as_json and as_csv:
         raise EvopruneError("--json and --csv exclude each other")
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        print_json(rows)
     elif as_csv:
         w = csv.DictWriter(sys.stdout, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -388,7 +404,6 @@ def metrics_show(candidate_id: Annotated[int, typer.Argument(parser=parse_id, he
                                                               "metrics top`).")],
                  db: Db = None, as_json: Json = False, as_csv: Csv = False):
     """One formula: raw, simplified, LaTeX, per-task results, lineage (--csv: its evaluations)."""
-    import json
 
     from evoprune.db import queries
     from evoprune.primitives.expr import parse, to_latex
@@ -398,7 +413,7 @@ def metrics_show(candidate_id: Annotated[int, typer.Argument(parser=parse_id, he
     if as_json and as_csv:
         raise EvopruneError("--json and --csv exclude each other")
     if as_json:
-        print(json.dumps(row, indent=2, default=str))
+        print_json(row)
         return
     if as_csv:
         emit([{"candidate": row["id"], "expression": row["expression"], **e} for e in row["evaluations"]], "",
@@ -527,7 +542,6 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
              device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto"):
     """Apply metrics to a suite of networks the search did not use: test top-1 mean +- std over
     seeds and the paired difference to every baseline of the suite, with 95% CIs."""
-    import json
     from dataclasses import replace
 
     from evoprune.progress import progress
@@ -564,8 +578,7 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
               **{f"vs {b.removeprefix('baseline:')} high": d.high for b, d in r.diffs.items()},
               **{f"vs {b.removeprefix('baseline:')} verdict": v for b, v in r.verdicts.items()}} for r in results]
     if as_json:
-        print(json.dumps({"suite": suite.name, "cases": table, "wins_ties_losses": wtl, "runs": rows,
-                          "plot": str(png)}, indent=2, default=str))
+        print_json({"suite": suite.name, "cases": table, "wins_ties_losses": wtl, "runs": rows, "plot": str(png)})
         return
     if as_csv:
         emit(table, "", as_csv=True)

@@ -145,3 +145,18 @@ def test_the_table_states_each_cases_schedule_first_and_no_ci_for_one_seed(digit
     ran = [i for i, line in enumerate(lines) if line.startswith("validate 1/")]
     assert said and (not ran or said[0] < ran[0]), err
     assert "(no CI: one seed)" in out and "inf" not in out
+
+
+def test_json_of_one_seed_is_strict_json(digits_pretrained, cache_dir, tmp_path, capsys):
+    """One seed has no CI: its bounds are null in --json, not Python's bare -Infinity, which jq
+    and JavaScript refuse."""
+    rc, out, err = run(capsys, "validate", "expr:w_l2", "--suite", _suite(tmp_path), "--seeds", "1", "--out",
+                       tmp_path / "o", "--cache-dir", cache_dir, "--device", "cpu", "--no-record", "--json")
+    assert rc == 0, err
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in --json output")
+
+    res = json.loads(out, parse_constant=refuse)
+    (mine,) = [c for c in res["cases"] if c["metric"] == "expr:w_l2"]
+    assert mine["vs l1 low"] is None and mine["vs l1 high"] is None and mine["vs l1"] is not None
