@@ -606,8 +606,14 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
 
 
 def _slug(text: str) -> str:
+    """A folder name for a metric reference; a formula's from its prefix form, which keeps the
+    operators that infix spells with symbols (w_l1 / x and w_l1 * x get two folders)."""
     import re
 
+    from evoprune.metricref import MetricRef, resolve
+
+    if MetricRef.parse(text).kind == "expr":  # a prefix form as given (the folders of earlier runs)
+        text = f"expr:{resolve(text).expression}"
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60] or "metric"
 
 

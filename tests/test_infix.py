@@ -119,3 +119,11 @@ def test_cli_takes_infix_where_it_takes_a_formula(tmp_path, capsys):
     assert rc == 0 and "Prefix form: div(w_l1, add(bn_abs_gamma, 0.1))" in (tmp_path / "m.py").read_text(), err
     rc, out, err = run(capsys, "primitives", "check", "w_l1 ** w_l2")
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_prune_folders_of_infix_formulas_keep_their_operators():
+    from evoprune.cli import _slug
+
+    assert _slug("expr:w_l1 / (bn_abs_gamma + 0.1)") == "expr-div-w-l1-add-bn-abs-gamma-0.1"
+    assert _slug("expr:w_l1 * (bn_abs_gamma + 0.1)") == "expr-mul-w-l1-add-bn-abs-gamma-0.1"
+    assert _slug("expr:mul(w_l1, add(bn_abs_gamma, 2))") == "expr-mul-w-l1-add-bn-abs-gamma-2"  # as given
