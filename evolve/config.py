@@ -111,8 +111,8 @@ class SearchConfig:
             if outside := sorted(names - set(self.stat_names) - set(self.op_names)):
                 raise EvopruneError(f"[search] seeds: {seed!r} uses {outside}, which this search's stats and ops "
                                     "leave out")
-            if node.depth > self.max_height or node.size > self.max_size:
-                raise EvopruneError(f"[search] seeds: {seed!r} has depth {node.depth} and size {node.size}; "
+            if node.depth - 1 > self.max_height or node.size > self.max_size:  # DEAP's height: a leaf is 0
+                raise EvopruneError(f"[search] seeds: {seed!r} has height {node.depth - 1} and size {node.size}; "
                                     f"max_height is {self.max_height} and max_size {self.max_size}")
             out.append(str(node))
         return out
