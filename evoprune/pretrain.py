@@ -132,6 +132,7 @@ def pretrained(task: Task, *, data_root=None, cache_dir=None, device="auto", dow
     if pt.exists() and not force:
         try:
             model, meta = _load(task, data, pt, meta_path)
+            _warn_if_near_chance(task, data, meta, pt, console)
             return Pretrained(task, data, model, meta, cached=True, path=pt)
         except CorruptCache as e:
             (console or Console(stderr=True)).print(f"[yellow]cache file corrupt: {e}; rebuilding[/]")
@@ -150,10 +151,20 @@ def pretrained(task: Task, *, data_root=None, cache_dir=None, device="auto", dow
             "recipe": asdict(task.recipe), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "torch": torch.__version__, **asdict(result)}
     _save(model, meta, pt, meta_path, console)
-    chance = 1 / data.num_classes
-    if result.test_acc < min(2 * chance, chance + 0.1):  # cached all the same: it is what the recipe gives
-        (console or Console(stderr=True)).print(
-            f"[yellow]warning: {task.name}'s test accuracy {result.test_acc:.1%} is near chance "
-            f"({chance:.1%} for {data.num_classes} classes): pruning metrics cannot be told apart "
-            "on this model; train it longer or with another `lr` in its recipe[/]", highlight=False)
+    _warn_if_near_chance(task, data, meta, pt, console)
     return Pretrained(task, data, model, meta, cached=False, path=pt)
+
+
+_WARNED: set[Path] = set()
+
+
+def _warn_if_near_chance(task: Task, data: DataSet, meta: dict, pt: Path, console: Console | None) -> None:
+    """A model near chance accuracy is kept (it is what its recipe gives), with a warning, once
+    per process, whether trained now or loaded: a search or a prune on it measures nothing."""
+    chance, acc = 1 / data.num_classes, meta.get("test_acc")
+    if isinstance(acc, (int, float)) and acc < min(2 * chance, chance + 0.1) and pt not in _WARNED:
+        _WARNED.add(pt)
+        (console or Console(stderr=True)).print(
+            f"[yellow]warning: {task.name}'s test accuracy {acc:.1%} is near chance ({chance:.1%} for "
+            f"{data.num_classes} classes): pruning metrics cannot be told apart on this model; train it longer "
+            "or with another `lr` in its recipe[/]", highlight=False)

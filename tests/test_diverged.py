@@ -66,6 +66,13 @@ def test_a_cached_model_holding_nan_is_trained_again_and_a_weak_one_is_flagged(t
     again = pretrained(get_task("digits-hot", tasks), cache_dir=cache, device="cpu")
     assert not again.cached and f"holds inf or nan in {name}" in _said(capsys)
     assert all(t.isfinite().all() for t in again.model.state_dict().values() if t.is_floating_point())
+    # loaded from the cache (by a later command: a new process), the weak model is flagged again, once
+    import evoprune.pretrain as pretrain_module
+
+    pretrain_module._WARNED.clear()
+    for _ in range(2):
+        assert pretrained(get_task("digits-hot", tasks), cache_dir=cache, device="cpu").cached
+    assert _said(capsys).count("is near chance") == 1
 
 
 @pytest.mark.parametrize("args, message", [
