@@ -16,8 +16,10 @@ spellings of that last one read back as it: `log(Abs(a) + 1/1000000)` is `log(a)
 constant c > 1e-6 added inside a log is what sympy merged with the 1e-6 (`log(w_l1 + 1/2)` is
 `log(add(w_l1, 0.499999))`: log(w_l1 + 1/2) for w_l1 >= 0). A power's exponent must be a
 constant up to 8 in size whose fraction is halves, quarters ... down to sixteenths (`x**2`,
-`x**(3/2)`, `x**(1/4)`, `x**(-1)`); it becomes `square`, `mul`, nested `sqrt` and `div`. Constant arithmetic is folded exactly (`1/10` is 0.1), so a printed
-form reads back to a formula with the same canonical form.
+`x**(3/2)`, `x**(1/4)`, `x**(-1)`); it becomes `square`, `mul`, nested `sqrt` and `div`.
+Constant arithmetic is folded exactly (`1/10` is 0.1) and bounded (a number is range-checked
+before it is spelled out; a folded one has at most 4096 bits), so a printed form reads back to
+a formula with the same canonical form, and no text makes the reader slow.
 
 Like `expr.parse`, this never evaluates text: a whitelist of names, a hand-written parser, one
 ExpressionError with the position of the problem.
@@ -39,6 +41,7 @@ ALIASES = {"Abs": "abs", "pdiv": "div", "meannorm": "mnorm"}  # sympy's names fo
 VARIADIC = {"Min": "min", "Max": "max"}  # sympy's n-ary spelling of binary ones
 MAX_POWER = 8
 MAX_ROOT = 16  # x**(1/16): four square roots deep
+MAX_FOLD_BITS = 4096
 _EPS = Fraction(1, round(1 / EPS))
 
 
@@ -165,7 +168,13 @@ class _Parser:
         kind, val, pos = self.toks[self.i]
         if kind == "num":
             self.i += 1
-            return Fraction(val)  # exact: "0.1" is 1/10, as sympy holds it
+            f, lo, hi = float(val), *CONST_RANGE
+            mantissa = val.lower().split("e")[0]
+            if not (lo <= abs(f) <= hi or f == 0 and not mantissa.strip("0.")):  # also before Fraction,
+                # which would spell out 10**exponent: "1e999999999" takes minutes and gigabytes
+                self.fail(f"number out of range: {val} (constants are 0 or between {lo:g} and {hi:g} in size: "
+                          "evaluation is float32, clamped at 1e30)", pos)
+            return Fraction(val) if f else Fraction(0)  # exact: "0.1" is 1/10, as sympy holds it
         if val == "(":
             self.i += 1
             inner = self.expr(depth + 1)
@@ -200,9 +209,15 @@ class _Parser:
             args = [inner]
         return Node(name, tuple(_node(a, self.text, pos) for a in args))
 
+    def _folded(self, v: Fraction, at: int) -> Fraction:
+        """A folded constant, bounded: (1e30**8)**8 ... would grow to millions of digits."""
+        if max(abs(v.numerator), v.denominator).bit_length() > MAX_FOLD_BITS:
+            self.fail(f"constant arithmetic out of range (beyond 2^{MAX_FOLD_BITS} in a numerator or denominator)", at)
+        return v
+
     def _binary(self, op: str, a, b, at: int):
         if isinstance(a, Fraction) and isinstance(b, Fraction) and not (op == "/" and b == 0):
-            return a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+            return self._folded(a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b, at)
         name = {"+": "add", "-": "sub", "*": "mul", "/": "div"}[op]
         node = Node(name, (_node(a, self.text, at), _node(b, self.text, at)))
         if op == "+" and isinstance(a, Fraction) != isinstance(b, Fraction):
@@ -218,7 +233,7 @@ class _Parser:
                       "formula in an exponent (sympy writes x*log(c) as log(c**x)) reads back from its prefix "
                       "form, the 'expression' of `evoprune metrics show`", at)
         if isinstance(base, Fraction) and exp.denominator == 1 and abs(exp) <= MAX_POWER and (base or exp > 0):
-            return base ** exp
+            return self._folded(base ** exp, at)
         q = exp.denominator
         if q & (q - 1) or q > MAX_ROOT or not 0 < abs(exp) <= MAX_POWER:
             self.fail(f"a power must be a constant from -{MAX_POWER} to {MAX_POWER}, not 0, whole or a sum of "

@@ -85,6 +85,10 @@ def test_the_prefix_form_reads_exactly_as_before():
     ("(w_l1 + w_l2", "expected ')', found the end"),
     ("w_l1 + ", "ends too early"),
     ("1e40 * w_l1", "out of range"),
+    ("1e999999999 * w_l1", "number out of range: 1e999999999"),  # refused before it is spelled out exactly
+    ("w_l1 + 1e-999999999", "number out of range"),
+    ("((((((1e30**8)**8)**8)**8)**8)**8) * w_l1", "constant arithmetic out of range"),
+    ("0.0e-999999999 + w_l1 + foo", "unknown name 'foo'"),  # a zero is a constant: read on, to the problem
     ("w_l1 ^^ 2", "found '^'"),
     ("w_l1(2) + 1", "is a statistic, not an operator"),
     ("exp(w_l1) + 1", "unknown name 'exp'"),
