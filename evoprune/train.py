@@ -204,10 +204,11 @@ def train(model: nn.Module, ds: DataSet, recipe: Recipe, *, device: torch.device
             step += 1
             lv = loss.detach().float()  # kept on the device: no wait for the GPU at every step
             loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
-        loss_avg = float(loss_ema) if loss_ema is not None else loss_avg
-        if loss_ema is not None and not math.isfinite(loss_avg):  # before the checkpoint: a good one is not overwritten
-            raise Diverged(f"the training loss is {loss_avg} in epoch {epoch + 1} of {recipe.epochs} "
-                           f"(peak lr {recipe.lr:g})")
+        if loss_ema is not None:  # the mean over processes: under DDP a nan in one is seen by all
+            loss_avg = dist.all_sum([float(loss_ema)], device)[0] / dist.world()
+            if not math.isfinite(loss_avg):  # before the checkpoint: a good one is not overwritten
+                raise Diverged(f"the training loss is {loss_avg} in epoch {epoch + 1} of {recipe.epochs} "
+                               f"(peak lr {recipe.lr:g})")
         val = accuracy(model, ds, ds.val, device=device)
         if on_epoch:
             on_epoch(epoch + 1, loss_avg, val)

@@ -208,6 +208,15 @@ def test_two_process_ddp_on_an_image_folder(shared_data, tmp_path):
     assert rep["processes"] == 2 and rep["equivalence_max_diff"] < 1e-4
     model = torch.load(out / "pruned_model.pt", weights_only=False)
     assert model.layer1[0].conv1.out_channels == 32 and model.layer4[1].conv1.out_channels == 256
+    # retraining that diverges stops both processes with the one line (none is left waiting on the other)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "evoprune", "prune", "--task", "tiny-folder", "--tasks-file", str(tasks),
+                        "--metric", "baseline:l1", "--ratio", "0.5", "--no-tpp", "--lr", "1e9", "--epochs", "1",
+                        "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "hot"),
+                        "--cache-dir", str(tmp_path / "cache"), "--no-record"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0 and "retraining the pruned model diverged" in p.stdout + p.stderr, p.stdout + p.stderr
+    assert not (tmp_path / "hot" / "pruned_model.pt").exists()
 
 
 class _Stop(Exception):

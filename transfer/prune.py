@@ -430,8 +430,8 @@ def regularize(run: PruneRun, state: PruneState, ck: dict | None) -> None:
     run.model.train()
     every = 20  # reading the loss waits for the GPU: the display is updated every 20 iterations
 
-    def finite(loss: torch.Tensor) -> float:
-        if not math.isfinite(value := float(loss.detach())):
+    def finite(loss: torch.Tensor) -> float:  # the mean over processes: each one stops, or none
+        if not math.isfinite(value := dist.all_sum([float(loss.detach())], run.device)[0] / dist.world()):
             raise Diverged(f"TPP diverged: the loss is {value} at iteration {reg.iteration} of {tpp.total_iterations} "
                            f"(reg {reg.reg:g}, lr {tpp.lr:g}); nothing was cut",
                            "lower --tpp-lr, --reg-step or --gram-weight and start again with another --out")
