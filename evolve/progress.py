@@ -8,6 +8,7 @@ from rich.live import Live
 from rich.table import Table
 
 from evoprune.evolve.config import Config
+from evoprune.progress import counted
 
 
 class SearchDisplay:
@@ -79,7 +80,7 @@ class SearchDisplay:
         if result.baselines:
             b = result.baselines[0]
             c.print(f"best baseline on the same proxy: {b.baseline} ({b.expression}) fitness {b.record.fitness:.4f}; "
-                    f"{_count(len(result.baselines), 'baseline')} seeded", highlight=False)
+                    f"{counted(len(result.baselines), 'baseline')} seeded", highlight=False)
         if result.validation is not None:
             self._validation(result)
         k = result.counters
@@ -133,8 +134,8 @@ def validation_sentence(v, finalists, best) -> str:
     winners = [f for f in evolved if v.of(f.candidate_id).verdict == "beats"]
     top = max(winners or evolved, key=lambda f: v.of(f.candidate_id).diff.mean)
     d = v.of(top.candidate_id).diff
-    span = (f"{d.mean:+.4f}, 95% CI {d.low:+.4f} to {d.high:+.4f} (Bonferroni over {_count(len(evolved), 'formula')}), "
-            f"over {d.n} fresh data orders")
+    span = (f"{d.mean:+.4f}, 95% CI {d.low:+.4f} to {d.high:+.4f} (Bonferroni over "
+            f"{counted(len(evolved), 'formula')}), over {d.n} fresh data orders")
     if winners:
         return f"Candidate {top.candidate_id} beats the best baseline ({best.baseline}) beyond noise ({span})."
     return (f"No evolved formula beats the best baseline ({best.baseline}) beyond noise: the closest, candidate "
@@ -144,7 +145,3 @@ def validation_sentence(v, finalists, best) -> str:
 def statistics_mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -544,7 +544,7 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
     seeds and the paired difference to every baseline of the suite, with 95% CIs."""
     from dataclasses import replace
 
-    from evoprune.progress import progress
+    from evoprune.progress import counted, progress
     from evoprune.transfer.suite import load_suite, metric_list, plot, run_suite, summarize
 
     if as_json and as_csv:
@@ -599,8 +599,9 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
                   f"{r.test.mean:.2%} +- {r.test.std:.2%}" if r.test.n > 1 else f"{r.test.mean:.2%}", *cells)
     out.print(t)
     for metric, by in wtl.items():
-        out.print(f"{metric}: " + "; ".join(f"vs {b[9:]} {w} wins, {ti} ties, {lo} losses"
-                                             for b, (w, ti, lo) in by.items()), highlight=False, markup=False)
+        out.print(f"{metric}: " + "; ".join(f"vs {b[9:]} {counted(w, 'win')}, {counted(ti, 'tie')}, "
+                                             f"{counted(lo, 'loss', 'losses')}" for b, (w, ti, lo) in by.items()),
+                  highlight=False, markup=False)
     out.print(f"plot: {png}\nruns: {out_dir / 'runs'}  results: {out_dir / 'results.jsonl'}", highlight=False,
               markup=False)
 

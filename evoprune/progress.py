@@ -20,6 +20,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 Update = Callable[..., None]  # update(completed, **fields)
 
 
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """'1 baseline', '3 baselines', '1 loss', '2 losses' (`plural` where "s" is not it)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _eta(done: int, total: int, elapsed: float) -> str:
     if done <= 0 or done >= total:
         return ""
