@@ -457,7 +457,9 @@ def regularize(run: PruneRun, state: PruneState, ck: dict | None) -> None:
                     break
             state.epoch += 1
             state.iteration, state.tpp_seconds = reg.iteration, before + time.perf_counter() - t0
-            if reg.done or time.perf_counter() - last_save >= TPP_SAVE_EVERY_S:
+            due = reg.done or time.perf_counter() - last_save >= TPP_SAVE_EVERY_S
+            if dist.all_sum([float(due)], run.device)[0]:  # one process's clock decides for all: saving
+                # (the loss check, the barrier) is collective, and ranks whose clocks disagree would hang
                 finite(loss)  # a checkpoint never holds a diverged model
                 run.save(state, opt)
                 last_save = time.perf_counter()
