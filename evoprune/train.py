@@ -13,15 +13,13 @@ from torch import Tensor, nn
 
 from evoprune import dist
 from evoprune.data import DataSet, Split, iterate
-from evoprune.errors import Diverged
+from evoprune.errors import Diverged, EvopruneError
 from evoprune.tasks import Recipe
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from evoprune.errors import EvopruneError
-
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
