@@ -75,7 +75,8 @@ def candidate(engine: Engine, cid: int) -> dict:
         row.update(parents=c.parents, birth_generation=c.birth_generation, depth=c.depth, valid=c.valid,
                    reason=c.reason, evaluations=[{"task": e.task, "stage": e.stage, "accuracy": e.accuracy,
                                                   "kept_flops": e.kept_flops, "kept_params": e.kept_params,
-                                                  "seconds": e.seconds, "worker": e.worker, "seed": e.seed}
+                                                  "seconds": e.seconds, "worker": e.worker, "seed": e.seed,
+                                                  "diverged": bool(e.diverged)}
                                                  for e in c.evaluations])
         row["lineage"] = _lineage(s, c)
         return row

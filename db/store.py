@@ -234,7 +234,8 @@ def record_candidates(engine: Engine, run_id: int, rows: Iterable[CandidateRecor
             for task, r in rec.tasks.items():
                 cand.evaluations.append(Evaluation(task=task, stage=rec.stage, accuracy=r.accuracy, score=r.score,
                                                    kept_flops=r.kept_flops, kept_params=r.kept_params,
-                                                   seconds=r.seconds, mask=r.mask, worker=rec.worker))
+                                                   seconds=r.seconds, mask=r.mask, worker=rec.worker,
+                                                   diverged=r.diverged))
 
 
 def record_generation(engine: Engine, run_id: int, g: GenerationRecord) -> None:
@@ -251,7 +252,7 @@ def record_validation(engine: Engine, candidate_id: int, seed: int, rec: Fitness
         for task, r in rec.tasks.items():
             s.add(Evaluation(candidate_id=candidate_id, task=task, stage="validation", accuracy=r.accuracy,
                              score=r.score, seed=seed, kept_flops=r.kept_flops, kept_params=r.kept_params,
-                             seconds=r.seconds, mask=r.mask, worker=rec.worker))
+                             seconds=r.seconds, mask=r.mask, worker=rec.worker, diverged=r.diverged))
 
 
 def validation_scores(engine: Engine, run_id: int) -> dict[int, dict[int, float]]:
@@ -304,7 +305,8 @@ def candidate_records(engine: Engine, run_id: int) -> list[CandidateRecord]:
 
 def _candidate_record(c: Candidate) -> CandidateRecord:
     evals = [e for e in c.evaluations if e.stage == c.stage]
-    tasks = {e.task: TaskResult(e.accuracy, e.kept_flops, e.kept_params, e.seconds, e.mask, e.score) for e in evals}
+    tasks = {e.task: TaskResult(e.accuracy, e.kept_flops, e.kept_params, e.seconds, e.mask, e.score,
+                                bool(e.diverged)) for e in evals}
     rec = FitnessRecord(c.expression, c.stage, c.fitness, c.valid, c.reason, tasks, sum(e.seconds for e in evals),
                         evals[0].worker if evals else "")
     return CandidateRecord(c.expression, c.canonical, c.canonical_hash, c.size, c.depth, tuple(c.parents),

@@ -88,6 +88,7 @@ class Counters:
     canonical_hits: int = 0  # formula seen before
     mask_hits: int = 0  # new formula, masks seen before
     invalid: int = 0  # rejected before any proxy run
+    diverged: int = 0  # proxy runs whose network gave non-finite outputs on some task (scored as wrong)
 
     def snapshot(self) -> dict:
         return dict(self.__dict__)
@@ -345,6 +346,7 @@ class Search:
             out[key] = rec
             self.counters.evaluations += 1
             self.counters.full += job.stage == "full"
+            self.counters.diverged += any(r.diverged for r in rec.tasks.values())
             self.seconds["worker"] += rec.seconds if self._running else 0.0
             self.on_progress("evaluation", {"generation": generation, "record": rec, "done": len(out),
                                             "total": len(by_name), "stage": job.stage})

@@ -5,6 +5,7 @@ import time
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from evoprune.evolve.config import Config
@@ -49,6 +50,8 @@ class SearchDisplay:
             self.status = info["text"]
             if not self.live:
                 self.console.print(info["text"], highlight=False)
+        elif kind == "warning":
+            self.console.print(f"[yellow]warning: {escape(info['text'])}[/]", highlight=False)
         elif kind == "evaluation":
             self.evals += 1
             self.done, self.total = info["done"], info["total"]
@@ -87,6 +90,8 @@ class SearchDisplay:
         c.print(f"proxy runs {k['evaluations']} ({k['full']} full fine-tunes, {k['screened_only']} candidates only "
                 f"screened); cache hits: {k['canonical_hits']} same formula, {k['mask_hits']} same masks; "
                 f"{k['invalid']} invalid", highlight=False)
+        for text in result.warnings:
+            c.print(f"[yellow]warning: {escape(text)}[/]", highlight=False)
         if (sec := result.seconds) and sec.get("search"):
             busy = sec["worker"] / sec["capacity"] if sec.get("capacity") else 0.0
             # a pool's workers run proxies while the driver works: the two shares may overlap

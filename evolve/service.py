@@ -18,7 +18,8 @@ from evoprune.evolve.config import Config
 from evoprune.evolve.engine import GenerationReport, ResumePoint, Search
 from evoprune.evolve.validation import Validation, validate
 from evoprune.masks import TaskMasks
-from evoprune.pretrain import pretrained
+from evoprune.pretrain import near_chance, pretrained
+from evoprune.progress import counted
 from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus
 from evoprune.tasks import get_task
 from evoprune.train import pick_device
@@ -48,6 +49,57 @@ class SearchResult:
     counters: dict
     validation: Validation | None = None  # finalists and baselines on fresh data orders
     seconds: dict = field(default_factory=dict)  # the search's wall time and its parts (Search.seconds)
+    warnings: list[str] = field(default_factory=list)  # what makes the result worth less (`proxy_warnings`)
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A task's reference points for its proxy scores: chance accuracy and the pretrained model's
+    validation accuracy (what pruning and the fine-tune start from)."""
+
+    classes: int
+    pretrained: float | None
+
+    @classmethod
+    def of(cls, pre) -> "Floor":
+        acc = pre.meta.get("val_acc")
+        return cls(pre.data.num_classes, acc if isinstance(acc, (int, float)) else None)
+
+    @property
+    def chance(self) -> float:
+        return 1 / self.classes
+
+    def near(self, accuracy: float) -> bool:
+        return near_chance(accuracy, self.classes)
+
+
+def proxy_warnings(records, floors: dict[str, Floor], diverged: int, runs: int, cfg: Config) -> list[str]:
+    """What a search's proxy results say about the proxy itself: on a task where every full-proxy
+    network of `records` ends near chance, the formulas cannot be told apart (a fine-tune that
+    destroys what pruning left, or a ratio that leaves nothing); `diverged` of `runs` proxy runs
+    gave non-finite outputs (scored as wrong)."""
+    p, out = cfg.proxy, []
+    full = [r for r in records if r.valid and r.stage == "full"]
+    low = []
+    for task, floor in floors.items():
+        accs = [r.tasks[task].accuracy for r in full if task in r.tasks]
+        if floor.pretrained is not None and floor.near(floor.pretrained):
+            continue  # the pretrained model is itself near chance: said when it was loaded
+        if accs and floor.near(max(accs)):
+            was = "" if floor.pretrained is None else f", {floor.pretrained:.1%} before pruning"
+            low.append(f"{task} at best {max(accs):.1%} (chance {floor.chance:.1%}{was})")
+    if low:
+        a = p.allocation
+        amount = {"ratio": f"ratio {a.ratio:g}", "flops": f"flops_reduction {a.flops_reduction:g}",
+                  "tau": f"tau {a.tau:g}"}[a.target]
+        out.append(f"every network the full proxy scored ends near chance accuracy on val: {'; '.join(low)}. "
+                   "Formulas cannot be told apart on such a proxy: its fine-tune undoes what pruning left "
+                   f"([proxy] lr {p.lr:g}, finetune_steps {p.finetune_steps}) or it prunes too much "
+                   f"({amount}); `evoprune proxy check` measures whether it tells metrics apart")
+    if diverged:
+        out.append(f"{counted(diverged, 'proxy run')} of {runs} diverged (outputs not finite on val: scored as "
+                   f"wrong, probability 0); lower [proxy] lr ({p.lr:g})")
+    return out
 
 
 class StoreRecorder:
@@ -104,16 +156,17 @@ def check_inputs(cfg: Config) -> None:
                                 f"({len(data.train)} images): the fine-tune would never take a step")
 
 
-def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -> tuple[dict, object]:
+def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -> tuple[dict, object, dict]:
     """Each task's model and data, loaded once here: the masks are made from them and the workers
     get them (through Ray's object store), so every node scores what the driver means. Returns
-    the driver's maskers and the evaluator."""
+    the driver's maskers, the evaluator and each task's `Floor`."""
     on_progress("status", {"text": f"loading tasks {', '.join(cfg.proxy.tasks)} (pretraining on first use)"})
     r, p = cfg.run, cfg.proxy
     pre = {t: pretrained(get_task(t, r.tasks_file or None), data_root=r.data_root or None,
                          cache_dir=r.cache_dir or None, device=device) for t in p.tasks}
     maskers = {t: TaskMasks.from_pretrained(pre[t], p.allocation, cfg.search.stat_names, stat_images=p.stat_images,
                                             seed=p.data_seed) for t in p.tasks}
+    floors = {t: Floor.of(pre[t]) for t in p.tasks}
     if r.workers:
         n, gpus = _workers(r.workers, r.gpus_per_worker)
         on_progress("status", {"text": f"starting {n} Ray workers, {gpus:g} GPU each"})
@@ -126,8 +179,8 @@ def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -
             pool.close()
             raise
         on_progress("status", {"text": f"{ready} of {n} Ray workers ready, {gpus:g} GPU each"})
-        return maskers, pool
-    return maskers, InProcessEvaluator(_spec(cfg, device, pre))
+        return maskers, pool, floors
+    return maskers, InProcessEvaluator(_spec(cfg, device, pre)), floors
 
 
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,
@@ -148,7 +201,7 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
     on_progress("config", {"config": cfg})  # a resumed run's settings are the stored ones
     simplifier = Simplifier(cfg.run.simplify_processes)  # its helpers start while the tasks load
     try:
-        maskers, evaluator = _setup(cfg, device, on_progress)
+        maskers, evaluator, floors = _setup(cfg, device, on_progress)
     except BaseException:
         simplifier.close()
         raise
@@ -158,7 +211,20 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
         else:
             recorder = StoreRecorder(engine, resume)
             point = ResumePoint(store.candidate_records(engine, resume), store.last_generation(engine, resume))
-        search = Search(cfg, evaluator, maskers, recorder, on_progress, simplifier)
+        warned = False
+
+        def progress(kind: str, info: dict) -> None:
+            """The first generation this call completes is checked for a proxy that measures nothing
+            (`proxy_warnings`): said then, not only after the whole search."""
+            nonlocal warned
+            on_progress(kind, info)
+            if kind == "generation" and not warned:
+                warned = True
+                k = search.counters
+                for text in proxy_warnings(search.records.values(), floors, k.diverged, k.evaluations, cfg):
+                    on_progress("warning", {"text": text})
+
+        search = Search(cfg, evaluator, maskers, recorder, progress, simplifier)
         on_progress("status", {"text": "searching"})
         try:
             search.run(point)
@@ -178,8 +244,10 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
     finally:
         evaluator.close()
         simplifier.close()
-    return SearchResult(recorder.run_id, finalists, baselines, search.history, search.counters.snapshot(), checked,
-                        dict(search.seconds))
+    k = search.counters
+    warnings = proxy_warnings([f.record for f in finalists + baselines], floors, k.diverged, k.evaluations, cfg)
+    return SearchResult(recorder.run_id, finalists, baselines, search.history, k.snapshot(), checked,
+                        dict(search.seconds), warnings)
 
 
 @contextlib.contextmanager

@@ -158,11 +158,17 @@ def pretrained(task: Task, *, data_root=None, cache_dir=None, device="auto", dow
 _WARNED: set[Path] = set()
 
 
+def near_chance(accuracy: float, num_classes: int) -> bool:
+    """Below min(2x chance, chance + 10 points): metrics cannot be told apart on such a network."""
+    chance = 1 / num_classes
+    return accuracy < min(2 * chance, chance + 0.1)
+
+
 def _warn_if_near_chance(task: Task, data: DataSet, meta: dict, pt: Path, console: Console | None) -> None:
     """A model near chance accuracy is kept (it is what its recipe gives), with a warning, once
     per process, whether trained now or loaded: a search or a prune on it measures nothing."""
     chance, acc = 1 / data.num_classes, meta.get("test_acc")
-    if isinstance(acc, (int, float)) and acc < min(2 * chance, chance + 0.1) and pt not in _WARNED:
+    if isinstance(acc, (int, float)) and near_chance(acc, data.num_classes) and pt not in _WARNED:
         _WARNED.add(pt)
         (console or Console(stderr=True)).print(
             f"[yellow]warning: {task.name}'s test accuracy {acc:.1%} is near chance ({chance:.1%} for "

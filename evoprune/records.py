@@ -27,6 +27,7 @@ class TaskResult:
     seconds: float
     mask: str  # hash of the masks the worker applied (evoprune.masks.mask_hash)
     score: float | None = None  # what the fitness uses ([proxy] score); None: the accuracy
+    diverged: bool = False  # some validation outputs were not finite (they count wrong, probability 0)
 
     @property
     def fitness_score(self) -> float:

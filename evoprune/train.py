@@ -112,24 +112,25 @@ def accuracy(model: nn.Module, ds: DataSet, split: Split, *, device: torch.devic
 
 @torch.no_grad()
 def true_class_probability(model: nn.Module, ds: DataSet, split: Split, *, device: torch.device | str = "cpu",
-                           batch_size: int = 512, limit: int | None = None) -> tuple[float, float]:
-    """(top-1 accuracy, mean softmax probability of the true class): the second is a continuous
-    score (on a 143-image split accuracy moves in steps of 0.7 points; this does not). An image
-    whose logits are not finite is wrong and has probability 0."""
+                           batch_size: int = 512, limit: int | None = None) -> tuple[float, float, int]:
+    """(top-1 accuracy, mean softmax probability of the true class, images whose logits are not
+    finite): the second is a continuous score (on a 143-image split accuracy moves in steps of 0.7
+    points; this does not). An image whose logits are not finite is wrong and has probability 0."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct = total = bad = 0
     prob = 0.0
     for x, y in iterate(ds, split, batch_size=batch_size, device=device, limit=limit, shard=dist.shard()):
         with autocast(device):
             out = model(x).float()
         correct += int(classified_right(out, y).sum())
         prob += float(true_class_prob(out, y).sum())
+        bad += int(out.isfinite().all(-1).logical_not().sum())
         total += len(y)
     model.train(was_training)
-    correct, prob, total = dist.all_sum([correct, prob, total], device)
-    return correct / max(total, 1), prob / max(total, 1)
+    correct, prob, total, bad = dist.all_sum([correct, prob, total, bad], device)
+    return correct / max(total, 1), prob / max(total, 1), int(bad)
 
 
 def lr_at(step: int, total: int, recipe: Recipe) -> float:

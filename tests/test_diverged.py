@@ -125,3 +125,66 @@ def test_a_suite_run_that_diverges_is_advised_in_the_suites_terms(digits_pretrai
     assert rc == 2 and "suite case 1 (digits-cnn" in said and "retraining the pruned model diverged" in said, err
     assert "in the suite file" in said and "--lr" not in said
     assert not (tmp_path / "o" / "results.jsonl").exists() or not (tmp_path / "o" / "results.jsonl").read_text()
+
+
+LEAKY = """
+from torch import nn
+
+
+def net(num_classes, in_channels=1):  # no BN: SGD at a large lr drives it to inf
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.LeakyReLU(0.2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.LeakyReLU(0.2), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, num_classes))
+"""
+
+
+def test_a_search_whose_proxy_diverges_says_so_and_stores_it(tmp_path, monkeypatch, capsys):
+    """A `[proxy] lr` too large for a network without BN: the fine-tunes end with non-finite
+    outputs (scored as wrong) and near chance; the search says both after generation 0 and in its
+    summary, and the database marks the diverged evaluations."""
+    import sqlite3
+
+    (tmp_path / "leaky_nets.py").write_text(LEAKY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text('[digits-leaky]\ndataset = "digits"\nmodel = "import:leaky_nets:net"\n'
+                     'recipe = { epochs = 30, lr = 0.1 }\n')
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[search]\npopulation = 6\ngenerations = 1\nseeds = ["l1", "fpgm"]\nvalidation_orders = 0\n'
+                   f'[proxy]\ntasks = ["digits-leaky"]\nlr = 10\n'
+                   f'[run]\ntasks_file = "{tasks}"\ncache_dir = "{tmp_path / "c"}"\n')
+    db = tmp_path / "e.db"
+    rc, out, err = run(capsys, "evolve", "--config", cfg, "--db", db, "--device", "cpu")
+    said = " ".join((out + err).split())
+    assert rc == 0, err
+    assert said.count("every network the full proxy scored ends near chance accuracy on val: digits-leaky") == 2
+    assert "before pruning" in said and "[proxy] lr 10" in said
+    n = int(said.split(" proxy runs of ")[0].rsplit("warning: ", 1)[1])
+    assert n >= 1 and "diverged (outputs not finite on val" in said
+    with sqlite3.connect(db) as c:
+        (cid, stored), = c.execute("SELECT candidate_id, count(*) FROM evaluations WHERE diverged LIMIT 1")
+    assert stored >= 1
+    rc, out, _ = run(capsys, "metrics", "show", str(cid), "--db", db, "--json")
+    assert rc == 0 and any(e["diverged"] for e in json.loads(out)["evaluations"])
+
+
+def test_proxy_warnings_name_the_tasks_near_chance_and_spare_a_weak_pretrained_model():
+    from evoprune.evolve.config import Config
+    from evoprune.evolve.service import Floor, proxy_warnings
+    from evoprune.records import FitnessRecord, TaskResult
+
+    cfg = Config.from_dict({"proxy": {"tasks": ["a", "b"], "allocator": "flops", "flops_reduction": 0.6}})
+
+    def rec(a, b, stage="full"):
+        return FitnessRecord("w_l1", stage, 0.1, True, "", {"a": TaskResult(a, 0.5, 0.5, 0.1, "m"),
+                                                             "b": TaskResult(b, 0.5, 0.5, 0.1, "m")})
+
+    floors = {"a": Floor(10, 0.95), "b": Floor(100, 0.7)}
+    assert proxy_warnings([rec(0.15, 0.5), rec(0.9, 0.1)], floors, 0, 2, cfg) == []  # each task has a good one
+    (w,) = proxy_warnings([rec(0.15, 0.5), rec(0.19, 0.1), rec(0.9, 0.1, "screen")], floors, 0, 3, cfg)
+    assert "a at best 19.0% (chance 10.0%, 95.0% before pruning)" in w and "b at" not in w
+    assert "flops_reduction 0.6" in w  # the allocator's own target, not the unused ratio
+    # a pretrained model itself near chance was warned of when loaded: not blamed on the proxy
+    assert proxy_warnings([rec(0.15, 0.5)], {"a": Floor(10, 0.12), "b": Floor(100, 0.7)}, 0, 1, cfg) == []
+    (w,) = proxy_warnings([rec(0.9, 0.5)], floors, 3, 10, cfg)
+    assert w.startswith("3 proxy runs of 10 diverged") and "lower [proxy] lr (0.01)" in w

@@ -104,12 +104,14 @@ class Stack:
         self.train(False)
 
     @torch.no_grad()
-    def scores(self) -> list[tuple[float, float]]:
-        """(top-1 accuracy, mean true-class probability) on val, per candidate."""
+    def scores(self) -> list[tuple[float, float, int]]:
+        """(top-1 accuracy, mean true-class probability, images with non-finite outputs) on val,
+        per candidate."""
         ctx = self.ctx
         self.train(False)
         correct = torch.zeros(self.k, device=ctx.device)
         prob = torch.zeros(self.k, device=ctx.device, dtype=torch.float64)
+        bad = torch.zeros(self.k, device=ctx.device)
         total = 0
         for x, y in iterate(ctx.data, ctx.data.val, batch_size=512, device=ctx.device,
                             limit=ctx.cfg.val_images or None):
@@ -117,8 +119,10 @@ class Stack:
                 out = self.forward(x).float()
             correct += classified_right(out, y).sum(1)
             prob += true_class_prob(out, y).sum(1).double()
+            bad += out.isfinite().all(-1).logical_not().sum(1)
             total += len(y)
-        return [(float(a) / max(total, 1), float(p) / max(total, 1)) for a, p in zip(correct.cpu(), prob.cpu())]
+        return [(float(a) / max(total, 1), float(p) / max(total, 1), int(b))
+                for a, p, b in zip(correct.cpu(), prob.cpu(), bad.cpu())]
 
 
 def run_batch(ctx, masks_list: list[Masks], stage: str, data_seed: int | None = None) -> list[TaskResult]:
@@ -136,5 +140,5 @@ def run_batch(ctx, masks_list: list[Masks], stage: str, data_seed: int | None = 
     share = (time.perf_counter() - t0) / len(masks_list)
     return [TaskResult(accuracy=acc, kept_flops=kept_share(m, ctx.macs, ctx.inputs_from),
                        kept_params=kept_share(m, ctx.params, ctx.inputs_from), seconds=share, mask=mask_hash(m),
-                       score=prob if ctx.cfg.score == "probability" else None)
-            for m, (acc, prob) in zip(masks_list, scores)]
+                       score=prob if ctx.cfg.score == "probability" else None, diverged=bad > 0)
+            for m, (acc, prob, bad) in zip(masks_list, scores)]

@@ -165,11 +165,11 @@ class TaskContext:
                     with clock("recalibrate BN again"):
                         self._recalibrate(model, seed)
         with clock("validation pass"):
-            acc, prob = self._scores(model)
+            acc, prob, bad = self._scores(model)
         return TaskResult(accuracy=acc, kept_flops=kept_share(masks, self.macs, self.inputs_from),
                           kept_params=kept_share(masks, self.params, self.inputs_from),
                           seconds=time.perf_counter() - t0, mask=mask_hash(masks),
-                          score=prob if self.cfg.score == "probability" else None)
+                          score=prob if self.cfg.score == "probability" else None, diverged=bad > 0)
 
     @property
     def trains(self) -> str:
@@ -324,7 +324,7 @@ class TaskContext:
             zero()  # pruned filters stay pruned
         model.eval()
 
-    def _scores(self, model: nn.Module) -> tuple[float, float]:
+    def _scores(self, model: nn.Module) -> tuple[float, float, int]:
         from evoprune.train import true_class_probability
 
         return true_class_probability(model, self.data, self.data.val, device=self.device,
