@@ -21,6 +21,7 @@ from typing import Callable
 
 from evoprune.evolve.config import Config
 from evoprune.masks import TaskMasks, UnusableMetric, mask_hash
+from evoprune.pretrain import near_chance
 from evoprune.primitives.baselines import BASELINES
 from evoprune.primitives.expr import canonical_hash, parse
 from evoprune.records import geometric_mean
@@ -77,12 +78,57 @@ class ProxyCheck:
     by_accuracy: dict = field(default_factory=dict)
     verdict: str = ""
     checks: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # `near_chance_warning`
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for m, row in zip(self.metrics, d["metrics"]):
             row.update(mean=m.mean, std=m.std, reference_mean=m.reference_mean)
         return d
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A task's reference points for its proxy scores: chance accuracy and the pretrained model's
+    validation accuracy (what pruning and the fine-tune start from)."""
+
+    classes: int
+    pretrained: float | None
+
+    @classmethod
+    def of(cls, pre) -> "Floor":
+        acc = pre.meta.get("val_acc")
+        return cls(pre.data.num_classes, acc if isinstance(acc, (int, float)) else None)
+
+    @property
+    def chance(self) -> float:
+        return 1 / self.classes
+
+    def near(self, accuracy: float) -> bool:
+        return near_chance(accuracy, self.classes)
+
+
+def near_chance_warning(best: dict[str, float], floors: dict[str, Floor], proxy, *,
+                        in_check: bool = False) -> str | None:
+    """A warning when on some task the best accuracy any proxy network reached (`best`, task ->
+    accuracy) is near chance while the pretrained model was not: such a proxy cannot tell
+    formulas apart (its fine-tune undoes what pruning left, or it prunes too much). A pretrained
+    model itself near chance was warned of when it was loaded."""
+    low = []
+    for task, acc in best.items():
+        floor = floors[task]
+        if floor.near(acc) and not (floor.pretrained is not None and floor.near(floor.pretrained)):
+            was = "" if floor.pretrained is None else f", {floor.pretrained:.1%} before pruning"
+            low.append(f"{task} at best {acc:.1%} (chance {floor.chance:.1%}{was})")
+    if not low:
+        return None
+    a = proxy.allocation
+    amount = {"ratio": f"ratio {a.ratio:g}", "flops": f"flops_reduction {a.flops_reduction:g}",
+              "tau": f"tau {a.tau:g}"}[a.target]
+    return (f"every network the full proxy scored ends near chance accuracy on val: {'; '.join(low)}. "
+            "Formulas cannot be told apart on such a proxy: its fine-tune undoes what pruning left "
+            f"([proxy] lr {proxy.lr:g}, finetune_steps {proxy.finetune_steps}) or it prunes too much "
+            f"({amount})" + ("" if in_check else "; `evoprune proxy check` measures whether it tells metrics apart"))
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:
@@ -150,9 +196,10 @@ def _maskers(cfg: Config, proxy: ProxyConfig, stats: list[str], device: str) -> 
 
 
 def score_metrics(cfg: Config, proxy: ProxyConfig, metrics: list[tuple[str, str, bool]],
-           device: str) -> dict[str, tuple[float, float]]:
+                  device: str, best: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
     """(fitness, geometric mean of the tasks' accuracies) of every metric's full proxy under
-    `proxy` (its own data order); zeros for a metric that cannot rank a task's filters."""
+    `proxy` (its own data order); zeros for a metric that cannot rank a task's filters. `best`,
+    when given, is raised to each task's highest accuracy among these runs."""
     r = cfg.run
     maskers = _maskers(cfg, proxy, sorted({s for _, e, _ in metrics for s in parse(e).stats()}), device)
     evaluator = InProcessEvaluator(WorkerSpec(proxy=proxy, data_root=r.data_root or None,
@@ -172,6 +219,9 @@ def score_metrics(cfg: Config, proxy: ProxyConfig, metrics: list[tuple[str, str,
             jobs.append(Job(key, expression, "full", masks))
         by_key[key].append(name)
     for job, rec in evaluator.run(jobs):
+        if best is not None:
+            for task, r in rec.tasks.items():
+                best[task] = max(best.get(task, 0.0), r.accuracy)
         for name in by_key[job.key]:
             out[name] = (rec.fitness, geometric_mean([r.accuracy for r in rec.tasks.values()]))
     return out
@@ -200,15 +250,28 @@ def check_proxy(cfg: Config, *, orders: int = 5, n_random: int = 6, reference_fa
                                   finetune_steps=max(1, base.finetune_steps) * reference_factor))
             for j in range(reference_seeds)]
     results = {n: {k: [] for k in ("proxy", "reference", "proxy_acc", "reference_acc")} for n, _, _ in metrics}
+    best: dict[str, float] = {}  # each task's best accuracy over the proxy's (not the reference's) runs
     for i, (kind, proxy) in enumerate(runs):
         on_progress(kind, i, len(runs))
-        for name, (f, acc) in score_metrics(cfg, proxy, metrics, device).items():
+        for name, (f, acc) in score_metrics(cfg, proxy, metrics, device, best if kind == "proxy" else None).items():
             results[name][kind].append(f)
             results[name][kind + "_acc"].append(acc)
     on_progress("done", len(runs), len(runs))
     rows = [MetricScores(n, e, b, results[n]["proxy"], results[n]["reference"], results[n]["reference_acc"],
                          results[n]["proxy_acc"]) for n, e, b in metrics]
-    return summarize(cfg, rows, orders, reference_factor, reference_seeds, time.perf_counter() - t0)
+    check = summarize(cfg, rows, orders, reference_factor, reference_seeds, time.perf_counter() - t0)
+    if best and (w := near_chance_warning(best, _floors(cfg, device), base, in_check=True)):
+        check.warnings.append(w)
+    return check
+
+
+def _floors(cfg: Config, device: str) -> dict[str, Floor]:
+    from evoprune.pretrain import pretrained
+    from evoprune.tasks import get_task
+
+    r = cfg.run
+    return {t: Floor.of(pretrained(get_task(t, r.tasks_file or None), data_root=r.data_root or None,
+                                   cache_dir=r.cache_dir or None, device=device)) for t in cfg.proxy.tasks}
 
 
 def _noise_gap(rows: list[MetricScores], scores: Callable[[MetricScores], list[float]]) -> tuple[float, float]:

@@ -16,9 +16,10 @@ from evoprune.errors import EvopruneError
 from evoprune.evolve.canon import Simplifier
 from evoprune.evolve.config import Config
 from evoprune.evolve.engine import GenerationReport, ResumePoint, Search
+from evoprune.evolve.proxy_check import Floor, near_chance_warning
 from evoprune.evolve.validation import Validation, validate
 from evoprune.masks import TaskMasks
-from evoprune.pretrain import near_chance, pretrained
+from evoprune.pretrain import pretrained
 from evoprune.progress import counted
 from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus
 from evoprune.tasks import get_task
@@ -52,53 +53,19 @@ class SearchResult:
     warnings: list[str] = field(default_factory=list)  # what makes the result worth less (`proxy_warnings`)
 
 
-@dataclass(frozen=True)
-class Floor:
-    """A task's reference points for its proxy scores: chance accuracy and the pretrained model's
-    validation accuracy (what pruning and the fine-tune start from)."""
-
-    classes: int
-    pretrained: float | None
-
-    @classmethod
-    def of(cls, pre) -> "Floor":
-        acc = pre.meta.get("val_acc")
-        return cls(pre.data.num_classes, acc if isinstance(acc, (int, float)) else None)
-
-    @property
-    def chance(self) -> float:
-        return 1 / self.classes
-
-    def near(self, accuracy: float) -> bool:
-        return near_chance(accuracy, self.classes)
-
-
 def proxy_warnings(records, floors: dict[str, Floor], diverged: int, runs: int, cfg: Config) -> list[str]:
-    """What a search's proxy results say about the proxy itself: on a task where every full-proxy
-    network of `records` ends near chance, the formulas cannot be told apart (a fine-tune that
-    destroys what pruning left, or a ratio that leaves nothing); `diverged` of `runs` proxy runs
-    gave non-finite outputs (scored as wrong)."""
-    p, out = cfg.proxy, []
-    full = [r for r in records if r.valid and r.stage == "full"]
-    low = []
-    for task, floor in floors.items():
-        accs = [r.tasks[task].accuracy for r in full if task in r.tasks]
-        if floor.pretrained is not None and floor.near(floor.pretrained):
-            continue  # the pretrained model is itself near chance: said when it was loaded
-        if accs and floor.near(max(accs)):
-            was = "" if floor.pretrained is None else f", {floor.pretrained:.1%} before pruning"
-            low.append(f"{task} at best {max(accs):.1%} (chance {floor.chance:.1%}{was})")
-    if low:
-        a = p.allocation
-        amount = {"ratio": f"ratio {a.ratio:g}", "flops": f"flops_reduction {a.flops_reduction:g}",
-                  "tau": f"tau {a.tau:g}"}[a.target]
-        out.append(f"every network the full proxy scored ends near chance accuracy on val: {'; '.join(low)}. "
-                   "Formulas cannot be told apart on such a proxy: its fine-tune undoes what pruning left "
-                   f"([proxy] lr {p.lr:g}, finetune_steps {p.finetune_steps}) or it prunes too much "
-                   f"({amount}); `evoprune proxy check` measures whether it tells metrics apart")
+    """What a search's proxy results say about the proxy itself: `near_chance_warning` over the
+    full-proxy records of `records`; `diverged` of `runs` proxy runs gave non-finite outputs
+    (scored as wrong)."""
+    best: dict[str, float] = {}
+    for r in records:
+        if r.valid and r.stage == "full":
+            for task, t in r.tasks.items():
+                best[task] = max(best.get(task, 0.0), t.accuracy)
+    out = [w] if (w := near_chance_warning({t: a for t, a in best.items() if t in floors}, floors, cfg.proxy)) else []
     if diverged:
         out.append(f"{counted(diverged, 'proxy run')} of {runs} diverged (outputs not finite on val: scored as "
-                   f"wrong, probability 0); lower [proxy] lr ({p.lr:g})")
+                   f"wrong, probability 0); lower [proxy] lr ({cfg.proxy.lr:g})")
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import evoprune
@@ -318,6 +319,8 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
         out.print(f"scored by accuracy instead (both sides): noise {a['noise']:.4f}; best - median baseline "
                   f"{a['gap']:.4f}; Kendall tau {a['tau']:.2f} (95% CI {a['tau_ci'][0]:.2f} to {a['tau_ci'][1]:.2f})",
                   highlight=False, markup=False)
+    for text in res.warnings:
+        out.print(f"[yellow]warning: {escape(text)}[/]", highlight=False)
     out.print(f"{res.verdict}\nplot: {png}", highlight=False, markup=False)
 
 

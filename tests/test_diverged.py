@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -188,3 +189,19 @@ def test_proxy_warnings_name_the_tasks_near_chance_and_spare_a_weak_pretrained_m
     assert proxy_warnings([rec(0.15, 0.5)], {"a": Floor(10, 0.12), "b": Floor(100, 0.7)}, 0, 1, cfg) == []
     (w,) = proxy_warnings([rec(0.9, 0.5)], floors, 3, 10, cfg)
     assert w.startswith("3 proxy runs of 10 diverged") and "lower [proxy] lr (0.01)" in w
+
+
+def test_proxy_check_warns_of_a_proxy_that_leaves_every_network_near_chance(digits_pretrained, cache_dir, tmp_path,
+                                                                            capsys):
+    cfg = tmp_path / "hot.toml"
+    cfg.write_text('[proxy]\ntasks = ["digits-cnn"]\nlr = 5\n')
+    args = ["proxy", "check", "--config", cfg, "--cache-dir", cache_dir, "--device", "cpu", "--orders", "2",
+            "--random", "0", "--reference-seeds", "1", "--reference-factor", "2", "--plot", tmp_path / "p.png"]
+    rc, out, err = run(capsys, *args)
+    said = " ".join(out.split())
+    assert rc == 0, err
+    assert "warning: every network the full proxy scored ends near chance accuracy on val: digits-cnn at best" in said
+    assert re.search(r"\(chance 10\.0%, (9\d|100)\.\d% before pruning\)", said), said
+    assert "[proxy] lr 5," in said and "proxy check` measures" not in said  # said within the check itself
+    rc, out, err = run(capsys, *args, "--json")
+    assert rc == 0 and "near chance" in json.loads(out)["warnings"][0]
