@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from evoprune.evolve.config import Config
-from evoprune.progress import counted
+from evoprune.progress import counted, hms
 
 
 class SearchDisplay:
@@ -21,6 +21,8 @@ class SearchDisplay:
         self.t0 = time.perf_counter()
         self.status, self.gen, self.best, self.best_expr = "starting", -1, 0.0, ""
         self.done = self.total = self.evals = self.hits = 0
+        self.gen_seconds: dict[int, float] = {}  # generation -> its seconds, as this call ran them
+        self.gen_ended = time.perf_counter()
         self.live = Live(self._render(), console=console, refresh_per_second=4, transient=True) \
             if console.is_terminal else None
 
@@ -33,13 +35,26 @@ class SearchDisplay:
         if self.live:
             self.live.__exit__(*exc)
 
+    def eta(self) -> float | None:
+        """Seconds until the last generation ends: the generations left at the mean time of those
+        this call ran after its first (the initial one scores the whole population and the
+        baselines, and is slower), less the time the one under way has had; None before the
+        first generation ends or after the last."""
+        left = self.cfg.search.generations - self.gen
+        if self.gen < 0 or left <= 0 or not self.gen_seconds:
+            return None
+        first = min(self.gen_seconds)
+        later = [sec for g, sec in self.gen_seconds.items() if g != first] or [self.gen_seconds[first]]
+        return max(0.0, sum(later) / len(later) * left - (time.perf_counter() - self.gen_ended))
+
     def _render(self):
         t = Table.grid(padding=(0, 2))
         rate = self.evals / max(time.perf_counter() - self.t0, 1e-9)
+        eta = self.eta()
         t.add_row(f"[bold]{self.status}[/]",
                   f"generation {max(self.gen, 0)}/{self.cfg.search.generations}",
                   f"batch {self.done}/{self.total}", f"{rate:.2f} eval/s", f"cache hits {self.hits}",
-                  f"best {self.best:.4f}")
+                  f"best {self.best:.4f}", "" if eta is None else f"eta {hms(eta)}")
         t.add_row("", f"[dim]{self.best_expr[:110]}[/]")
         return t
 
@@ -59,12 +74,15 @@ class SearchDisplay:
         elif kind == "generation":
             r = info["report"]
             self.gen, self.hits = r.index, r.counters["canonical_hits"] + r.counters["mask_hits"]
+            self.gen_seconds[r.index], self.gen_ended = r.seconds, time.perf_counter()
             if r.best >= self.best:
                 self.best, self.best_expr = r.best, r.best_expression
             if not self.live:
+                eta = self.eta()
                 self.console.print(f"generation {r.index}/{self.cfg.search.generations}  best {r.best:.4f}  "
                                    f"mean {r.mean:.4f}  proxy runs {r.evaluations}  cache hits {r.cache_hits}  "
-                                   f"{r.seconds:.1f} s  {r.best_expression}", highlight=False, markup=False)
+                                   f"{r.seconds:.1f} s{'' if eta is None else f'  eta {hms(eta)}'}  "
+                                   f"{r.best_expression}", highlight=False, markup=False)
         if self.live:
             self.live.update(self._render())
 

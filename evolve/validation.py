@@ -12,6 +12,7 @@ scores only what is missing and `evoprune metrics compare` and the report can sh
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -19,6 +20,7 @@ from evoprune.db import store
 from evoprune.evolve.config import Config
 from evoprune.masks import TaskMasks, UnusableMetric
 from evoprune.primitives.expr import parse
+from evoprune.progress import hms
 from evoprune.uncertainty import Comparison, against_best
 from evoprune.workers.proxy import Job
 
@@ -44,11 +46,15 @@ def validate(cfg: Config, engine, run_id: int, evaluator, candidates: dict[int, 
     scores = store.validation_scores(engine, run_id)
     stats = sorted({s for e in candidates.values() for s in parse(e).stats()})
     r = cfg.run
+    t0, worked = time.perf_counter(), 0  # orders with something to score (a resumed run has some done)
     for i, seed in enumerate(seeds):
         todo = {cid: e for cid, e in candidates.items() if seed not in scores.get(cid, {})}
-        on_progress("status", {"text": f"validating {len(candidates)} formulas on fresh data order {i + 1}/{orders}"})
+        eta = f"  eta {hms((time.perf_counter() - t0) / worked * (orders - i))}" if worked and todo else ""
+        on_progress("status", {"text": f"validating {len(candidates)} formulas on fresh data order {i + 1}/{orders}"
+                                       f"{eta}"})
         if not todo:
             continue
+        worked += 1
         proxy = replace(cfg.proxy, data_seed=seed)
         maskers = {t: TaskMasks.load(t, proxy.allocation, stats, stat_images=proxy.stat_images, seed=seed,
                                      data_root=r.data_root or None, cache_dir=r.cache_dir or None,

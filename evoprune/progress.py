@@ -25,11 +25,16 @@ def counted(n: int, noun: str, plural: str = "") -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def hms(seconds: float) -> str:
+    """'4:05' under an hour, '2:04:05' from one on."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
 def _eta(done: int, total: int, elapsed: float) -> str:
     if done <= 0 or done >= total:
         return ""
-    left = elapsed / done * (total - done)
-    return f"  eta {int(left // 60)}:{int(left % 60):02d}"
+    return f"  eta {hms(elapsed / done * (total - done))}"
 
 
 @contextlib.contextmanager

@@ -22,3 +22,40 @@ def test_a_log_gets_a_line_when_steps_are_slow():
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("tpp 40/10000  loss 0.900  eta ") and len(lines) == 2
     assert lines[1] == "tpp 10000/10000  loss 0.100"
+
+
+def test_hms():
+    from evoprune.progress import hms
+
+    assert [hms(x) for x in (0, 59.4, 65, 3599, 3600, 7384, -3)] == ["0:00", "0:59", "1:05", "59:59", "1:00:00",
+                                                                     "2:03:04", "0:00"]
+
+
+def test_a_search_shows_the_time_left_from_the_generations_after_its_first():
+    """The first generation scores the whole population and the baselines: the estimate uses the
+    later ones once there are any, less the time the one under way has had."""
+    from evoprune.evolve.config import Config
+    from evoprune.evolve.engine import GenerationReport
+    from evoprune.evolve.progress import SearchDisplay
+
+    buf = io.StringIO()
+    cfg = Config.from_dict({"search": {"generations": 4}})
+    d = SearchDisplay(Console(file=buf, force_terminal=False, width=300), cfg)
+    assert d.eta() is None
+
+    def ended(g, seconds):
+        counters = {"canonical_hits": 0, "mask_hits": 0}
+        d.update("generation", {"report": GenerationReport(g, 0.5, "w_l1", 0.4, 10, 0, seconds, counters)})
+
+    ended(0, 100.0)
+    assert 399 < d.eta() <= 400  # 4 left, at the only time known
+    ended(1, 10.0)
+    ended(2, 20.0)
+    assert 29 < d.eta() <= 30  # 2 left at 15 s, not 100
+    d.gen_ended -= 12  # 12 s into generation 3
+    assert 17 < d.eta() <= 18
+    ended(3, 15.0)
+    ended(4, 15.0)
+    assert d.eta() is None
+    lines = buf.getvalue().splitlines()
+    assert "eta 6:40" in lines[0] and "eta 0:30" in lines[2] and "eta" not in lines[4]
