@@ -427,7 +427,8 @@ def metrics_show(candidate_id: Annotated[int, typer.Argument(parser=parse_id, he
               f"fitness     {row['fitness']:.4f} ({row['stage'] or 'not evaluated'}), size {row['size']}, "
               f"depth {row['depth']}" + ("" if row["valid"] else f"\ninvalid     {row['reason']}"),
               highlight=False, markup=False)
-    emit(row["evaluations"], "evaluations")
+    # the table says "diverged" where it happened, not False on every other row
+    emit([{**e, "diverged": "diverged" if e["diverged"] else ""} for e in row["evaluations"]], "evaluations")
     if row["lineage"]:
         emit(row["lineage"], "lineage (ancestors in this run)")
 
