@@ -139,8 +139,14 @@ class RunConfig:
     threads: int = 0  # torch threads of an evaluating process: 0 = torch's default in-process, 1 per Ray actor
     placement_timeout_s: float = 120.0  # with every Ray worker lost, how long to wait for one before failing
     simplify_processes: int = 0  # processes making a generation's canonical forms (sympy); 0: auto; 1: the driver
+    time_limit: str = ""  # e.g. "90m", "2h", "1h30m": no generation starts that would end past it ("": none)
+
+    @property
+    def time_limit_s(self) -> float | None:
+        return duration_s(self.time_limit, "[run] time_limit") if self.time_limit else None
 
     def __post_init__(self):
+        self.time_limit_s  # a bad duration is refused with the config
         if not 0 <= self.threads <= 256:
             raise EvopruneError("[run] threads must be in [0, 256]")
         if not 0 <= self.simplify_processes <= 256:
@@ -177,6 +183,22 @@ class Config:
                        run=_build(RunConfig, d.get("run", {}), "run"))
         except EvopruneError as e:
             raise EvopruneError(f"{source}: {e}") from None
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
+def duration_s(text: str, where: str) -> float:
+    """Seconds in a duration as people write one: "90m", "2h", "1h30m", "45s", "3600" (seconds);
+    more than 0 and at most a year."""
+    m = _DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if not m or not any(m.groups()):
+        raise EvopruneError(f"{where} must be a duration such as 90m, 2h, 1h30m or 45s, got {text!r}"[:200])
+    h, mins, sec = (float(g) if g else 0.0 for g in m.groups())
+    total = h * 3600 + mins * 60 + sec
+    if not 0 < total <= 365 * 86400:
+        raise EvopruneError(f"{where} must be more than 0 and at most a year, got {text!r}")
+    return total
 
 
 def _value(v, default, where: str):

@@ -137,6 +137,7 @@ class Search:
         self._unwritten: list[Callable[[], None]] = []
         self._defer = False
         self.history: list[GenerationReport] = []
+        self.stopped_after: int | None = None  # the last generation, when `[run] time_limit` ended the run before
         # the best distinct formulas seen (by canonical form); rebuilt from the candidates on resume
         self.hall_of_fame = tools.HallOfFame(s.hall_of_fame, similar=lambda a, b: self._same(a, b))
 
@@ -357,9 +358,11 @@ class Search:
             raise RuntimeError(f"{len(missing)} jobs never returned")
         return out
 
-    def rescore(self, expressions: list[str], stage: str = "full") -> dict[str, FitnessRecord]:
+    def rescore(self, expressions: list[str], stage: str = "full", record: bool = True) -> dict[str, FitnessRecord]:
         """Run `stage` for stored formulas again (the final round: candidates racing only
-        screened); the recorder gets the new results. Returns expression -> record."""
+        screened); the recorder gets the new results unless `record` is false (a run that will
+        go on: its caches must hold what its generations made, so that it continues as an
+        uninterrupted run would). Returns expression -> record."""
         masks_of, first, key_of = {}, {}, {}
         self._simplify(expressions)
         for text in expressions:
@@ -369,15 +372,14 @@ class Search:
             first.setdefault(key, text)
         # sorted: the same jobs in the same order on every run, whatever the order asked
         results = self._run_jobs([(k, first[k], stage) for k in sorted(first, key=str)], masks_of, -1)
-        out, rows = {}, []
-        for text in expressions:
-            rec = results[key_of[text]].renamed(text)
-            out[text] = rec
-            h = self._canonical(text)[1]
-            self.records[h] = rec
-            ind = self._from_expression(text)
-            rows.append(self._candidate(ind, h, -1))
-        self.recorder.candidates(rows)
+        out = {text: results[key_of[text]].renamed(text) for text in expressions}
+        if record:
+            rows = []
+            for text, rec in out.items():
+                h = self._canonical(text)[1]
+                self.records[h] = rec
+                rows.append(self._candidate(self._from_expression(text), h, -1))
+            self.recorder.candidates(rows)
         return out
 
     def _assign(self, ind) -> None:
@@ -474,6 +476,9 @@ class Search:
             else:
                 pop, start = self._restore_population(resume.last), resume.last.index
             for g in range(start + 1, s.generations + 1):
+                if self._out_of_time(t_run):
+                    self.stopped_after = g - 1
+                    break
                 t0 = time.perf_counter()
                 elites = [self.toolbox.clone(x) for x in tools.selBest(pop, s.elites)]
                 kids = self.children(pop, {self._canonical(str(e))[1] for e in elites}, chunk)
@@ -493,6 +498,17 @@ class Search:
             self.seconds["capacity"] = self.seconds["search"] * getattr(self.evaluator, "size", 1)
             self._running = False
         return pop
+
+    def _out_of_time(self, t_run: float) -> bool:
+        """With `[run] time_limit`: whether the next generation would likely end past it, at the
+        mean time of this call's generations after its first (the first scores the baselines and
+        the whole population), or at the first's while it is the only one."""
+        limit = self.cfg.run.time_limit_s
+        if limit is None or not self.history:
+            return False
+        times = [r.seconds for r in self.history]
+        later = times[1:] or times
+        return time.perf_counter() - t_run + sum(later) / len(later) > limit
 
     def _generation(self, g: int, kept: list, new: Iterable, t0: float) -> list:
         """Evaluate `new` (possibly lazy), record generation `g` of kept + new; returns it."""

@@ -23,6 +23,7 @@ class SearchDisplay:
         self.done = self.total = self.evals = self.hits = 0
         self.gen_seconds: dict[int, float] = {}  # generation -> its seconds, as this call ran them
         self.gen_ended = time.perf_counter()
+        self.searching: float | None = None  # when the generations began
         self.live = Live(self._render(), console=console, refresh_per_second=4, transient=True) \
             if console.is_terminal else None
 
@@ -45,7 +46,11 @@ class SearchDisplay:
             return None
         first = min(self.gen_seconds)
         later = [sec for g, sec in self.gen_seconds.items() if g != first] or [self.gen_seconds[first]]
-        return max(0.0, sum(later) / len(later) * left - (time.perf_counter() - self.gen_ended))
+        now = time.perf_counter()
+        eta = sum(later) / len(later) * left - (now - self.gen_ended)
+        if (limit := self.cfg.run.time_limit_s) is not None and self.searching is not None:
+            eta = min(eta, limit - (now - self.searching))  # [run] time_limit stops it sooner
+        return max(0.0, eta)
 
     def _render(self):
         t = Table.grid(padding=(0, 2))
@@ -63,6 +68,8 @@ class SearchDisplay:
             self.cfg = info["config"]
         elif kind == "status":
             self.status = info["text"]
+            if self.status == "searching":
+                self.searching = time.perf_counter()
             if not self.live:
                 self.console.print(info["text"], highlight=False)
         elif kind == "warning":
@@ -116,6 +123,8 @@ class SearchDisplay:
             c.print(f"search {sec['search']:.0f} s: the workers were busy {min(busy, 1):.0%} of it; the driver's "
                     f"own work took {1 - sec['proxy'] / sec['search']:.0%} (canonical forms "
                     f"{sec['canonical'] / sec['search']:.0%})", highlight=False)
+        if result.stopped:
+            c.print(f"[yellow]{escape(result.stopped)}[/]", highlight=False)
         if result.finalists:
             db = f" --db {self.db}" if self.db else ""
             best = result.finalists[0].candidate_id

@@ -51,6 +51,7 @@ class SearchResult:
     validation: Validation | None = None  # finalists and baselines on fresh data orders
     seconds: dict = field(default_factory=dict)  # the search's wall time and its parts (Search.seconds)
     warnings: list[str] = field(default_factory=list)  # what makes the result worth less (`proxy_warnings`)
+    stopped: str = ""  # why the run stopped before its last generation ([run] time_limit), with how to go on
 
 
 def proxy_warnings(records, floors: dict[str, Floor], diverged: int, runs: int, cfg: Config) -> list[str]:
@@ -200,21 +201,30 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
                                f"{recorder.run_id}` continues it once the cluster is back") from None
         with _status_on_error(recorder):
             on_progress("status", {"text": "fine-tuning the finalists and the baselines for the summary"})
-            finalists, baselines = _final_round(search, engine, recorder.run_id, top)
+            # a run stopped at its time limit goes on with --resume: its summary's full fine-tunes
+            # are not stored (the run's end makes and stores the same ones)
+            finalists, baselines = _final_round(search, engine, recorder.run_id, top,
+                                                record=search.stopped_after is None)
             checked = None
             if cfg.search.validation_orders:
                 checked = validate(cfg, engine, recorder.run_id, evaluator,
                                    {f.candidate_id: f.expression for f in finalists + baselines},
                                    {b.candidate_id for b in baselines}, cfg.search.validation_orders, device,
                                    on_progress)
-        recorder.status(RunStatus.finished)
+        stopped = ""
+        if search.stopped_after is not None:  # the summary is made; the generations left are for --resume
+            stopped = (f"stopped at the time limit ({cfg.run.time_limit}) after generation {search.stopped_after} "
+                       f"of {cfg.search.generations}; `evoprune evolve --resume {recorder.run_id}` continues it")
+            recorder.status(RunStatus.interrupted, stopped)
+        else:
+            recorder.status(RunStatus.finished)
     finally:
         evaluator.close()
         simplifier.close()
     k = search.counters
     warnings = proxy_warnings([f.record for f in finalists + baselines], floors, k.diverged, k.evaluations, cfg)
     return SearchResult(recorder.run_id, finalists, baselines, search.history, k.snapshot(), checked,
-                        dict(search.seconds), warnings)
+                        dict(search.seconds), warnings, stopped)
 
 
 @contextlib.contextmanager
@@ -233,15 +243,18 @@ def _ranked(cands: list[CandidateRecord]) -> list[CandidateRecord]:
     return sorted((c for c in cands if c.record.valid), key=lambda c: (-c.record.fitness, c.size, c.id))
 
 
-def _final_round(search: Search, engine, run_id: int, top: int) -> tuple[list[Finalist], list[Finalist]]:
+def _final_round(search: Search, engine, run_id: int, top: int,
+                 record: bool = True) -> tuple[list[Finalist], list[Finalist]]:
     """Full-proxy results for the best formulas and the seeded baselines (racing may have only
-    screened some of them), so the summary compares like with like."""
+    screened some of them), so the summary compares like with like; stored unless `record` is
+    false."""
     cands = store.candidate_records(engine, run_id)
     seeds = [c for c in cands if c.baseline]
     need = {c.expression for c in _ranked(cands)[: top * 2] + seeds if c.record.stage != "full" and c.record.valid}
     if need:
-        search.rescore(sorted(need), "full")
-        cands = store.candidate_records(engine, run_id)
+        got = search.rescore(sorted(need), "full", record=record)
+        cands = store.candidate_records(engine, run_id) if record else \
+            [replace(c, record=got[c.expression]) if c.expression in got else c for c in cands]
     distinct, seen = [], set()
     for c in _ranked(cands):  # one formula per set of masks: the others prune exactly the same filters
         if c.record.stage == "full" and c.mask_key() not in seen:

@@ -231,6 +231,10 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
                                                           "in this process.")] = None,
            generations: Annotated[Optional[int], typer.Option("--generations", help="Override "
                                                               "[search] generations.")] = None,
+           time_limit: Annotated[Optional[str], typer.Option("--time-limit", help="No generation starts that "
+                                                             "would likely end past this (90m, 2h, 1h30m); the "
+                                                             "summary follows, --resume continues ([run] "
+                                                             "time_limit).")] = None,
            address: Annotated[Optional[str], typer.Option("--address", help="The Ray cluster to join (else "
                                                           "[run] address, $RAY_ADDRESS, a `ray start` on this "
                                                           "machine); implies Ray workers.")] = None,
@@ -239,11 +243,13 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
     """Search for a pruning metric (the default search runs on the digits task)."""
     from dataclasses import replace
 
-    from evoprune.evolve.config import load_config
+    from evoprune.evolve.config import duration_s, load_config
     from evoprune.evolve.progress import SearchDisplay
     from evoprune.evolve.service import run_search
 
     cfg = load_config(config)
+    if time_limit is not None:
+        duration_s(time_limit, "--time-limit")
     if workers is not None:
         if workers != "auto" and not workers.isdigit():
             raise EvopruneError(f"--workers takes a number or 'auto', got {workers!r}")
@@ -252,7 +258,7 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
         workers = -1  # a cluster asked for: one worker per CPU (or GPU) it offers
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
                  dict(workers=workers, data_root=data_root, cache_dir=cache_dir, device=device,
-                      address=address, tasks_file=tasks_file).items() if v is not None}
+                      address=address, tasks_file=tasks_file, time_limit=time_limit).items() if v is not None}
     cfg = replace(cfg, run=replace(cfg.run, **overrides))
     if generations is not None:
         cfg = replace(cfg, search=replace(cfg.search, generations=generations))

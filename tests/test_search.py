@@ -201,6 +201,9 @@ def test_driver_killed_between_generations_resumes_to_the_same_population(digits
     ("[proxy]\nlr = 1e9\n", "lr must be in (0, 10]"),
     ("[proxy]\nweight_decay = nan\n", "must be a finite number"),
     ("[run]\ndevice = 'tpu'\n", "device must be auto, cpu, cuda or cuda:N"),
+    ("[run]\ntime_limit = '2d'\n", "[run] time_limit must be a duration such as 90m, 2h, 1h30m or 45s, got '2d'"),
+    ("[run]\ntime_limit = 3600\n", "[run] time_limit must be a str"),
+    ("[run]\ntime_limit = '0m'\n", "time_limit must be more than 0 and at most a year"),
 ])
 def test_malformed_config_is_refused_with_one_clear_line(text, words, tmp_path, capsys):
     f = tmp_path / "bad.toml"
@@ -268,6 +271,20 @@ def test_bad_workers_flag(tmp_path, capsys):
     assert main(["evolve", "--workers", "many", "--db", str(tmp_path / "w.db")]) == 2
     err = capsys.readouterr().err
     assert "--workers takes a number or 'auto'" in err and err.count("\n") == 1
+    assert main(["evolve", "--time-limit", "soon", "--db", str(tmp_path / "w.db")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --time-limit must be a duration such as 90m") and err.count("\n") == 1
+    assert not (tmp_path / "w.db").exists()
+
+
+def test_durations():
+    from evoprune.evolve.config import duration_s
+
+    assert [duration_s(t, "x") for t in ("90m", "2h", "1h30m", "45s", "3600", "1.5h", " 2H ", "0.5s")] == \
+        [5400, 7200, 5400, 45, 3600, 5400, 7200, 0.5]
+    for bad in ("", "h", "2d", "1m1h", "-5", "1e3", "0", "9" * 400 + "h"):
+        with pytest.raises(EvopruneError, match="^x must be"):
+            duration_s(bad, "x")
 
 
 def _generation_rows(db):
@@ -297,3 +314,15 @@ def test_a_resumed_run_makes_the_cache_decisions_of_an_uninterrupted_one(digits_
     assert [r[0] for r in resumed] == [0, 1, 2, 3]
     # the same proxy runs and the same cache hits in every generation, and the same populations
     assert resumed == straight
+    # [run] time_limit: a planned stop after a generation, with the summary made; --resume goes on
+    timed = replace(cfg, run=replace(cfg.run, time_limit="0.001s"), search=replace(cfg.search, validation_orders=2))
+    result = run_search(timed, db_url=str(tmp_path / "timed.db"))
+    assert result.stopped.startswith("stopped at the time limit (0.001s) after generation 0 of 3; `evoprune evolve "
+                                     "--resume 1` continues it")
+    assert result.finalists and result.validation is not None and len(result.validation.seeds) == 2
+    with sqlite3.connect(tmp_path / "timed.db") as c:
+        assert c.execute("SELECT status, note FROM runs").fetchone() == ("interrupted", result.stopped)
+    assert not run_search(cfg, db_url=str(tmp_path / "timed.db"), resume=1).stopped  # this call sets no limit
+    assert _generation_rows(tmp_path / "timed.db") == straight
+    with sqlite3.connect(tmp_path / "timed.db") as c:
+        assert c.execute("SELECT status FROM runs").fetchone()[0] == "finished"
