@@ -60,12 +60,13 @@ def make_masks(node: Node, table: StatTable, allocation: Allocation, structure: 
     def expand(masks: Masks) -> Masks:
         return {n: m for key, m in masks.items() for n in members[key]}
 
-    every = list(structure.macs)
-    masks = allocate(group_scores(groups, by_layer), allocation, macs=structure.macs,
+    macs = structure.cost_macs  # the prunable layers' and the depthwise convs' that follow their channels
+    every = list(macs)
+    masks = allocate(group_scores(groups, by_layer), allocation, macs=macs,
                      inputs_from=structure.inputs_from, expand=expand, layers=every,
                      data=budget_data(groups, table, allocation))
     if allocation.target == "flops":
-        removed = 1 - kept_share(masks, structure.macs, structure.inputs_from, layers=every)
+        removed = 1 - kept_share(masks, macs, structure.inputs_from, layers=every)
         if removed < allocation.flops_reduction - 1e-6:
             layers = f"these {len(masks)} layers" if len(masks) != 1 else "this 1 layer"
             raise EvopruneError(f"pruning {layers} removes at most {removed:.1%} of the prunable MACs, not "

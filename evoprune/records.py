@@ -22,7 +22,7 @@ class TaskResult:
     """One candidate's masks trained (or screened) on one task."""
 
     accuracy: float  # validation top-1 after the stage
-    kept_flops: float  # share of the prunable layers' MACs left
+    kept_flops: float  # share of the prunable layers' MACs left (depthwise followers included)
     kept_params: float  # share of their parameters left
     seconds: float
     mask: str  # hash of the masks the worker applied (evoprune.masks.mask_hash)

@@ -27,6 +27,10 @@ class LayerInfo:
     macs: int = 0  # multiply-accumulates for one input image
     sites: int = 1  # PFP's eta: max over consumers of (output positions + 1) x the inputs each channel feeds
     channel_axis: int = 1  # the output's channel axis: 1, or the last for a linear layer on [N, ..., C]
+    # depthwise convs whose channels are ours (through them, not just into them): name -> (MACs, params);
+    # cutting our filters cuts their channels too, and the input of the layers they feed (`through`)
+    followers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    through: list[str] = field(default_factory=list)  # prunable layers reading our channels past followers
 
     def filters(self) -> Tensor:
         """The layer's filters flattened: [C_out, fan_in] (detached)."""
@@ -38,9 +42,22 @@ class Structure:
     """Per prunable layer (by name): cost, BN and the single layer feeding it, for allocators."""
     macs: dict[str, int]
     params: dict[str, int]
-    inputs_from: dict[str, str]  # the one prunable layer whose channels are this layer's input
+    inputs_from: dict[str, str]  # the one prunable layer whose channels are this layer's input (a follower's too)
     bn_of: dict[str, str | None]  # the BN module's name, or None
     out_channels: dict[str, int]
+    # depthwise convs that follow a prunable layer's channels (not prunable themselves): their cost
+    # shrinks with that layer's kept filters (MobileNet, EfficientNet: a sizeable share of the MACs)
+    follower_macs: dict[str, int] = field(default_factory=dict)
+    follower_params: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cost_macs(self) -> dict[str, int]:
+        """The MACs masks change: the prunable layers' and their followers' (what a FLOPs target counts)."""
+        return {**self.macs, **self.follower_macs}
+
+    @property
+    def cost_params(self) -> dict[str, int]:
+        return {**self.params, **self.follower_params}
 
 
 def structure(model: nn.Module, example: Tensor) -> Structure:
@@ -50,10 +67,16 @@ def structure(model: nn.Module, example: Tensor) -> Structure:
     for i in infos:
         for c in i.consumers:
             producers.setdefault(c, []).append(i.name)
+    inputs_from = {c: p[0] for c, p in producers.items() if len(p) == 1}
+    for i in infos:  # a depthwise conv, and what reads it, take their input channels from the layer it follows
+        for c in [*i.followers, *i.through]:
+            inputs_from.setdefault(c, i.name)
     return Structure(macs={i.name: i.macs for i in infos}, params={i.name: i.module.weight.numel() for i in infos},
-                     inputs_from={c: p[0] for c, p in producers.items() if len(p) == 1},
+                     inputs_from=inputs_from,
                      bn_of={i.name: names[i.bn] if i.bn is not None else None for i in infos},
-                     out_channels={i.name: i.out_channels for i in infos})
+                     out_channels={i.name: i.out_channels for i in infos},
+                     follower_macs={d: c[0] for i in infos for d, c in i.followers.items()},
+                     follower_params={d: c[1] for i in infos for d, c in i.followers.items()})
 
 
 def _prunable(m: nn.Module) -> bool:
@@ -99,8 +122,9 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
 
     node_owner = {outputs[m].grad_fn: m for m in order if outputs[m].grad_fn is not None}
     consumers: dict[nn.Module, list[nn.Module]] = {m: [] for m in order}
+    producers = {m: _producers(inputs[m], node_owner) for m in order}
     for m in order:
-        for producer in _producers(inputs[m], node_owner):
+        for producer in producers[m]:
             if feeds_channelwise(producer, m, _channel_axis(producer, outputs[producer]) == 1):
                 consumers[producer].append(m)
     n_img = example.shape[0]
@@ -113,7 +137,35 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
                                macs=_macs(m, outputs[m], n_img),
                                sites=max(_sites(c, outputs[c], n_img, _out_width(m)) for c in consumers[m]),
                                channel_axis=_channel_axis(m, outputs[m])))
+    by_module = {i.module: i for i in infos}
+    for m in order:  # channels followed through depthwise convs
+        source, passed = _source(m, producers, outputs)
+        if passed and source in by_module:
+            if _follows(m):
+                by_module[source].followers[names[m]] = (_macs(m, outputs[m], n_img), m.weight.numel())
+            elif m in by_module:
+                by_module[source].through.append(names[m])
     return infos
+
+
+def _follows(m: nn.Module) -> bool:
+    """A depthwise conv: output channel c is computed from input channel c alone."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels
+
+
+def _source(m: nn.Module, producers: dict, outputs: dict) -> tuple[nn.Module | None, list[nn.Module]]:
+    """The single layer whose channels are `m`'s input channels, followed back through depthwise
+    convs (and `m` itself when it is one), and the depthwise convs passed; None where the input
+    has several producers or is not channelwise."""
+    passed, cur = [m] if _follows(m) else [], m
+    while True:
+        ps = producers[cur]
+        if len(ps) != 1 or not feeds_channelwise(ps[0], cur, _channel_axis(ps[0], outputs[ps[0]]) == 1):
+            return None, passed
+        if not _follows(ps[0]) or ps[0] in passed:
+            return ps[0], passed
+        cur = ps[0]
+        passed.append(cur)
 
 
 def _sites(consumer: nn.Module, out: Tensor, n_img: int, channels: int) -> int:

@@ -232,3 +232,46 @@ def test_global_meets_a_flops_target_with_the_smallest_share():
     kept = sum(int(v.sum()) for v in m.values())
     fewer_pruned = global_(s, 1 - (kept + 1) / 56)  # one more filter kept: the target is missed
     assert 1 - kept_share(fewer_pruned, macs, inputs) < 0.6 + 0.05
+
+
+def test_flops_accounting_follows_channels_through_depthwise_convs():
+    """MobileNetV2: cutting an expand conv's filters cuts the depthwise conv after it and the
+    project conv's input too. The cost model counts both (it counted neither: `--flops-reduction
+    0.5` removed 82% of the MACs), and matches the MACs left after Torch-Pruning's surgery."""
+    from torchvision.models import mobilenet_v2
+
+    from evoprune.allocators import kept_share
+    from evoprune.primitives.layers import structure
+    from evoprune.transfer.surgery import surgery
+
+    torch.manual_seed(0)
+    model = mobilenet_v2(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    s = structure(model, x)
+    expands = [n for n in s.macs if n.endswith(".conv.0.0")]
+    assert len(expands) == 16
+    for e in expands:
+        block = e.removesuffix("conv.0.0")
+        assert s.inputs_from[block + "conv.1.0"] == e and s.inputs_from[block + "conv.2"] == e
+        assert s.follower_macs[block + "conv.1.0"] > 0 and block + "conv.1.0" not in s.macs
+    assert s.inputs_from["features.1.conv.0.0"] == "features.0.0"  # the first block has no expand conv
+    gen = torch.Generator().manual_seed(1)
+    masks = {e: (torch.rand(s.out_channels[e], generator=gen) < 0.4).index_fill(0, torch.tensor([0]), True)
+             for e in expands}
+    layers = list(s.cost_macs)
+    predicted = kept_share(masks, s.cost_macs, s.inputs_from, layers)
+
+    def measured_macs(m) -> int:
+        mods, total = dict(m.named_modules()), [0]
+        hooks = [mods[n].register_forward_hook(lambda mod, i, o: total.__setitem__(
+            0, total[0] + o.numel() // len(x) * mod.weight[0].numel())) for n in layers]
+        with torch.no_grad():
+            m(x)
+        for h in hooks:
+            h.remove()
+        return total[0]
+
+    before = measured_macs(model)
+    assert before == sum(s.cost_macs.values())
+    surgery(model, masks, x)
+    assert predicted < 0.6 and measured_macs(model) / before == pytest.approx(predicted, rel=1e-6)  # float32 means

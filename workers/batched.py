@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from evoprune.allocators import Masks, kept_share
+from evoprune.allocators import Masks
 from evoprune.data import iterate
 from evoprune.masks import mask_hash, mask_targets
 from evoprune.records import TaskResult
@@ -138,7 +138,7 @@ def run_batch(ctx, masks_list: list[Masks], stage: str, data_seed: int | None = 
             stack.recalibrate(seed)
     scores = stack.scores()
     share = (time.perf_counter() - t0) / len(masks_list)
-    return [TaskResult(accuracy=acc, kept_flops=kept_share(m, ctx.macs, ctx.inputs_from),
-                       kept_params=kept_share(m, ctx.params, ctx.inputs_from), seconds=share, mask=mask_hash(m),
+    return [TaskResult(accuracy=acc, kept_flops=ctx.kept(m)[0], kept_params=ctx.kept(m)[1], seconds=share,
+                       mask=mask_hash(m),
                        score=prob if ctx.cfg.score == "probability" else None, diverged=bad > 0)
             for m, (acc, prob, bad) in zip(masks_list, scores)]

@@ -131,6 +131,7 @@ class TaskContext:
         self.example = next(iterate(self.data, self.data.train, batch_size=2, device=self.device))[0]
         s = structure(self.base, self.example)
         self.macs, self.params, self.inputs_from, self.bn_of = s.macs, s.params, s.inputs_from, s.bn_of
+        self.cost_macs, self.cost_params = s.cost_macs, s.cost_params  # with the depthwise convs that follow
         self.out_channels = s.out_channels
         self._independent: set[str] | None = None
         self._narrows: bool | None = None
@@ -166,10 +167,16 @@ class TaskContext:
                         self._recalibrate(model, seed)
         with clock("validation pass"):
             acc, prob, bad = self._scores(model)
-        return TaskResult(accuracy=acc, kept_flops=kept_share(masks, self.macs, self.inputs_from),
-                          kept_params=kept_share(masks, self.params, self.inputs_from),
+        kept_flops, kept_params = self.kept(masks)
+        return TaskResult(accuracy=acc, kept_flops=kept_flops, kept_params=kept_params,
                           seconds=time.perf_counter() - t0, mask=mask_hash(masks),
                           score=prob if self.cfg.score == "probability" else None, diverged=bad > 0)
+
+    def kept(self, masks: Masks) -> tuple[float, float]:
+        """(MACs, parameters) left of the masked layers and the depthwise convs that follow them."""
+        layers = [*masks, *(n for n in self.cost_macs if n not in self.macs)]
+        return (kept_share(masks, self.cost_macs, self.inputs_from, layers),
+                kept_share(masks, self.cost_params, self.inputs_from, layers))
 
     @property
     def trains(self) -> str:
