@@ -45,6 +45,7 @@ def test_python_export_runs_without_evoprune_and_matches_the_engine(digits_pretr
         sys.modules["evoprune"] = None  # any import of evoprune now fails
         sys.path.insert(0, {str(tmp_path)!r})
         import torch
+        torch.set_num_threads({torch.get_num_threads()})  # as this process: the same float order (SVD)
         model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)
         x, y = torch.load({str(tmp_path / 'batch.pt')!r})
         out = {{n: importlib.import_module("m_" + n).score(model, [(x, y)]) for n in {list(FORMULAS)!r}}}
