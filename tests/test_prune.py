@@ -286,15 +286,18 @@ def _prune_on_image_folder(model: str, shared_data, tmp_path, capsys, *args, epo
     return rc, text, err, out
 
 
-def test_mobilenet_v2_is_cut_with_bn_statistics_re_estimated(shared_data, tmp_path, capsys):
+@pytest.mark.parametrize("args", [(), ("--allocator", "global")])
+def test_mobilenet_v2_is_cut_with_bn_statistics_re_estimated(args, shared_data, tmp_path, capsys):
     """MobileNetV2 on an image folder: a pruned expansion channel reaches the projection conv as the
     shift of the depthwise conv's BN, a constant the next BN's running mean does not remove; the
     eval-mode check fails on the pretrained statistics and passes once both models' statistics are
-    re-estimated on the same images, which the cut model keeps (recorded in the report)."""
-    rc, text, err, out = _prune_on_image_folder("mobilenet_v2", shared_data, tmp_path, capsys, epochs=2)
+    re-estimated on the same images, which the cut model keeps (recorded in the report). That
+    check runs in float64 (in float32 the cancellation of the constant lost enough digits that
+    global + L1 on a CIFAR MobileNetV2, with layers left one filter of 96, was refused at 1e-3)."""
+    rc, text, err, out = _prune_on_image_folder("mobilenet_v2", shared_data, tmp_path, capsys, *args, epochs=2)
     assert rc == 0, err
     rep = json.loads((out / "report.json").read_text())
-    assert rep["bn_recalibrated"] is True and rep["equivalence_max_diff"] < 1e-3
+    assert rep["bn_recalibrated"] is True and rep["equivalence_max_diff"] < 1e-8
     assert rep["macs_kept"] < 0.7 and "BN statistics are re-estimated" in err + text
 
 
