@@ -62,11 +62,12 @@ def make_masks(node: Node, table: StatTable, allocation: Allocation, structure: 
 
     macs = structure.cost_macs  # the prunable layers' and the depthwise convs' that follow their channels
     every = list(macs)
+    inputs_from = structure.inputs_within(groups)
     masks = allocate(group_scores(groups, by_layer), allocation, macs=macs,
-                     inputs_from=structure.inputs_from, expand=expand, layers=every,
+                     inputs_from=inputs_from, expand=expand, layers=every,
                      data=budget_data(groups, table, allocation))
     if allocation.target == "flops":
-        removed = 1 - kept_share(masks, macs, structure.inputs_from, layers=every)
+        removed = 1 - kept_share(masks, macs, inputs_from, layers=every)
         if removed < allocation.flops_reduction - 1e-6:
             layers = f"these {len(masks)} layers" if len(masks) != 1 else "this 1 layer"
             raise EvopruneError(f"pruning {layers} removes at most {removed:.1%} of the prunable MACs, not "

@@ -27,10 +27,14 @@ class LayerInfo:
     macs: int = 0  # multiply-accumulates for one input image
     sites: int = 1  # PFP's eta: max over consumers of (output positions + 1) x the inputs each channel feeds
     channel_axis: int = 1  # the output's channel axis: 1, or the last for a linear layer on [N, ..., C]
-    # depthwise convs whose channels are ours (through them, not just into them): name -> (MACs, params);
-    # cutting our filters cuts their channels too, and the input of the layers they feed (`through`)
-    followers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # depthwise convs whose channels are ours (through them, not just into them): name -> (MACs, params,
+    # their BN's name or None); cutting our filters cuts their channels too, and the input of the layers
+    # they feed (`through`)
+    followers: dict[str, tuple[int, int, str | None]] = field(default_factory=dict)
     through: list[str] = field(default_factory=list)  # prunable layers reading our channels past followers
+    # where our input comes from several layers at once (a residual sum, a squeeze-excitation product),
+    # those layers, past followers: our input keeps what they keep when they are pruned as one group
+    inputs_among: list[str] = field(default_factory=list)
 
     def filters(self) -> Tensor:
         """The layer's filters flattened: [C_out, fan_in] (detached)."""
@@ -46,9 +50,33 @@ class Structure:
     bn_of: dict[str, str | None]  # the BN module's name, or None
     out_channels: dict[str, int]
     # depthwise convs that follow a prunable layer's channels (not prunable themselves): their cost
-    # shrinks with that layer's kept filters (MobileNet, EfficientNet: a sizeable share of the MACs)
+    # shrinks with that layer's kept filters (MobileNet, EfficientNet: a sizeable share of the MACs),
+    # and a pruned filter's channel must be zeroed in them too (`with_followers`)
     follower_macs: dict[str, int] = field(default_factory=dict)
     follower_params: dict[str, int] = field(default_factory=dict)
+    followers: dict[str, str] = field(default_factory=dict)  # depthwise conv -> the prunable layer it follows
+    follower_bn: dict[str, str | None] = field(default_factory=dict)
+    inputs_among: dict[str, list[str]] = field(default_factory=dict)  # LayerInfo.inputs_among, where known
+
+    def inputs_within(self, groups: list[list[str]]) -> dict[str, str]:
+        """`inputs_from`, and for a layer whose input several layers make, all of them in one of
+        `groups` (pruned with one mask), that group's first."""
+        group_of = {n: i for i, g in enumerate(groups) for n in g}
+        extra = {c: ps[0] for c, ps in self.inputs_among.items()
+                 if c not in self.inputs_from and ps[0] in group_of
+                 and all(group_of.get(p) == group_of[ps[0]] for p in ps)}
+        return {**self.inputs_from, **extra}
+
+    def with_followers(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`masks` and, for each depthwise conv following a masked layer, that layer's mask: what a
+        masked network zeroes so that a pruned channel is 0 all the way, as in the cut network
+        (else the depthwise conv's BN turns the 0 into its shift, which reaches later layers)."""
+        return {**masks, **{f: masks[src] for f, src in self.followers.items() if src in masks}}
+
+    @property
+    def all_bn_of(self) -> dict[str, str | None]:
+        """`bn_of` with the followers' BNs: what `with_followers` masks need."""
+        return {**self.bn_of, **self.follower_bn}
 
     @property
     def cost_macs(self) -> dict[str, int]:
@@ -76,7 +104,10 @@ def structure(model: nn.Module, example: Tensor) -> Structure:
                      bn_of={i.name: names[i.bn] if i.bn is not None else None for i in infos},
                      out_channels={i.name: i.out_channels for i in infos},
                      follower_macs={d: c[0] for i in infos for d, c in i.followers.items()},
-                     follower_params={d: c[1] for i in infos for d, c in i.followers.items()})
+                     follower_params={d: c[1] for i in infos for d, c in i.followers.items()},
+                     followers={d: i.name for i in infos for d in i.followers},
+                     follower_bn={d: c[2] for i in infos for d, c in i.followers.items()},
+                     inputs_among={i.name: i.inputs_among for i in infos if i.inputs_among})
 
 
 def _prunable(m: nn.Module) -> bool:
@@ -142,9 +173,15 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
         source, passed = _source(m, producers, outputs)
         if passed and source in by_module:
             if _follows(m):
-                by_module[source].followers[names[m]] = (_macs(m, outputs[m], n_img), m.weight.numel())
+                bn = names[bn_of[m]] if m in bn_of else None
+                by_module[source].followers[names[m]] = (_macs(m, outputs[m], n_img), m.weight.numel(), bn)
             elif m in by_module:
                 by_module[source].through.append(names[m])
+        if m in by_module and len(producers[m]) > 1:
+            sources = [_source(p, producers, outputs)[0] if _follows(p) else p for p in producers[m]
+                       if feeds_channelwise(p, m, _channel_axis(p, outputs[p]) == 1)]
+            if len(sources) == len(producers[m]) and all(src in by_module for src in sources):
+                by_module[m].inputs_among = list(dict.fromkeys(names[src] for src in sources))
     return infos
 
 

@@ -272,33 +272,66 @@ def test_digits_defaults_fit_the_task_and_tpp_still_zeroes_the_pruned_filters(di
     assert acc["pruned"] >= acc["pretrained"] - 0.01, acc
 
 
-def _prune_on_image_folder(model: str, shared_data, tmp_path, capsys, *args, epochs: int = 1):
-    """`evoprune prune` (L1, half the filters, no TPP, one epoch) of `model` pretrained for `epochs`
-    on a 32x32 image folder of 3 CIFAR-10 classes: (rc, stdout, stderr, output folder)."""
+def _prune_on_image_folder(model: str, shared_data, tmp_path, capsys, *args, epochs: int = 1,
+                           target: tuple[str, ...] = ("--ratio", "0.5")):
+    """`evoprune prune` (L1, half the filters unless `target` says otherwise, no TPP, one epoch) of
+    `model` pretrained for `epochs` on a 32x32 image folder of 3 CIFAR-10 classes: (rc, stdout,
+    stderr, output folder)."""
     folder = image_folder(tmp_path / "images", shared_data, classes=3, train=16, val=6)
     tasks = tmp_path / "tasks.toml"
     tasks.write_text(f'[t]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "{model}"\n'
                      f'recipe = {{ epochs = {epochs}, batch_size = 16, lr = 0.05 }}\n')
     out = tmp_path / "out"
     rc, text, err = run(capsys, "prune", "--task", "t", "--tasks-file", str(tasks), "--metric", "baseline:l1",
-                        "--ratio", "0.5", "--no-tpp", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                        *target, "--no-tpp", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
                         "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-record", *args)
     return rc, text, err, out
 
 
 @pytest.mark.parametrize("args", [(), ("--allocator", "global")])
-def test_mobilenet_v2_is_cut_with_bn_statistics_re_estimated(args, shared_data, tmp_path, capsys):
-    """MobileNetV2 on an image folder: a pruned expansion channel reaches the projection conv as the
-    shift of the depthwise conv's BN, a constant the next BN's running mean does not remove; the
-    eval-mode check fails on the pretrained statistics and passes once both models' statistics are
-    re-estimated on the same images, which the cut model keeps (recorded in the report). That
-    check runs in float64 (in float32 the cancellation of the constant lost enough digits that
-    global + L1 on a CIFAR MobileNetV2, with layers left one filter of 96, was refused at 1e-3)."""
+def test_mobilenet_v2_is_cut_exactly(args, shared_data, tmp_path, capsys):
+    """MobileNetV2: a pruned expand channel goes through a depthwise conv, which surgery cuts with
+    it. The masked model zeroes that depthwise channel and its BN too (else the BN's shift reaches
+    the projection conv as a constant, and the cut model computes something else), so the cut
+    model computes what the masked one does without re-estimating any statistics."""
     rc, text, err, out = _prune_on_image_folder("mobilenet_v2", shared_data, tmp_path, capsys, *args, epochs=2)
     assert rc == 0, err
     rep = json.loads((out / "report.json").read_text())
+    assert rep["bn_recalibrated"] is False and rep["equivalence_max_diff"] < 1e-4
+    assert rep["macs_kept"] < 0.7
+
+
+def test_a_constant_a_pruned_channel_leaves_is_checked_with_bn_statistics_re_estimated(shared_data, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """The safety net under that: were a pruned channel to reach later layers as a constant (here:
+    the depthwise convs left unmasked on purpose), the eval-mode check fails on the pretrained
+    statistics and passes once both models' are re-estimated on the same images, compared in
+    float64 (in float32 the next BN's cancellation of the constant loses digits); the cut model
+    keeps them, and the report says so."""
+    from evoprune.primitives.layers import Structure
+
+    monkeypatch.setattr(Structure, "with_followers", lambda self, masks: masks)
+    rc, text, err, out = _prune_on_image_folder("mobilenet_v2", shared_data, tmp_path, capsys, epochs=2)
+    assert rc == 0, err
+    rep = json.loads((out / "report.json").read_text())
     assert rep["bn_recalibrated"] is True and rep["equivalence_max_diff"] < 1e-8
-    assert rep["macs_kept"] < 0.7 and "BN statistics are re-estimated" in err + text
+    assert "BN statistics are re-estimated" in err + text
+
+
+def test_efficientnet_is_cut_with_its_squeeze_excitation_and_meets_a_flops_target(shared_data, tmp_path, capsys):
+    """EfficientNet-B0, coupled: an expand conv's channels run through a depthwise conv into a
+    squeeze-excitation block and, multiplied by its gate, into the projection conv. With the
+    depthwise channel left unmasked its BN shift fed the squeeze layer, the check failed (max diff
+    0.5 to 8) and the model was refused; and the FLOPs target counts the depthwise convs and the
+    projection convs' inputs, so 40% fewer MACs asked is about 40% removed (it was 44%; 82% on
+    MobileNetV2)."""
+    rc, text, err, out = _prune_on_image_folder("torchvision:efficientnet_b0", shared_data, tmp_path, capsys,
+                                                "--scope", "coupled", "--allocator", "flops",
+                                                target=("--flops-reduction", "0.4"))
+    assert rc == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["bn_recalibrated"] is False  # the first check passed (relative to this model's large outputs)
+    assert 0.56 < rep["macs_kept"] <= 0.62, rep["macs_kept"]  # the whole model's, stem and classifier included
 
 
 @pytest.mark.parametrize("arch,args,expect", [

@@ -123,3 +123,31 @@ def test_tpp_drives_pruned_filters_and_bn_to_zero(digits_pretrained):
     assert reg.phase == "stabilize"
     assert p1 < 1e-3 * p0 and b1 < 1e-3 * max(b0, 1e-6), (p0, p1, b0, b1)
     assert k1 > 0.5 * k0, (k0, k1)  # the kept filters keep their scale
+
+
+def test_tpp_drives_the_depthwise_channels_after_a_pruned_filter_to_zero():
+    """MobileNetV2: the L2 term reaches the depthwise conv (and its BN) that follows a pruned
+    expand filter, on the pruned channels only; the Gram term stays on the pruned layers."""
+    from torchvision.models import mobilenet_v2
+
+    from evoprune.primitives.layers import structure
+
+    torch.manual_seed(0)
+    model = mobilenet_v2(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    s = structure(model.eval(), x)
+    masks = {"features.2.conv.0.0": torch.arange(96) % 3 != 0}
+    follow = {f: (m, s.follower_bn[f]) for f, m in s.with_followers(masks).items() if f in s.followers}
+    assert list(follow) == ["features.2.conv.1.0"] and follow["features.2.conv.1.0"][1] == "features.2.conv.1.1"
+    reg = TPPRegularizer(model, masks, s.bn_of, TPPConfig(reg_step=0.1, update_every=1), followers=follow)
+    reg.iteration = 5
+    for p in model.parameters():
+        p.data.uniform_(0.5, 1.5)  # no parameter at 0 (a fresh BN's shift is): the L2 term's gradient is p
+        p.grad = torch.zeros_like(p)
+    reg.apply_l2()
+    mods = dict(model.named_modules())
+    pruned = ~masks["features.2.conv.0.0"]
+    for p in (mods["features.2.conv.1.0"].weight, mods["features.2.conv.1.1"].weight, mods["features.2.conv.1.1"].bias):
+        g = p.grad.flatten(1).abs().sum(1) if p.dim() > 1 else p.grad.abs()
+        assert (g[pruned] > 0).all() and (g[~pruned] == 0).all()
+    assert len(reg.layers) == 1  # the Gram term: the expand conv alone

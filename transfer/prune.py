@@ -418,7 +418,10 @@ def regularize(run: PruneRun, state: PruneState, ck: dict | None) -> None:
     the end of a pass over the data when the last one is TPP_SAVE_EVERY_S old (a small data
     set has thousands of passes), and at the end."""
     cfg, tpp = run.cfg, run.cfg.tpp
-    reg = TPPRegularizer(run.model, run.masks, run.structure.bn_of, tpp)
+    s = run.structure
+    reg = TPPRegularizer(run.model, run.masks, s.bn_of, tpp,
+                         followers={f: (m, s.follower_bn[f]) for f, m in s.with_followers(run.masks).items()
+                                    if f in s.followers})
     opt = torch.optim.SGD(run.model.parameters(), lr=tpp.lr, momentum=0.9, weight_decay=5e-4)
     if ck is not None:
         opt.load_state_dict(ck["opt"])
@@ -476,7 +479,7 @@ def cut_and_check(run: PruneRun, state: PruneState) -> None:
     """Phase 4: zero the pruned filters, remove them, check the smaller model computes what the
     masked one did, measure it; then the checkpoint moves to the retraining phase (a later
     kill resumes there, not before TPP)."""
-    zero_pruned(run.model, run.masks, run.structure.bn_of)
+    zero_pruned(run.model, run.structure.with_followers(run.masks), run.structure.all_bn_of)
     run.model.eval()
     check_x = next(iterate(run.data, run.data.val, batch_size=64, device=run.device))[0]
     with torch.no_grad(), full_precision():

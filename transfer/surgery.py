@@ -84,7 +84,8 @@ def independent_layers(model: nn.Module, example: Tensor, names: list[str]) -> l
 @torch.no_grad()
 def zero_pruned(model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str | None]) -> None:
     """Hard-zero the pruned filters, their biases and their BN scale and shift: each pruned
-    channel then outputs exactly 0, which is what surgery removes."""
+    channel then outputs exactly 0, which is what surgery removes. Pass `Structure.with_followers`
+    masks (and `all_bn_of`) so the depthwise convs after a pruned layer keep its channels at 0."""
     for p, keep in mask_targets(model, masks, bn_of):
         p[~keep] = 0
 

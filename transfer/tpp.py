@@ -51,7 +51,10 @@ class TPPRegularizer:
     """Call `penalty()` into the loss, `apply_l2()` after backward, `step()` after each iteration."""
 
     def __init__(self, model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str | None],
-                 cfg: TPPConfig = TPPConfig()):
+                 cfg: TPPConfig = TPPConfig(), followers: dict[str, tuple[Tensor, str | None]] | None = None):
+        """`followers`: depthwise conv -> (the keep mask of the layer it follows, its BN's name): the
+        L2 term drives their pruned channels (weights, BN scale and shift) to 0 as well, so cutting
+        them costs nothing either (no Gram term: a depthwise filter is one channel's own)."""
         modules = dict(model.named_modules())
         self.cfg, self.iteration = cfg, 0
         self.layers = []
@@ -65,6 +68,11 @@ class TPPRegularizer:
         for m, bn, keep, _ in self.layers:
             for p in [m.weight] + ([bn.weight, bn.bias] if bn is not None else []):
                 self._l2.append((p, (1 - keep).view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
+        for f, (keep, b) in (followers or {}).items():
+            m, bn = modules[f], modules[b] if b else None
+            for p in [m.weight, m.bias] + ([bn.weight, bn.bias] if bn is not None else []):
+                if p is not None:
+                    self._l2.append((p, (~keep.to(p.device)).view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
 
     @property
     def reg(self) -> float:

@@ -40,7 +40,7 @@ class Stack:
         names = {id(p): n for n, p in ctx.base.named_parameters()}
         factors: dict[str, list[torch.Tensor | None]] = {}
         for i, masks in enumerate(masks_list):
-            for p, keep in mask_targets(ctx.base, masks, ctx.bn_of):
+            for p, keep in mask_targets(ctx.base, ctx.structure.with_followers(masks), ctx.structure.all_bn_of):
                 factors.setdefault(names[id(p)], [None] * self.k)[i] = \
                     keep.to(p.dtype).view(-1, *[1] * (p.dim() - 1)).expand_as(p)
         # K stacked copies of the pretrained tensors (torch.stack copies: the base is never touched);

@@ -132,6 +132,7 @@ class TaskContext:
         s = structure(self.base, self.example)
         self.macs, self.params, self.inputs_from, self.bn_of = s.macs, s.params, s.inputs_from, s.bn_of
         self.cost_macs, self.cost_params = s.cost_macs, s.cost_params  # with the depthwise convs that follow
+        self.structure = s
         self.out_channels = s.out_channels
         self._independent: set[str] | None = None
         self._narrows: bool | None = None
@@ -187,7 +188,7 @@ class TaskContext:
     def _apply(self, model: nn.Module, masks: Masks, train: str):
         """Zero the pruned filters; with `train` "pruned", then cut them out of every layer whose
         channels no other layer shares (Torch-Pruning). Returns what keeps the rest (tied layers) at 0."""
-        zero = self._zeroer(model, masks)
+        zero = self._zeroer(model, self.structure.with_followers(masks))
         zero()
         if train == "masked":
             return zero
@@ -196,10 +197,11 @@ class TaskContext:
         cut = {n: m for n, m in masks.items() if n in self.independent and not m.all()}
         surgery(model, {n: m.to(self.device) for n, m in cut.items()}, self.example)
         tied = {n: m for n, m in masks.items() if n not in cut}
+        follow = {f: m for f, m in self.structure.with_followers(tied).items() if f not in tied}  # not cut
         if self.narrows:
             for n in narrow_tied(model, tied, self.bn_of):
                 del tied[n]
-        zero = self._zeroer(model, tied)
+        zero = self._zeroer(model, {**tied, **follow})
         from evoprune.transfer.layout import channels_last_convs, use_channels_last
 
         for name in channels_last_convs(model, self.conv_inputs):  # on the CPU: narrow convs on large maps
@@ -224,7 +226,7 @@ class TaskContext:
 
             masks = self._random_masks(0, [n for n in self.out_channels if n not in self.independent])
             masked = copy.deepcopy(self.base)
-            self._zeroer(masked, masks)()
+            self._zeroer(masked, self.structure.with_followers(masks))()
             narrowed = copy.deepcopy(masked)
             narrow_tied(narrowed, masks, self.bn_of)
             with torch.no_grad():
@@ -279,7 +281,7 @@ class TaskContext:
 
     def _zeroer(self, model: nn.Module, masks: Masks):
         """A function that (re)sets the pruned filters, their biases and BN scale/shift to 0."""
-        targets = mask_targets(model, masks, self.bn_of)
+        targets = mask_targets(model, masks, self.structure.all_bn_of)
         params = [p for p, _ in targets]
         factors = [k.to(p.dtype).view(-1, *[1] * (p.dim() - 1)) for p, k in targets]
 
