@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from evoprune.db.models import Base, Candidate, Evaluation, Generation, Meta, Run, utcnow
 from evoprune.errors import EvopruneError
-from evoprune.records import (CandidateRecord, FitnessRecord, GenerationRecord, RunStatus, TaskResult,
-                              TransferRecord)
+from evoprune.progress import counted
+from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus, TaskResult, TransferRecord
 
 DEFAULT_URL = "sqlite:///evoprune.db"
 
@@ -178,20 +178,34 @@ def create_run(engine: Engine, config: dict, seed: int, code_version: str) -> in
         return run.id
 
 
-def claim_run(engine: Engine, run_id: int) -> Run:
+def claim_run(engine: Engine, run_id: int, generations: int | None = None) -> Run:
     """Make this process the driver of a stored run (--resume); refused while its own driver
-    still runs, and for a run that finished."""
+    still runs, and for a run that finished unless `generations` extends it. `generations`
+    (--generations) becomes the run's number of generations: at least those it completed, and
+    more than it had for a finished run (its config is updated)."""
     import socket
 
     with Session(engine, expire_on_commit=False) as s, s.begin():
         run = s.get(Run, run_id)
         if run is None:
             raise EvopruneError(f"no run with ID {run_id} in {engine.url}")
-        if run.status == RunStatus.finished:
-            raise EvopruneError(f"run {run_id} already finished; start a new search instead")
+        search = dict((run.config or {}).get("search") or {})
+        had = search.get("generations")
+        if run.status == RunStatus.finished and (generations is None or not isinstance(had, int)
+                                                 or generations <= had):
+            more = f" (it ran {counted(had, 'generation')}; --generations more than that extends it)" \
+                if isinstance(had, int) else ""
+            raise EvopruneError(f"run {run_id} already finished{more}; or start a new search")
         if run.status == RunStatus.running and driver_alive(run.host, run.driver):
             raise EvopruneError(f"run {run_id} is still running (driver process {run.driver.split(':')[0]} on "
                                 f"{run.host}); stop it before resuming")
+        if generations is not None and generations != had:
+            done = s.scalars(select(Generation.index).where(Generation.run_id == run_id)
+                             .order_by(Generation.index.desc()).limit(1)).first()
+            if done is not None and generations < done:
+                raise EvopruneError(f"run {run_id} has completed {done} generations: --generations must be at least "
+                                    f"{done}")
+            run.config = {**run.config, "search": {**search, "generations": generations}}
         run.host, run.driver, run.status, run.ended = socket.gethostname(), this_driver(), RunStatus.running, None
         return run
 

@@ -152,16 +152,22 @@ def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -
 
 
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,
-               on_progress: Callable[[str, dict], None] | None = None) -> SearchResult:
+               on_progress: Callable[[str, dict], None] | None = None,
+               generations: int | None = None) -> SearchResult:
     """Search, score the finalists and the baselines with the full proxy, validate them on
-    `[search] validation_orders` fresh data orders (0: not), and mark the run finished."""
+    `[search] validation_orders` fresh data orders (0: not), and mark the run finished.
+    `generations` with `resume`: the run's new number of generations (a finished run is
+    extended); without, it is `cfg`'s."""
+    if generations is not None:  # checked now (0 to 100,000), before a stored run's config takes it
+        checked = replace(cfg, search=replace(cfg.search, generations=generations))
+        cfg = checked if resume is None else cfg
     if resume is None:
         check_inputs(cfg)
     if cfg.run.workers:  # a cluster that cannot be joined is refused before the database is touched
         init_ray(cfg.run.address or None)
     engine = store.connect(store.resolve_url(db_url, cfg.run.db), create=resume is None)
     if resume is not None:  # what is searched comes from the run; where it runs, from this call
-        stored = Config.from_dict(store.claim_run(engine, resume).config, f"run {resume}")
+        stored = Config.from_dict(store.claim_run(engine, resume, generations).config, f"run {resume}")
         cfg = replace(stored, run=cfg.run)
         check_inputs(cfg)
     device = str(pick_device(cfg.run.device))

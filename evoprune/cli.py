@@ -229,8 +229,10 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
            workers: Annotated[Optional[str], typer.Option("--workers", help="Ray actors: N, or auto for "
                                                           "every GPU (else CPU) of the cluster; 0 evaluates "
                                                           "in this process.")] = None,
-           generations: Annotated[Optional[int], typer.Option("--generations", help="Override "
-                                                              "[search] generations.")] = None,
+           generations: Annotated[Optional[int], typer.Option("--generations", help="Override [search] "
+                                                              "generations; with "
+                                                              "--resume, the run's new number (more extends a "
+                                                              "finished run).")] = None,
            time_limit: Annotated[Optional[str], typer.Option("--time-limit", help="No generation starts that "
                                                              "would likely end past this (90m, 2h, 1h30m); the "
                                                              "summary follows, --resume continues ([run] "
@@ -250,6 +252,8 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
     cfg = load_config(config)
     if time_limit is not None:
         duration_s(time_limit, "--time-limit")
+    if generations is not None and not 0 <= generations <= 100_000:
+        raise EvopruneError(f"--generations must be in [0, 100000], got {generations}")
     if workers is not None:
         if workers != "auto" and not workers.isdigit():
             raise EvopruneError(f"--workers takes a number or 'auto', got {workers!r}")
@@ -260,10 +264,8 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
                  dict(workers=workers, data_root=data_root, cache_dir=cache_dir, device=device,
                       address=address, tasks_file=tasks_file, time_limit=time_limit).items() if v is not None}
     cfg = replace(cfg, run=replace(cfg.run, **overrides))
-    if generations is not None:
-        cfg = replace(cfg, search=replace(cfg.search, generations=generations))
     with SearchDisplay(out, cfg, db) as display:
-        result = run_search(cfg, db_url=db, resume=resume, on_progress=display.update)
+        result = run_search(cfg, db_url=db, resume=resume, on_progress=display.update, generations=generations)
     display.summary(result)
 
 

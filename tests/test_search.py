@@ -326,3 +326,52 @@ def test_a_resumed_run_makes_the_cache_decisions_of_an_uninterrupted_one(digits_
     assert _generation_rows(tmp_path / "timed.db") == straight
     with sqlite3.connect(tmp_path / "timed.db") as c:
         assert c.execute("SELECT status FROM runs").fetchone()[0] == "finished"
+
+
+def test_resume_takes_generations_and_extends_a_finished_run(digits_pretrained, cache_dir, tmp_path, capsys):
+    """`--generations` with `--resume` was silently dropped (the stored settings won). It now sets
+    the run's number of generations: more extends a finished run, fewer than it completed is
+    refused in one line, and nothing stored changes on a refusal."""
+    from evoprune.evolve.service import run_search
+
+    cfg_file = tmp_path / "s.toml"
+    cfg_file.write_text('[search]\npopulation = 6\ngenerations = 1\nseeds = ["l1", "fpgm"]\nvalidation_orders = 0\n'
+                        '[proxy]\ntasks = ["digits-cnn"]\nfinetune_steps = 3\nrecalibrate_images = 128\n'
+                        'stat_images = 128\n')
+    db = tmp_path / "g.db"
+    common = ["--db", str(db), "--cache-dir", str(cache_dir), "--device", "cpu"]
+    assert main(["evolve", "--config", str(cfg_file), *common]) == 0
+    capsys.readouterr()
+    for extra in ([], ["--generations", "1"]):
+        assert main(["evolve", "--resume", "1", *extra, *common]) == 2
+        err = capsys.readouterr().err
+        assert err == "error: run 1 already finished (it ran 1 generation; --generations more than that extends " \
+                      "it); or start a new search\n", err
+    assert main(["evolve", "--resume", "1", "--generations", "-1", *common]) == 2
+    assert "--generations must be in [0, 100000], got -1" in capsys.readouterr().err
+    assert main(["evolve", "--resume", "1", "--generations", "3", *common]) == 0
+    assert "generation 3/3" in capsys.readouterr().out
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT status, json_extract(config, '$.search.generations') FROM runs").fetchone() == \
+            ("finished", 3)
+    assert [r[0] for r in _generation_rows(db)] == [0, 1, 2, 3]
+    # an interrupted run cannot be cut below what it completed
+    cfg = Config(search=SearchConfig(population=6, generations=3, seed=0, seeds=("l1",), validation_orders=0),
+                 proxy=TINY_PROXY)
+    cfg = replace(cfg, run=replace(cfg.run, cache_dir=str(cache_dir), device="cpu"))
+
+    def stop_after_generation_2(kind, info):
+        if kind == "generation" and info["report"].index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg, db_url=str(tmp_path / "i.db"), on_progress=stop_after_generation_2)
+    with pytest.raises(EvopruneError, match="run 1 has completed 2 generations: --generations must be at least 2"):
+        run_search(cfg, db_url=str(tmp_path / "i.db"), resume=1, generations=1)
+    with sqlite3.connect(tmp_path / "i.db") as c:
+        assert c.execute("SELECT status, json_extract(config, '$.search.generations') FROM runs").fetchone() == \
+            ("interrupted", 3)
+    run_search(cfg, db_url=str(tmp_path / "i.db"), resume=1, generations=2)  # stop at what it completed
+    with sqlite3.connect(tmp_path / "i.db") as c:
+        assert c.execute("SELECT status, json_extract(config, '$.search.generations') FROM runs").fetchone() == \
+            ("finished", 2)
