@@ -23,7 +23,7 @@ def runs(engine: Engine) -> list[dict]:
                         "ended": r.ended.isoformat(timespec="seconds") if r.ended else "",
                         "seed": r.seed, "tasks": ",".join(r.config.get("proxy", {}).get("tasks", [])),
                         "generations": gens.get(r.id, -1) + 1, "candidates": count.get(r.id, 0),
-                        "best_fitness": best.get(r.id)})
+                        "best_fitness": best.get(r.id), "note": r.note or ""})
         return out
 
 

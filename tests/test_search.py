@@ -322,6 +322,9 @@ def test_a_resumed_run_makes_the_cache_decisions_of_an_uninterrupted_one(digits_
     assert result.finalists and result.validation is not None and len(result.validation.seeds) == 2
     with sqlite3.connect(tmp_path / "timed.db") as c:
         assert c.execute("SELECT status, note FROM runs").fetchone() == ("interrupted", result.stopped)
+    from evoprune.db import queries
+
+    assert queries.runs(store.connect(f"sqlite:///{tmp_path / 'timed.db'}"))[0]["note"] == result.stopped  # `runs`
     assert not run_search(cfg, db_url=str(tmp_path / "timed.db"), resume=1).stopped  # this call sets no limit
     assert _generation_rows(tmp_path / "timed.db") == straight
     with sqlite3.connect(tmp_path / "timed.db") as c:
