@@ -153,11 +153,12 @@ def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -
 
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,
                on_progress: Callable[[str, dict], None] | None = None,
-               generations: int | None = None) -> SearchResult:
+               generations: int | None = None, config_given: bool = False) -> SearchResult:
     """Search, score the finalists and the baselines with the full proxy, validate them on
     `[search] validation_orders` fresh data orders (0: not), and mark the run finished.
     `generations` with `resume`: the run's new number of generations (a finished run is
-    extended); without, it is `cfg`'s."""
+    extended); without, it is `cfg`'s. `config_given`: `cfg` came from a file the user named, whose
+    [search] and [proxy] must then be the resumed run's (they cannot change a run)."""
     if generations is not None:  # checked now (0 to 100,000), before a stored run's config takes it
         checked = replace(cfg, search=replace(cfg.search, generations=generations))
         cfg = checked if resume is None else cfg
@@ -167,6 +168,9 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
         init_ray(cfg.run.address or None)
     engine = store.connect(store.resolve_url(db_url, cfg.run.db), create=resume is None)
     if resume is not None:  # what is searched comes from the run; where it runs, from this call
+        if config_given:
+            _same_search(Config.from_dict(store.get_run(engine, resume).config, f"run {resume}"), cfg, resume,
+                         generations is not None)
         stored = Config.from_dict(store.claim_run(engine, resume, generations).config, f"run {resume}")
         cfg = replace(stored, run=cfg.run)
         check_inputs(cfg)
@@ -231,6 +235,24 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
     warnings = proxy_warnings([f.record for f in finalists + baselines], floors, k.diverged, k.evaluations, cfg)
     return SearchResult(recorder.run_id, finalists, baselines, search.history, k.snapshot(), checked,
                         dict(search.seconds), warnings, stopped)
+
+
+def _same_search(stored: Config, given: Config, run_id: int, generations_flag: bool) -> None:
+    """Refuse a resume whose config file asks for other [search] or [proxy] settings than the
+    run's: they would be ignored (a run keeps its own), which the user should know before it
+    runs. The number of generations may differ when --generations sets it."""
+    def flat(c: Config) -> dict:
+        d = json.loads(c.to_json())
+        return {f"{t}.{k}": v for t in ("search", "proxy") for k, v in d[t].items()}
+    a, b = flat(stored), flat(given)
+    if generations_flag:
+        a.pop("search.generations"), b.pop("search.generations")
+    if diff := [k for k in a if a[k] != b.get(k)]:
+        shown = ", ".join(f"{k} {json.dumps(b.get(k))} (the run's: {json.dumps(a[k])})" for k in diff[:3])
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        hint = " (--generations N extends or shortens it)" if diff == ["search.generations"] else ""
+        raise EvopruneError(f"--resume {run_id}: the config asks for other settings than the run has: {shown}{more}"
+                            f"{hint}; a run keeps its own: drop --config, or start a new search")
 
 
 @contextlib.contextmanager

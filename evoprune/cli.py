@@ -265,7 +265,8 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
                       address=address, tasks_file=tasks_file, time_limit=time_limit).items() if v is not None}
     cfg = replace(cfg, run=replace(cfg.run, **overrides))
     with SearchDisplay(out, cfg, db) as display:
-        result = run_search(cfg, db_url=db, resume=resume, on_progress=display.update, generations=generations)
+        result = run_search(cfg, db_url=db, resume=resume, on_progress=display.update, generations=generations,
+                            config_given=config is not None)
     display.summary(result)
 
 

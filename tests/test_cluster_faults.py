@@ -107,7 +107,7 @@ def test_a_lost_head_fails_the_run_and_resume_finishes_it(cluster, digits_pretra
     assert status == "failed" and "resume" in note and done < 3 and bad == 0
     cluster.start()  # the cluster is back
     resumed = _evolve(tmp_path, db, "--address", cluster.address, "--workers", "2", "--resume", "1",
-                      cache_dir=cache_dir)
+                      generations=3, steps=60, cache_dir=cache_dir)  # the original command, with --resume
     log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, log
     with sqlite3.connect(db) as c:

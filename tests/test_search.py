@@ -352,7 +352,17 @@ def test_resume_takes_generations_and_extends_a_finished_run(digits_pretrained, 
                       "it); or start a new search\n", err
     assert main(["evolve", "--resume", "1", "--generations", "-1", *common]) == 2
     assert "--generations must be in [0, 100000], got -1" in capsys.readouterr().err
-    assert main(["evolve", "--resume", "1", "--generations", "3", *common]) == 0
+    # a config file asking for other settings than the run has is refused, not silently ignored
+    other = tmp_path / "other.toml"
+    other.write_text(cfg_file.read_text().replace("finetune_steps = 3", "finetune_steps = 4")
+                     .replace("generations = 1", "generations = 3"))
+    assert main(["evolve", "--resume", "1", "--config", str(other), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume 1: the config asks for other settings than the run has: search.generations "
+                          "3 (the run's: 1), proxy.finetune_steps 4 (the run's: 3); a run keeps its own"), err
+    assert main(["evolve", "--resume", "1", "--config", str(other), "--generations", "3", *common]) == 2
+    assert "proxy.finetune_steps 4 (the run's: 3)" in capsys.readouterr().err
+    assert main(["evolve", "--resume", "1", "--config", str(cfg_file), "--generations", "3", *common]) == 0
     assert "generation 3/3" in capsys.readouterr().out
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT status, json_extract(config, '$.search.generations') FROM runs").fetchone() == \
