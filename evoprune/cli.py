@@ -558,7 +558,7 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
     from dataclasses import replace
 
     from evoprune.progress import counted, progress
-    from evoprune.transfer.suite import load_suite, metric_list, plot, run_suite, summarize
+    from evoprune.transfer.suite import load_suite, metric_list, near_chance_cases, plot, run_suite, summarize
 
     if as_json and as_csv:
         raise EvopruneError("--json and --csv exclude each other")
@@ -590,8 +590,10 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
               **{f"vs {b.removeprefix('baseline:')} low": d.low for b, d in r.diffs.items()},
               **{f"vs {b.removeprefix('baseline:')} high": d.high for b, d in r.diffs.items()},
               **{f"vs {b.removeprefix('baseline:')} verdict": v for b, v in r.verdicts.items()}} for r in results]
+    warnings = near_chance_cases(rows)
     if as_json:
-        print_json({"suite": suite.name, "cases": table, "wins_ties_losses": wtl, "runs": rows, "plot": str(png)})
+        print_json({"suite": suite.name, "cases": table, "wins_ties_losses": wtl, "runs": rows, "plot": str(png),
+                    "warnings": warnings})
         return
     if as_csv:
         emit(table, "", as_csv=True)
@@ -615,6 +617,8 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
         out.print(f"{metric}: " + "; ".join(f"vs {b[9:]} {counted(w, 'win')}, {counted(ti, 'tie')}, "
                                              f"{counted(lo, 'loss', 'losses')}" for b, (w, ti, lo) in by.items()),
                   highlight=False, markup=False)
+    for text in warnings:
+        out.print(f"[yellow]warning: {escape(text)}[/]", highlight=False)
     out.print(f"plot: {png}\nruns: {out_dir / 'runs'}  results: {out_dir / 'results.jsonl'}", highlight=False,
               markup=False)
 

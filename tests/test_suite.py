@@ -130,6 +130,22 @@ def test_a_case_that_cannot_be_cut_is_named_and_the_runs_before_it_are_kept(work
         return  # on Ray the first case's runs may still be under way when the second fails
     rows = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
     assert {(r["case"], r["metric"]) for r in rows} == {(0, "expr:w_l2"), (0, "baseline:l1")}
+    assert {r["classes"] for r in rows} == {10}  # digits: what near_chance_cases judges by
+
+
+def test_a_case_where_every_metric_ends_near_chance_is_called_noise():
+    from evoprune.transfer.suite import near_chance_cases
+
+    def row(case, metric, test, classes=10):
+        return {"case": case, "case_label": f"c{case}", "metric": metric, "test": test, "classes": classes}
+
+    rows = [row(0, "a", 0.15), row(0, "a", 0.17), row(0, "b", 0.19),  # best mean 0.19 < min(0.2, 0.2)
+            row(1, "a", 0.15), row(1, "b", 0.45),  # one metric does well: the case tells them apart
+            row(2, "a", 0.02, 100), row(2, "b", 0.015, 100),  # 100 classes: near is below 2%
+            row(3, "a", 0.1, None)]  # an older report: not judged
+    (w,) = near_chance_cases(rows)
+    assert w.startswith("case 1 (c0): every metric ends near chance accuracy (best mean 19.0%, chance 10.0%)")
+    assert near_chance_cases([row(2, "a", 0.019, 100)])[0].startswith("case 3 (c2)")
 
 
 def test_the_table_states_each_cases_schedule_first_and_no_ci_for_one_seed(digits_pretrained, cache_dir, tmp_path,

@@ -173,7 +173,30 @@ def _row(run: Run, rep: dict) -> dict:
             "pruned": rep["test_acc"].get("pruned"), "macs_kept": rep["macs_kept"], "params_kept": rep["params_kept"],
             "speedup": rep["speedup"], "seconds": rep["seconds"]["total"], "expression": rep["expression"],
             "report": rep["files"]["report"], "mask": rep["mask"], "host": rep["host"],
-            "tpp": run.case.settings.get("tpp", True)}
+            "tpp": run.case.settings.get("tpp", True), "classes": rep.get("classes")}
+
+
+def near_chance_cases(rows: list[dict]) -> list[str]:
+    """A warning for each case where every metric's mean test accuracy is near chance (the
+    pretraining's threshold): its differences there are noise, whatever the CIs say. Rows from
+    reports without the number of classes (older evoprune) are not judged."""
+    from evoprune.pretrain import near_chance
+
+    by: dict[int, dict[str, list[float]]] = {}
+    label, classes = {}, {}
+    for r in rows:
+        by.setdefault(r["case"], {}).setdefault(r["metric"], []).append(r["test"])
+        label[r["case"]] = r["case_label"]
+        classes.setdefault(r["case"], set()).add(r.get("classes"))
+    out = []
+    for case, metrics in sorted(by.items()):
+        (k,) = classes[case] if len(classes[case]) == 1 else (None,)
+        best = max(statistics.fmean(v) for v in metrics.values())
+        if isinstance(k, int) and k > 1 and near_chance(best, k):
+            out.append(f"case {case + 1} ({label[case]}): every metric ends near chance accuracy (best mean "
+                       f"{best:.1%}, chance {1 / k:.1%}): its differences are noise; a lighter target or longer "
+                       "retraining in the suite file would tell metrics apart")
+    return out
 
 
 def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root=None, cache_dir=None,
