@@ -32,7 +32,7 @@ timeout_s = 60
 
 [run]
 threads = 1
-placement_timeout_s = 15
+placement_timeout_s = 30  # actors start in seconds alone; a loaded 2-core machine took over 15 once
 """
 
 
