@@ -67,11 +67,15 @@ class Structure:
                  and all(group_of.get(p) == group_of[ps[0]] for p in ps)}
         return {**self.inputs_from, **extra}
 
+    def follower_masks(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """For each depthwise conv following a layer of `masks`, that layer's mask."""
+        return {f: masks[src] for f, src in self.followers.items() if src in masks}
+
     def with_followers(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        """`masks` and, for each depthwise conv following a masked layer, that layer's mask: what a
-        masked network zeroes so that a pruned channel is 0 all the way, as in the cut network
-        (else the depthwise conv's BN turns the 0 into its shift, which reaches later layers)."""
-        return {**masks, **{f: masks[src] for f, src in self.followers.items() if src in masks}}
+        """`masks` and their `follower_masks`: what a masked network zeroes so that a pruned
+        channel is 0 all the way, as in the cut network (else the depthwise conv's BN turns the 0
+        into its shift, which reaches later layers)."""
+        return {**masks, **self.follower_masks(masks)}
 
     @property
     def all_bn_of(self) -> dict[str, str | None]:

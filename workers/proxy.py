@@ -130,8 +130,7 @@ class TaskContext:
         self.base = copy.deepcopy(pre.model).to(self.device).eval()
         self.example = next(iterate(self.data, self.data.train, batch_size=2, device=self.device))[0]
         s = structure(self.base, self.example)
-        self.macs, self.params, self.inputs_from, self.bn_of = s.macs, s.params, s.inputs_from, s.bn_of
-        self.cost_macs, self.cost_params = s.cost_macs, s.cost_params  # with the depthwise convs that follow
+        self.macs, self.bn_of = s.macs, s.bn_of
         self.structure = s
         self.out_channels = s.out_channels
         self._independent: set[str] | None = None
@@ -175,9 +174,10 @@ class TaskContext:
 
     def kept(self, masks: Masks) -> tuple[float, float]:
         """(MACs, parameters) left of the masked layers and the depthwise convs that follow them."""
-        layers = [*masks, *(n for n in self.cost_macs if n not in self.macs)]
-        return (kept_share(masks, self.cost_macs, self.inputs_from, layers),
-                kept_share(masks, self.cost_params, self.inputs_from, layers))
+        s = self.structure
+        layers = [*masks, *s.follower_macs]
+        return (kept_share(masks, s.cost_macs, s.inputs_from, layers),
+                kept_share(masks, s.cost_params, s.inputs_from, layers))
 
     @property
     def trains(self) -> str:
@@ -197,7 +197,7 @@ class TaskContext:
         cut = {n: m for n, m in masks.items() if n in self.independent and not m.all()}
         surgery(model, {n: m.to(self.device) for n, m in cut.items()}, self.example)
         tied = {n: m for n, m in masks.items() if n not in cut}
-        follow = {f: m for f, m in self.structure.with_followers(tied).items() if f not in tied}  # not cut
+        follow = self.structure.follower_masks(tied)  # their channels were not cut
         if self.narrows:
             for n in narrow_tied(model, tied, self.bn_of):
                 del tied[n]
