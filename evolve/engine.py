@@ -506,9 +506,7 @@ class Search:
         limit = self.cfg.run.time_limit_s
         if limit is None or not self.history:
             return False
-        times = [r.seconds for r in self.history]
-        later = times[1:] or times
-        return time.perf_counter() - t_run + sum(later) / len(later) > limit
+        return time.perf_counter() - t_run + pace([r.seconds for r in self.history]) > limit
 
     def _generation(self, g: int, kept: list, new: Iterable, t0: float) -> list:
         """Evaluate `new` (possibly lazy), record generation `g` of kept + new; returns it."""
@@ -560,6 +558,14 @@ class Search:
             pop.append(ind)
         random.setstate(_state_from_json(last.rng_state))
         return pop
+
+
+def pace(seconds: list[float]) -> float:
+    """Expected seconds of the next generation from those of one call, in order: the mean of
+    all after the first (which scores the baselines and the whole population, ~3x slower), or
+    the first's while it is the only one."""
+    later = seconds[1:] or seconds
+    return sum(later) / len(later)
 
 
 def _baseline_name(expression: str) -> str:

@@ -9,7 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from evoprune.evolve.config import Config
-from evoprune.progress import counted, hms
+from evoprune.evolve.engine import pace
+from evoprune.progress import counted, hms, warn
 
 
 class SearchDisplay:
@@ -44,10 +45,8 @@ class SearchDisplay:
         left = self.cfg.search.generations - self.gen
         if self.gen < 0 or left <= 0 or not self.gen_seconds:
             return None
-        first = min(self.gen_seconds)
-        later = [sec for g, sec in self.gen_seconds.items() if g != first] or [self.gen_seconds[first]]
         now = time.perf_counter()
-        eta = sum(later) / len(later) * left - (now - self.gen_ended)
+        eta = pace([self.gen_seconds[g] for g in sorted(self.gen_seconds)]) * left - (now - self.gen_ended)
         if (limit := self.cfg.run.time_limit_s) is not None and self.searching is not None:
             eta = min(eta, limit - (now - self.searching))  # [run] time_limit stops it sooner
         return max(0.0, eta)
@@ -73,7 +72,7 @@ class SearchDisplay:
             if not self.live:
                 self.console.print(info["text"], highlight=False)
         elif kind == "warning":
-            self.console.print(f"[yellow]warning: {escape(info['text'])}[/]", highlight=False)
+            warn(self.console, info["text"])
         elif kind == "evaluation":
             self.evals += 1
             self.done, self.total = info["done"], info["total"]
@@ -116,7 +115,7 @@ class SearchDisplay:
                 f"screened); cache hits: {k['canonical_hits']} same formula, {k['mask_hits']} same masks; "
                 f"{k['invalid']} invalid", highlight=False)
         for text in result.warnings:
-            c.print(f"[yellow]warning: {escape(text)}[/]", highlight=False)
+            warn(c, text)
         if (sec := result.seconds) and sec.get("search"):
             busy = sec["worker"] / sec["capacity"] if sec.get("capacity") else 0.0
             # a pool's workers run proxies while the driver works: the two shares may overlap

@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 import evoprune
@@ -295,7 +294,7 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
     from evoprune.evolve.config import load_config
     from evoprune.evolve.proxy_check import check_proxy, plot
     from evoprune.evolve.service import check_inputs
-    from evoprune.progress import progress
+    from evoprune.progress import progress, warn
 
     cfg = load_config(config)
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
@@ -329,7 +328,7 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
                   f"{a['gap']:.4f}; Kendall tau {a['tau']:.2f} (95% CI {a['tau_ci'][0]:.2f} to {a['tau_ci'][1]:.2f})",
                   highlight=False, markup=False)
     for text in res.warnings:
-        out.print(f"[yellow]warning: {escape(text)}[/]", highlight=False)
+        warn(out, text)
     out.print(f"{res.verdict}\nplot: {png}", highlight=False, markup=False)
 
 
@@ -557,7 +556,7 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
     seeds and the paired difference to every baseline of the suite, with 95% CIs."""
     from dataclasses import replace
 
-    from evoprune.progress import counted, progress
+    from evoprune.progress import counted, progress, warn
     from evoprune.transfer.suite import load_suite, metric_list, near_chance_cases, plot, run_suite, summarize
 
     if as_json and as_csv:
@@ -618,7 +617,7 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
                                              f"{counted(lo, 'loss', 'losses')}" for b, (w, ti, lo) in by.items()),
                   highlight=False, markup=False)
     for text in warnings:
-        out.print(f"[yellow]warning: {escape(text)}[/]", highlight=False)
+        warn(out, text)
     out.print(f"plot: {png}\nruns: {out_dir / 'runs'}  results: {out_dir / 'results.jsonl'}", highlight=False,
               markup=False)
 

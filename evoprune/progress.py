@@ -14,6 +14,7 @@ import time
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -23,6 +24,11 @@ Update = Callable[..., None]  # update(completed, **fields)
 def counted(n: int, noun: str, plural: str = "") -> str:
     """'1 baseline', '3 baselines', '1 loss', '2 losses' (`plural` where "s" is not it)."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def warn(console: Console, text: str) -> None:
+    """One `warning: ...` line in yellow (the text is shown as is, never read as markup)."""
+    console.print(f"[yellow]warning: {escape(text)}[/]", highlight=False)
 
 
 def hms(seconds: float) -> str:
