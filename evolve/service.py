@@ -160,8 +160,9 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
     extended); without, it is `cfg`'s. `config_given`: `cfg` came from a file the user named, whose
     [search] and [proxy] must then be the resumed run's (they cannot change a run)."""
     if generations is not None:  # checked now (0 to 100,000), before a stored run's config takes it
-        checked = replace(cfg, search=replace(cfg.search, generations=generations))
-        cfg = checked if resume is None else cfg
+        search = replace(cfg.search, generations=generations)
+        if resume is None:
+            cfg = replace(cfg, search=search)
     if resume is None:
         check_inputs(cfg)
     if cfg.run.workers:  # a cluster that cannot be joined is refused before the database is touched
