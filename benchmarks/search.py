@@ -3,7 +3,7 @@
     python benchmarks/search.py --data-root ../shared/data [--device cpu|cuda] [--cache-dir DIR]
                                 [--skip-digits] [--skip-cifar] [--cifar-candidates 8]
                                 [--train masked,pruned] [--workers 2] [--simplify-processes 1,2]
-                                [--digits-workers 0,1] [--gpus-per-worker 1]
+                                [--digits-workers 0,1] [--threads 1] [--gpus-per-worker 1]
 
 1. The default digits search, racing on and off: proxy runs, seconds, evaluations per hour,
    cache hits (same formula / same masks), full fine-tunes racing avoided, and the driver's
@@ -58,7 +58,7 @@ def _digits_search(args, screen: bool, workers: int, processes: int) -> None:
     cfg = Config()
     cfg = replace(cfg, proxy=replace(cfg.proxy, screen=screen),
                   run=replace(cfg.run, device=args.device, cache_dir=args.cache_dir or "", data_root=args.data_root,
-                              simplify_processes=processes, workers=workers,
+                              simplify_processes=processes, workers=workers, threads=args.threads,
                               gpus_per_worker=args.gpus_per_worker if workers else 0.0))
     _canonical.cache_clear()  # every search starts cold, as its own process would
     clear_cache()  # sympy's
@@ -185,6 +185,9 @@ def main():
     ap.add_argument("--digits-workers", default="0",
                     help="digits search: [run] workers to time, comma-separated (0: in-process; N: a Ray pool, "
                          "whose workers train while the driver breeds)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="digits search: [run] threads, torch's threads for the in-process proxy runs (0: torch's "
+                         "default; 1 leaves a core of 2 to a simplify helper, as a GPU search's proxy leaves the CPU)")
     ap.add_argument("--gpus-per-worker", type=float, default=0.0,
                     help="digits search on a Ray pool: [run] gpus_per_worker (0: CPU actors)")
     ap.add_argument("--workers", type=int, default=1,

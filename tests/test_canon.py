@@ -62,6 +62,46 @@ def test_a_helper_that_dies_costs_only_speed(simplifier):
     assert simplifier(texts[:3]) == {t: form(t) for t in texts[:3]}
 
 
+def test_forms_started_ahead_are_made_while_the_driver_does_something_else(simplifier, monkeypatch):
+    """`ahead` returns at once; the helper makes the forms meanwhile (here while the driver
+    sleeps, as it would wait for a proxy run); a call then only collects them, and returns the
+    other forms made ahead with them."""
+    assert simplifier.wait() == 1
+    texts = _formulas(12, seed=6)
+    t0 = time.perf_counter()
+    simplifier.ahead(texts)
+    assert time.perf_counter() - t0 < 0.5
+    by_driver = []
+    real = canon._forms
+    monkeypatch.setattr(canon, "_forms", lambda chunk: by_driver.extend(chunk) or real(chunk))
+    deadline = time.monotonic() + 60
+    while simplifier._helpers[0].busy or simplifier._queue:  # the helper's share, then the rest on the next poll
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        simplifier._poll(0)
+    assert simplifier(texts[:3]) == {t: form(t) for t in texts}
+    assert by_driver == []
+    assert simplifier(texts[:3]) == {t: form(t) for t in texts[:3]}  # asked again: made again
+
+
+def test_the_driver_makes_what_no_helper_has_started(simplifier, monkeypatch):
+    """Asked for a form that waits in the queue behind others, the driver makes it itself
+    rather than wait; a helper killed while holding forms started ahead costs only speed."""
+    assert simplifier.wait() == 1
+    texts = _formulas(30, seed=7)
+    simplifier.ahead(texts)
+    helper = simplifier._helpers[0]
+    assert list(helper.busy) + list(simplifier._queue) == texts
+    last = texts[-1]
+    assert last in simplifier._queue
+    assert simplifier([last])[last] == form(last)
+    assert last not in simplifier._queue
+    helper.proc.kill()
+    helper.proc.wait()
+    assert simplifier(texts) == {t: form(t) for t in texts}
+    assert simplifier._helpers == []
+
+
 def test_a_source_checkout_in_the_working_directory_does_not_shadow_the_helpers(tmp_path, monkeypatch):
     """Run from a folder holding an `evoprune/` package of its own (a clone's root, the Docker
     image's /opt/evoprune under a non-editable install), the helpers still import the installed one."""

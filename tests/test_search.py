@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ from scipy.stats import spearmanr
 from evoprune.cli import main
 from evoprune.db import store
 from evoprune.errors import EvopruneError
-from evoprune.evolve.config import Config, ProxyConfig, SearchConfig, load_config
+from evoprune.evolve.config import Config, ProxyConfig, RunConfig, SearchConfig, load_config
 from evoprune.evolve.engine import Search
 from evoprune.evolve.service import StoreRecorder
 from evoprune.masks import TaskMasks, mask_hash
@@ -93,6 +94,41 @@ def test_engine_recovers_a_hidden_formula(digits_ctx, tmp_path):
     best = max(pop, key=lambda i: (i.raw, -len(i)))
     assert fitness.correlation(str(best)) > 0.999, str(best)
     assert search.history[-1].best > 0.9995 and search.history[0].best < search.history[-1].best
+
+
+class SlowFitness(HiddenFormulaFitness):
+    """Takes 20 ms a job, as a proxy run would take longer: the helpers work meanwhile."""
+
+    def run(self, jobs):
+        for job, rec in super().run(jobs):
+            time.sleep(0.02)
+            yield job, rec
+
+
+def test_helpers_making_forms_ahead_give_the_same_search(digits_ctx, monkeypatch):
+    """An in-process search whose canonical forms a helper makes while the jobs run gives the
+    generations of the driver alone, and the driver made only some of the forms."""
+    from evoprune.evolve import canon
+
+    made_here = []
+    real = canon._forms
+    monkeypatch.setattr(canon, "_forms", lambda chunk: made_here.extend(chunk) or real(chunk))
+    runs = {}
+    for processes in (1, 2):
+        made_here.clear()
+        cfg = Config(search=SearchConfig(population=24, generations=4, seed=5, seeds=("l1", "bn_scale")),
+                     proxy=replace(TINY_PROXY, screen=False), run=RunConfig(simplify_processes=processes))
+        search = Search(cfg, SlowFitness(digits_ctx["digits-cnn"], "mul(w_l2, bn_abs_gamma)"), digits_ctx)
+        try:
+            assert search.simplifier.wait() == processes - 1
+            pop = search.run()
+        finally:
+            search.close()
+        runs[processes] = ([str(i) for i in pop], [(r.best, r.mean, r.evaluations, r.cache_hits)
+                                                   for r in search.history], len(search.canon))
+        if processes == 2:
+            assert len(made_here) < len(search.canon) / 2, (len(made_here), len(search.canon))
+    assert runs[1][:2] == runs[2][:2]
 
 
 def test_ray_worker_killed_mid_run_loses_and_repeats_nothing(ray_session, digits_ctx, cache_dir, tmp_path):
