@@ -99,9 +99,9 @@ def _stop_all(helpers: list[_Helper], sel: selectors.BaseSelector) -> None:
 
 
 def auto_processes(cpus: int | None = None) -> int:
-    """Half the CPUs, at most 4: on 2 cores a helper gains little (1.2x on a search's batches,
-    benchmarks/RESULTS.md: each process warms sympy's caches on its own, and a helper takes
-    seconds of CPU to start), so the driver works alone there."""
+    """Half the CPUs, at most 4: on 2 cores a helper takes the CPU the proxy runs need (the same
+    search's wall time with and without one, benchmarks/RESULTS.md) and seconds of CPU to start,
+    so the driver works alone there."""
     return max(1, min(4, (cpus or os.cpu_count() or 1) // 2))
 
 
