@@ -500,12 +500,11 @@ class Search:
 
     def _out_of_time(self, t_run: float) -> bool:
         """With `[run] time_limit`: whether the next generation would likely end past it, at the
-        mean time of this call's generations after its first (the first scores the baselines and
-        the whole population), or at the first's while it is the only one."""
+        pace of this call's generations (`pace`)."""
         limit = self.cfg.run.time_limit_s
         if limit is None or not self.history:
             return False
-        return time.perf_counter() - t_run + pace([r.seconds for r in self.history]) > limit
+        return time.perf_counter() - t_run + pace({r.index: r.seconds for r in self.history}) > limit
 
     def _generation(self, g: int, kept: list, new: Iterable, t0: float) -> list:
         """Evaluate `new` (possibly lazy), record generation `g` of kept + new; returns it."""
@@ -559,11 +558,11 @@ class Search:
         return pop
 
 
-def pace(seconds: list[float]) -> float:
-    """Expected seconds of the next generation from those of one call, in order: the mean of
-    all after the first (which scores the baselines and the whole population, ~3x slower), or
-    the first's while it is the only one."""
-    later = seconds[1:] or seconds
+def pace(seconds: dict[int, float]) -> float:
+    """Expected seconds of the next generation from those one call ran (generation -> seconds):
+    their mean, leaving out generation 0 (it scores the baselines and the whole population, ~3x
+    slower) unless it is the only one. A resumed call's first generation is an ordinary one."""
+    later = [t for g, t in seconds.items() if g != 0] or list(seconds.values())
     return sum(later) / len(later)
 
 

@@ -38,15 +38,14 @@ class SearchDisplay:
             self.live.__exit__(*exc)
 
     def eta(self) -> float | None:
-        """Seconds until the last generation ends: the generations left at the mean time of those
-        this call ran after its first (the initial one scores the whole population and the
-        baselines, and is slower), less the time the one under way has had; None before the
-        first generation ends or after the last."""
+        """Seconds until the last generation ends: the generations left at the pace of those this
+        call ran (`pace`: generation 0 counts only while it is the only one), less the time the one
+        under way has had; None before the first generation ends or after the last."""
         left = self.cfg.search.generations - self.gen
         if self.gen < 0 or left <= 0 or not self.gen_seconds:
             return None
         now = time.perf_counter()
-        eta = pace([self.gen_seconds[g] for g in sorted(self.gen_seconds)]) * left - (now - self.gen_ended)
+        eta = pace(self.gen_seconds) * left - (now - self.gen_ended)
         if (limit := self.cfg.run.time_limit_s) is not None and self.searching is not None:
             eta = min(eta, limit - (now - self.searching))  # [run] time_limit stops it sooner
         return max(0.0, eta)

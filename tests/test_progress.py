@@ -59,3 +59,14 @@ def test_a_search_shows_the_time_left_from_the_generations_after_its_first():
     assert d.eta() is None
     lines = buf.getvalue().splitlines()
     assert "eta 6:40" in lines[0] and "eta 0:30" in lines[2] and "eta" not in lines[4]
+
+
+def test_a_resumed_call_paces_itself_by_its_first_generation():
+    """Only generation 0 is left out of the pace: a call resumed at generation 5 has ordinary
+    generations from its first (the time limit and the ETA both use `pace`)."""
+    from evoprune.evolve.engine import pace
+
+    assert pace({0: 100.0}) == 100.0
+    assert pace({0: 100.0, 1: 10.0, 2: 20.0}) == 15.0
+    assert pace({5: 12.0}) == 12.0
+    assert pace({5: 12.0, 6: 18.0}) == 15.0
