@@ -46,9 +46,12 @@ def _cand_row(c: Candidate) -> dict:
             "masks": c.mask_key()}
 
 
-def top(engine: Engine, run: int | None = None, task: str | None = None, limit: int = 10) -> list[dict]:
+def top(engine: Engine, run: int | None = None, task: str | None = None, limit: int = 10,
+        distinct: bool = False) -> list[dict]:
     """Best valid formulas (fully evaluated ones first), optionally of one run, ranked by the
-    fitness or by one task's validation accuracy."""
+    fitness or by one task's validation accuracy. `distinct`: one formula per run and set of
+    masks (the best ranked, then the smallest: formulas that prune the same filters on every task
+    score alike in one run), each row with `same_masks`, how many others of its run prune as it does."""
     with Session(engine) as s:
         q = select(Candidate).where(Candidate.valid).options(selectinload(Candidate.evaluations))
         if run is not None:
@@ -56,11 +59,18 @@ def top(engine: Engine, run: int | None = None, task: str | None = None, limit: 
             q = q.where(Candidate.run_id == run)
         if task is None:
             q = q.order_by((Candidate.stage == "full").desc(), Candidate.fitness.desc(), Candidate.size, Candidate.id)
-            return [_cand_row(c) for c in s.scalars(q.limit(limit))]
-        q = q.join(Evaluation).where(Evaluation.task == task, Evaluation.stage == Candidate.stage)
-        q = q.order_by((Candidate.stage == "full").desc(), Evaluation.accuracy.desc(), Candidate.size, Candidate.id)
-        rows = [_cand_row(c) for c in s.scalars(q.limit(limit)).unique()]
-        if not rows:
+        else:
+            q = q.join(Evaluation).where(Evaluation.task == task, Evaluation.stage == Candidate.stage)
+            q = q.order_by((Candidate.stage == "full").desc(), Evaluation.accuracy.desc(), Candidate.size,
+                           Candidate.id)
+        if distinct:
+            groups: dict[tuple[int, str], list[Candidate]] = {}  # per run: its proxy settings make the fitness
+            for c in s.scalars(q).unique():
+                groups.setdefault((c.run_id, c.mask_key()), []).append(c)
+            rows = [{**_cand_row(g[0]), "same_masks": len(g) - 1} for g in list(groups.values())[:limit]]
+        else:
+            rows = [_cand_row(c) for c in s.scalars(q.limit(limit)).unique()]
+        if task is not None and not rows:
             raise EvopruneError(f"no candidate was evaluated on task {task!r}")
         return rows
 

@@ -400,14 +400,18 @@ _TOP_COLS = ["id", "run", "fitness", "stage", "size", "kept_flops", "baseline", 
 def metrics_top(run: Annotated[Optional[int], typer.Option("--run", parser=parse_id, help="Only this run.")] = None,
                 task: Annotated[Optional[str], typer.Option("--task", help="Rank by this task's accuracy.")] = None,
                 limit: Annotated[int, typer.Option("--limit", min=1)] = 10,
+                every: Annotated[bool, typer.Option("--all", help="Every formula, also those that prune the same "
+                                                    "filters as a better ranked one.")] = False,
                 db: Db = None, as_json: Json = False, as_csv: Csv = False):
-    """The best formulas (fully evaluated first), by fitness or by one task's accuracy."""
+    """The best formulas (fully evaluated first), by fitness or by one task's accuracy: one per
+    run and set of masks (the simplest of those ranked alike; "same masks" counts the others of
+    its run), or --all."""
     from evoprune.db import queries
 
-    rows = queries.top(_db(db), run, task, limit)
+    rows = queries.top(_db(db), run, task, limit, distinct=not every)
     acc = sorted({k for r in rows for k in r if k.startswith("acc:")})
     emit(rows, "top formulas", as_json, as_csv, columns=None if (as_json or as_csv) else _TOP_COLS[:3] + acc
-         + _TOP_COLS[3:])
+         + _TOP_COLS[3:] + ([] if every else ["same_masks"]))
 
 
 @metrics_app.command("show")

@@ -101,3 +101,31 @@ def test_reader_never_sees_database_is_locked(tmp_path):
     t.join()
     assert not errors, errors
     assert reads > 5 and len(queries.top(reader_engine, run_id, limit=1000)) == 150
+
+
+def test_top_shows_one_formula_per_set_of_masks(tmp_path, capsys):
+    """Formulas that prune the same filters score alike: `metrics top` lists the best ranked and
+    simplest of them once, counting the others (a screened-only twin among them); --all lists each."""
+    url = f"sqlite:///{tmp_path / 'twins.db'}"
+    engine = store.connect(url)
+    run_id = store.create_run(engine, {"proxy": {"tasks": ["t"]}}, 0, "test")
+
+    def cand(expression, size, fitness, mask, stage="full"):
+        rec = FitnessRecord(expression, stage, fitness, True, "", {"t": TaskResult(fitness, 0.5, 0.5, 0.1, mask)}, 0.1,
+                            "w")
+        return CandidateRecord(expression, expression, f"h-{expression}", size, 2, (), 0, rec)
+
+    store.record_candidates(engine, run_id, [cand("mul(2.0, w_l1)", 3, 0.9, "m1"), cand("w_l1", 1, 0.9, "m1"),
+                                             cand("w_l2", 1, 0.8, "m2"), cand("sqrt(w_l1)", 2, 0.95, "m1", "screen")])
+    rc, out, _ = run(capsys, "metrics", "top", "--db", url, "--json")
+    rows = json.loads(out)
+    assert rc == 0 and [(r["expression"], r["same_masks"]) for r in rows] == [("w_l1", 2), ("w_l2", 0)]
+    rc, out, _ = run(capsys, "metrics", "top", "--db", url, "--json", "--all")
+    assert [r["expression"] for r in json.loads(out)] == ["w_l1", "mul(2.0, w_l1)", "w_l2", "sqrt(w_l1)"]
+    rc, out, _ = run(capsys, "metrics", "top", "--db", url, "--limit", "1")
+    assert rc == 0 and "same_masks" in out and "w_l2" not in out
+    other = store.create_run(engine, {"proxy": {"tasks": ["t"]}}, 1, "test")  # its own proxy settings
+    store.record_candidates(engine, other, [cand("w_l1", 1, 0.7, "m1")])
+    rc, out, _ = run(capsys, "metrics", "top", "--db", url, "--json")
+    assert [(r["run"], r["expression"], r["same_masks"]) for r in json.loads(out)] == [
+        (run_id, "w_l1", 2), (run_id, "w_l2", 0), (other, "w_l1", 0)]
