@@ -89,6 +89,7 @@ class _Helper:
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
             self.proc.wait()
+        self.proc.stdout.close()
 
 
 def _stop_all(helpers: list[_Helper], sel: selectors.BaseSelector) -> None:
@@ -220,7 +221,7 @@ class Simplifier:
         self._sel.unregister(h.fd)
         self._helpers.remove(h)
         h.proc.kill()
-        h.proc.wait()
+        h.stop()
 
     def wait(self, timeout: float = 60.0) -> int:
         """Wait up to `timeout` s for the helpers to be ready (benchmarks, tests); returns how many are."""
