@@ -283,8 +283,12 @@ class Search:
                     todo[key], masks_of[key] = [h], masks
                     yield key
 
-        self._run_proxy(new_keys(), todo, pending, masks_of, generation)
-        rows = [self._candidate(inds[0], h, generation) for h, inds in pending.items()]
+        screens = self._run_proxy(new_keys(), todo, pending, masks_of, generation)
+        rows = []
+        for key, hs in todo.items():  # a promoted candidate's screen too, before its full result
+            if key in screens:
+                rows += [self._candidate(pending[h][0], h, generation, screens[key]) for h in hs]
+        rows += [self._candidate(inds[0], h, generation) for h, inds in pending.items()]
         if rows:
             self._record(lambda: self.recorder.candidates(rows))
         for ind in fresh:
@@ -293,16 +297,18 @@ class Search:
         return everyone, c1["evaluations"] - c0["evaluations"], (c1["canonical_hits"] + c1["mask_hits"]
                                                                  - c0["canonical_hits"] - c0["mask_hits"])
 
-    def _candidate(self, ind, h: str, generation: int) -> CandidateRecord:
+    def _candidate(self, ind, h: str, generation: int, record: FitnessRecord | None = None) -> CandidateRecord:
         text = str(ind)
         node = parse(text)
+        rec = self.records[h] if record is None else record.renamed(text)
         return CandidateRecord(text, self._canonical(text)[0], h, node.size, node.depth, tuple(ind.parents),
-                               generation, self.records[h], _baseline_name(text))
+                               generation, rec, _baseline_name(text))
 
     def _run_proxy(self, keys: Iterable[tuple], todo: dict[tuple, list[str]], pending: dict[str, list],
-                   masks_of: dict[tuple, dict], generation: int) -> None:
+                   masks_of: dict[tuple, dict], generation: int) -> dict[tuple, FitnessRecord]:
         """Run the proxy for the mask keys `keys` (possibly lazy: `todo` fills as they come), each
-        on the first formula with it; with racing, screen them all, then fine-tune the best share."""
+        on the first formula with it; with racing, screen them all, then fine-tune the best share.
+        Returns the promoted ones' screen results (their full results replace them in the caches)."""
         p = self.cfg.proxy
 
         def first(key: tuple) -> str:
@@ -310,17 +316,20 @@ class Search:
 
         stage = "screen" if p.screen else "full"
         results = self._run_jobs(((k, first(k), stage) for k in keys), masks_of, generation)
+        screens = {}
         if p.screen:
             ranked = sorted(todo, key=lambda k: -results[k].fitness)
             n_full = max(1, math.ceil(p.promote * len(ranked)))
             promote = [k for k in ranked[:n_full] if results[k].valid]
             self.counters.screened_only += len(ranked) - len(promote)
+            screens = {k: results[k] for k in promote}
             results.update(self._run_jobs([(k, first(k), "full") for k in promote], masks_of, generation))
         for key, hs in todo.items():
             rec = results[key]
             self.by_masks[key] = rec
             for h in hs:
                 self.records[h] = rec.renamed(str(pending[h][0]))
+        return screens
 
     def _run_jobs(self, jobs: Iterable[tuple[tuple, str, str]], masks_of: dict[tuple, dict],
                   generation: int) -> dict[tuple, FitnessRecord]:

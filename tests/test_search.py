@@ -131,6 +131,26 @@ def test_helpers_making_forms_ahead_give_the_same_search(digits_ctx, monkeypatch
     assert runs[1][:2] == runs[2][:2]
 
 
+def test_racing_stores_the_screen_of_a_promoted_candidate_beside_its_full_result(digits_ctx, tmp_path):
+    """With racing, each candidate is screened and the best share fully fine-tuned: a promoted
+    one keeps its screen result beside the full one (how the screen ranked it), a screened-only
+    one has its screen, and each is stored once at its best stage."""
+    cfg = Config(search=SearchConfig(population=12, generations=2, seed=2, seeds=("l1", "bn_scale")),
+                 proxy=replace(TINY_PROXY, screen=True, promote=0.34))
+    engine = store.connect(f"sqlite:///{tmp_path / 'r.db'}")
+    search = Search(cfg, HiddenFormulaFitness(digits_ctx["digits-cnn"], "w_l1"), digits_ctx,
+                    StoreRecorder.new_run(engine, cfg))
+    search.run()
+    cands = [c for c in store.candidates(engine, 1) if c.valid]
+    stages = {c.id: sorted(e.stage for e in c.evaluations) for c in cands}
+    assert all(stages[c.id] == ["screen"] for c in cands if c.stage == "screen")
+    raced = {c.mask_key() for c in cands if stages[c.id] == ["full", "screen"]}
+    assert len(raced) == search.counters.full > 0  # each fully fine-tuned set of masks, with its screen
+    # a formula whose masks an earlier one had takes that result (its full one) without a run
+    assert all(stages[c.id] == ["full", "screen"] or (stages[c.id] == ["full"] and c.mask_key() in raced)
+               for c in cands if c.stage == "full")
+
+
 def test_ray_worker_killed_mid_run_loses_and_repeats_nothing(ray_session, digits_ctx, cache_dir, tmp_path):
     cfg = Config(search=SearchConfig(population=10, generations=1, seed=0, seeds=("l1", "bn_scale", "fpgm")),
                  proxy=TINY_PROXY)
