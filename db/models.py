@@ -93,7 +93,7 @@ class Candidate(Base):
 
     def mask_key(self) -> str:
         """Equal for two formulas that prune the same filters on every task (at their best stage)."""
-        return ",".join(sorted(f"{e.task}:{e.mask}" for e in self.evaluations if e.stage == self.stage))
+        return ",".join(sorted({f"{e.task}:{e.mask}" for e in self.evaluations if e.stage == self.stage}))
 
 
 class Evaluation(Base):

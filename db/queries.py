@@ -53,7 +53,7 @@ def top(engine: Engine, run: int | None = None, task: str | None = None, limit: 
     masks (the best ranked, then the smallest: formulas that prune the same filters on every task
     score alike in one run), each row with `same_masks`, how many others of its run prune as it does."""
     with Session(engine) as s:
-        q = select(Candidate).where(Candidate.valid).options(selectinload(Candidate.evaluations))
+        q = select(Candidate).where(Candidate.valid)
         if run is not None:
             _require_run(s, run)
             q = q.where(Candidate.run_id == run)
@@ -63,13 +63,24 @@ def top(engine: Engine, run: int | None = None, task: str | None = None, limit: 
             q = q.join(Evaluation).where(Evaluation.task == task, Evaluation.stage == Candidate.stage)
             q = q.order_by((Candidate.stage == "full").desc(), Evaluation.accuracy.desc(), Candidate.size,
                            Candidate.id)
-        if distinct:
-            groups: dict[tuple[int, str], list[Candidate]] = {}  # per run: its proxy settings make the fitness
-            for c in s.scalars(q).unique():
-                groups.setdefault((c.run_id, c.mask_key()), []).append(c)
-            rows = [{**_cand_row(g[0]), "same_masks": len(g) - 1} for g in list(groups.values())[:limit]]
-        else:
-            rows = [_cand_row(c) for c in s.scalars(q.limit(limit)).unique()]
+        load = q.options(selectinload(Candidate.evaluations))
+        if not distinct:
+            rows = [_cand_row(c) for c in s.scalars(load.limit(limit)).unique()]
+        else:  # the masks of the whole scope as plain rows, then only the listed candidates loaded
+            masks: dict[int, set[str]] = {}  # a set: a stage run twice (a final round) gives the same masks
+            scope = select(Evaluation.candidate_id, Evaluation.task, Evaluation.mask).join(Candidate).where(
+                Candidate.valid, Evaluation.stage == Candidate.stage)
+            if run is not None:
+                scope = scope.where(Candidate.run_id == run)
+            for cid, t, mask in s.execute(scope):
+                masks.setdefault(cid, set()).add(f"{t}:{mask}")
+            groups: dict[tuple[int, str], dict[int, None]] = {}  # per run: its proxy settings make the fitness
+            for cid, rid in s.execute(q.with_only_columns(Candidate.id, Candidate.run_id)):
+                groups.setdefault((rid, ",".join(sorted(masks.get(cid, ())))), {})[cid] = None
+            listed = [list(g) for g in list(groups.values())[:limit]]
+            loaded = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_([g[0] for g in listed]))
+                                                  .options(selectinload(Candidate.evaluations)))}
+            rows = [{**_cand_row(loaded[g[0]]), "same_masks": len(g) - 1} for g in listed]
         if task is not None and not rows:
             raise EvopruneError(f"no candidate was evaluated on task {task!r}")
         return rows

@@ -129,3 +129,5 @@ def test_top_shows_one_formula_per_set_of_masks(tmp_path, capsys):
     rc, out, _ = run(capsys, "metrics", "top", "--db", url, "--json")
     assert [(r["run"], r["expression"], r["same_masks"]) for r in json.loads(out)] == [
         (run_id, "w_l1", 2), (run_id, "w_l2", 0), (other, "w_l1", 0)]
+    rc, out, _ = run(capsys, "metrics", "top", "--db", url, "--json", "--task", "t", "--run", str(run_id))
+    assert [(r["expression"], r["same_masks"]) for r in json.loads(out)] == [("w_l1", 2), ("w_l2", 0)]
