@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from evoprune.records import RunStatus
+from evoprune.records import RunStatus, mask_key_of
 
 SCHEMA_HEAD = "0005"  # the newest Alembic revision (db/migrations/versions); create_all builds this schema
 
@@ -93,7 +93,7 @@ class Candidate(Base):
 
     def mask_key(self) -> str:
         """Equal for two formulas that prune the same filters on every task (at their best stage)."""
-        return ",".join(sorted({f"{e.task}:{e.mask}" for e in self.evaluations if e.stage == self.stage}))
+        return mask_key_of((e.task, e.mask) for e in self.evaluations if e.stage == self.stage)
 
 
 class Evaluation(Base):

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from evoprune.db.models import Candidate, Evaluation, Generation, Metric, Run
 from evoprune.errors import EvopruneError
+from evoprune.records import mask_key_of
 
 
 def runs(engine: Engine) -> list[dict]:
@@ -63,20 +64,20 @@ def top(engine: Engine, run: int | None = None, task: str | None = None, limit: 
             q = q.join(Evaluation).where(Evaluation.task == task, Evaluation.stage == Candidate.stage)
             q = q.order_by((Candidate.stage == "full").desc(), Evaluation.accuracy.desc(), Candidate.size,
                            Candidate.id)
-        load = q.options(selectinload(Candidate.evaluations))
         if not distinct:
-            rows = [_cand_row(c) for c in s.scalars(load.limit(limit)).unique()]
+            rows = [_cand_row(c) for c in s.scalars(q.options(selectinload(Candidate.evaluations))
+                                                    .limit(limit)).unique()]
         else:  # the masks of the whole scope as plain rows, then only the listed candidates loaded
-            masks: dict[int, set[str]] = {}  # a set: a stage run twice (a final round) gives the same masks
+            masks: dict[int, list[tuple[str, str]]] = {}
             scope = select(Evaluation.candidate_id, Evaluation.task, Evaluation.mask).join(Candidate).where(
                 Candidate.valid, Evaluation.stage == Candidate.stage)
             if run is not None:
                 scope = scope.where(Candidate.run_id == run)
             for cid, t, mask in s.execute(scope):
-                masks.setdefault(cid, set()).add(f"{t}:{mask}")
+                masks.setdefault(cid, []).append((t, mask))
             groups: dict[tuple[int, str], dict[int, None]] = {}  # per run: its proxy settings make the fitness
             for cid, rid in s.execute(q.with_only_columns(Candidate.id, Candidate.run_id)):
-                groups.setdefault((rid, ",".join(sorted(masks.get(cid, ())))), {})[cid] = None
+                groups.setdefault((rid, mask_key_of(masks.get(cid, ()))), {})[cid] = None
             listed = [list(g) for g in list(groups.values())[:limit]]
             loaded = {c.id: c for c in s.scalars(select(Candidate).where(Candidate.id.in_([g[0] for g in listed]))
                                                   .options(selectinload(Candidate.evaluations)))}

@@ -62,6 +62,12 @@ class FitnessRecord:
         return tuple(self.tasks[t].mask for t in tasks)
 
 
+def mask_key_of(masks) -> str:
+    """One key for a formula's (task, mask hash) pairs, in any order and with repeats (a stage
+    stored twice): equal for two formulas that prune the same filters on every task."""
+    return ",".join(sorted({f"{t}:{m}" for t, m in masks}))
+
+
 def invalid(expression: str, reason: str, stage: str = "screen") -> FitnessRecord:
     return FitnessRecord(expression, stage, 0.0, False, reason)
 
@@ -89,7 +95,7 @@ class CandidateRecord:
 
     def mask_key(self) -> str:
         """Equal for two formulas that prune the same filters on every task (at their best stage)."""
-        return ",".join(sorted(f"{t}:{r.mask}" for t, r in self.record.tasks.items()))
+        return mask_key_of((t, r.mask) for t, r in self.record.tasks.items())
 
 
 @dataclass(frozen=True)
