@@ -146,7 +146,7 @@ class Simplifier:
         while self._helpers:
             self._poll(0)
             missing = [t for t in texts if t not in self._done]
-            started = {t for h in self._helpers for t in h.busy}
+            started = self._started()
             if todo := next((t for t in missing if t not in started), None):
                 if todo in self._queue:
                     self._queue.remove(todo)
@@ -163,8 +163,12 @@ class Simplifier:
             out.update(zip(missing, _forms(missing)))
         return out
 
+    def _started(self) -> set[str]:
+        """The formulas sent to a helper and not answered yet."""
+        return {t for h in self._helpers for t in h.busy}
+
     def _enqueue(self, texts: list[str], urgent: bool) -> None:
-        started = {t for h in self._helpers for t in h.busy}
+        started = self._started()
         new = [t for t in dict.fromkeys(texts) if t not in self._done and t not in started]
         queued = set(self._queue)
         if urgent:  # to the front, in order

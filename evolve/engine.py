@@ -199,6 +199,10 @@ class Search:
             self.canon.update(self.simplifier(new))
             self._spent("canonical", t0)
 
+    def _ahead(self, texts: Iterable[str]) -> None:
+        """Start the canonical forms of those of `texts` not known yet on the simplifier's helpers."""
+        self.simplifier.ahead([t for t in texts if t not in self.canon])
+
     def _record(self, write: Callable[[], None]) -> None:
         """A database write. With a pool of workers it waits (in order) until the next
         generation's first job is out: the workers need not wait for the database. A run that
@@ -427,7 +431,7 @@ class Search:
                         random.setstate(stream[-1][1])
                     for _ in range(max(chunk or need - kids, self.simplifier.processes)):
                         stream.append((self._breed(pop), random.getstate()))
-                    self.simplifier.ahead([t for t in (str(c) for c, _ in stream[used:]) if t not in self.canon])
+                    self._ahead(str(c) for c, _ in stream[used:])
                 child = stream[used][0]
                 used += 1
                 h = self._canonical(str(child))[1]
@@ -441,7 +445,7 @@ class Search:
 
     def _simplified(self, individuals: list) -> Iterator:
         """`individuals`, their canonical forms started on the simplifier's helpers."""
-        self.simplifier.ahead([t for t in (str(ind) for ind in individuals) if t not in self.canon])
+        self._ahead(str(ind) for ind in individuals)
         yield from individuals
 
     def _breed(self, pop: list):
