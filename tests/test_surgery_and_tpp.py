@@ -151,3 +151,23 @@ def test_tpp_drives_the_depthwise_channels_after_a_pruned_filter_to_zero():
         g = p.grad.flatten(1).abs().sum(1) if p.dim() > 1 else p.grad.abs()
         assert (g[pruned] > 0).all() and (g[~pruned] == 0).all()
     assert len(reg.layers) == 1  # the Gram term: the expand conv alone
+
+
+def test_tpp_drives_the_bias_of_a_pruned_filter_without_bn_to_zero():
+    """A conv with a bias and no BN after it (VGG without BN, a squeeze-excitation block): after
+    its pruned filters' weights reach 0 the bias is what the channel still outputs, and surgery
+    drops it, so the L2 term takes the pruned filters' biases too (kept ones untouched)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1))
+    keep = torch.tensor([True, False, True, False, True, True])
+    reg = TPPRegularizer(model, {"0": keep}, {"0": None}, TPPConfig(reg_step=0.1, update_every=1))
+    reg.iteration = 5
+    for p in model.parameters():
+        p.data.uniform_(0.5, 1.5)
+        p.grad = torch.zeros_like(p)
+    reg.apply_l2()
+    g = model[0].bias.grad
+    assert torch.allclose(g[~keep], 0.5 * model[0].bias.data[~keep]) and (g[keep] == 0).all()
+    assert (model[2].bias.grad == 0).all()  # not a pruned layer

@@ -4,7 +4,7 @@ For each pruned layer with filters W [N, C*k*k] and keep mask m [N]:
   Gram penalty  ||W W^T * (1 - m m^T)||_F^2 / N^2: kept-kept entries get no gradient; pruned
                 filters are decorrelated from the kept ones and driven towards zero; weighted
                 `gram_weight` x reg in the loss (the paper: 1000 x reg);
-  L2            grad += reg * param on the pruned filters and their BN scale and shift;
+  L2            grad += reg * param on the pruned filters, their own bias and their BN scale and shift;
   schedule      reg += reg_step every `update_every` iterations up to `reg_ceiling`, after which
                 the stabilize phase keeps reg fixed for `stabilize_iters` iterations. reg is a
                 function of the iteration count alone, so a resumed run needs only that count.
@@ -66,8 +66,9 @@ class TPPRegularizer:
         # (param, 0/1 factor broadcastable to it) for the L2 term: multiplications, no host syncs
         self._l2 = []
         for m, bn, keep, _ in self.layers:
-            for p in [m.weight] + ([bn.weight, bn.bias] if bn is not None else []):
-                self._l2.append((p, (1 - keep).view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
+            for p in [m.weight, m.bias] + ([bn.weight, bn.bias] if bn is not None else []):
+                if p is not None:  # a layer's own bias too: with no BN after it, it is what a cut filter still adds
+                    self._l2.append((p, (1 - keep).view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
         for f, (keep, b) in (followers or {}).items():
             m, bn = modules[f], modules[b] if b else None
             for p in [m.weight, m.bias] + ([bn.weight, bn.bias] if bn is not None else []):
