@@ -146,6 +146,7 @@ def compare(rows: list[dict], evolved: list[str], baselines: list[str]) -> dict:
     """Per metric: mean test top-1 over every case and seed; the suite's best baseline (highest
     such mean); each metric's paired difference to it over (case, seed), with a CI that holds
     for all evolved formulas together; per case, the verdict against it."""
+    from evoprune.transfer.suite import one_image
     from evoprune.uncertainty import estimate, family_level, paired, verdict
 
     by = {}
@@ -154,19 +155,21 @@ def compare(rows: list[dict], evolved: list[str], baselines: list[str]) -> dict:
     refs = [f"baseline:{b}" for b in baselines if f"baseline:{b}" in by]
     best = max(refs, key=lambda m: (statistics.fmean(by[m].values()), m))
     level = family_level(len(evolved))
+    step = one_image(rows)  # a spread below one test image is not known to be smaller (uncertainty.estimate)
     out = {"best_baseline": best, "level": level, "metrics": {}}
     cases = sorted({c for m in by.values() for c, _ in m})
     for m, tests in by.items():
         common = sorted(set(tests) & set(by[best]))
         entry = {"mean": statistics.fmean(tests.values()), "evolved": m in evolved, "per_case": {}}
         if m != best:
-            d = paired([tests[k] for k in common], [by[best][k] for k in common], level if m in evolved else 0.95)
+            d = paired([tests[k] for k in common], [by[best][k] for k in common], level if m in evolved else 0.95,
+                       floor=step, bounds=(-1.0, 1.0))
             entry.update(diff=d.mean, diff_low=d.low, diff_high=d.high, verdict=verdict(d))
             wtl = [0, 0, 0]
             for c in cases:
                 ks = [k for k in common if k[0] == c]
                 mine = [tests[k] for k in ks]
-                dc, spread = paired(mine, [by[best][k] for k in ks]), estimate(mine)
+                dc, spread = paired(mine, [by[best][k] for k in ks], floor=step, bounds=(-1.0, 1.0)), estimate(mine)
                 v = verdict(dc)
                 wtl[{"beats": 0, "ties": 1, "loses to": 2}[v]] += 1
                 entry["per_case"][c] = {"mean": spread.mean, "std": spread.std, "diff": dc.mean,

@@ -29,8 +29,14 @@ def t_quantile(n: int, level: float = 0.95) -> float:
     return float(t.ppf(0.5 + level / 2, n - 1)) if n > 1 else float("inf")
 
 
-def estimate(values: list[float], level: float = 0.95) -> Estimate:
-    """Mean and its CI; one value has an infinite interval (nothing is known of its spread)."""
+def estimate(values: list[float], level: float = 0.95, *, floor: float = 0.0,
+             bounds: tuple[float, float] = (-math.inf, math.inf)) -> Estimate:
+    """Mean and its CI; one value has an infinite interval (nothing is known of its spread).
+    `floor`: the smallest spread the CI credits. A measurement that moves in steps (test
+    accuracy: one image) cannot show a spread below its step: two seeds that both differ by
+    the same two images have a sample spread of 0 and, without a floor, a CI of width 0 that
+    would call the difference real. `bounds`: where the quantity can lie (an accuracy in
+    [0, 1], a difference of two in [-1, 1]); a CI of 2 or more values is cut to them. `std` is the sample's own."""
     n = len(values)
     if n == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0, float("nan"))
@@ -38,15 +44,16 @@ def estimate(values: list[float], level: float = 0.95) -> Estimate:
     if n == 1:
         return Estimate(mean, -math.inf, math.inf, 1, float("nan"))
     sd = statistics.stdev(values)
-    half = t_quantile(n, level) * sd / math.sqrt(n)
-    return Estimate(mean, mean - half, mean + half, n, sd)
+    half = t_quantile(n, level) * max(sd, floor) / math.sqrt(n)
+    return Estimate(mean, max(bounds[0], mean - half), min(bounds[1], mean + half), n, sd)
 
 
-def paired(a: list[float], b: list[float], level: float = 0.95) -> Estimate:
-    """The mean of a - b over paired samples (the same data order, seed or case), with its CI."""
+def paired(a: list[float], b: list[float], level: float = 0.95, **kw) -> Estimate:
+    """The mean of a - b over paired samples (the same data order, seed or case), with its CI
+    (`floor`, `bounds`: as for `estimate`)."""
     if len(a) != len(b):
         raise ValueError(f"paired samples of different sizes: {len(a)} and {len(b)}")
-    return estimate([x - y for x, y in zip(a, b)], level)
+    return estimate([x - y for x, y in zip(a, b)], level, **kw)
 
 
 def verdict(diff: Estimate) -> str:

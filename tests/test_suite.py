@@ -148,6 +148,33 @@ def test_a_case_where_every_metric_ends_near_chance_is_called_noise():
     assert near_chance_cases([row(2, "a", 0.019, 100)])[0].startswith("case 3 (c2)")
 
 
+def test_a_difference_of_the_same_images_on_every_seed_is_not_a_win_of_zero_width():
+    """Test accuracy moves in steps of one image: two seeds that both beat L1 by the same two of
+    359 images have a sample spread of 0, and a t-interval of width 0 called that a win (seen on a
+    digits suite). The CI credits at least one image of spread, and stays inside [-1, 1]."""
+    from evoprune.transfer.suite import summarize
+
+    def row(metric, seed, test, images=359):
+        return {"case": 0, "case_label": "c0", "metric": metric, "seed": seed, "test": test, "macs_kept": 0.5,
+                "test_images": images}
+
+    two = 2 / 359
+    rows = [row("m", 0, 0.90 + two), row("m", 1, 0.80 + two), row("baseline:l1", 0, 0.90), row("baseline:l1", 1, 0.80)]
+    (base, mine), _ = summarize(rows, ["l1"])
+    d = mine.diffs["baseline:l1"]
+    assert d.mean == pytest.approx(two) and d.std == pytest.approx(0, abs=1e-12)
+    assert mine.verdicts["baseline:l1"] == "ties" and d.low < 0 < d.high
+    five = [row("m", s, 0.5 + two) for s in range(5)] + [row("baseline:l1", s, 0.5) for s in range(5)]
+    (_, mine5), _ = summarize(five, ["l1"])  # five seeds of the same two images: beyond one image's noise
+    assert mine5.verdicts["baseline:l1"] == "beats"
+    old = [{k: v for k, v in r.items() if k != "test_images"} for r in rows]  # reports that did not say: as before
+    assert summarize(old, ["l1"])[0][1].verdicts["baseline:l1"] == "beats"
+    wide = [row("m", 0, 0.95), row("m", 1, 0.10), row("baseline:l1", 0, 0.10), row("baseline:l1", 1, 0.90)]
+    (_, w), _ = summarize(wide, ["l1"])
+    assert w.diffs["baseline:l1"].low == -1.0 and w.diffs["baseline:l1"].high == 1.0  # not -1,100% .. +1,100%
+    assert 0.0 <= w.test.low and w.test.high <= 1.0
+
+
 def test_the_table_states_each_cases_schedule_first_and_no_ci_for_one_seed(digits_pretrained, cache_dir, tmp_path,
                                                                            capsys):
     """A run's length is its schedule (the task's TPP can be 100,000 iterations): it is said before

@@ -548,7 +548,8 @@ def report(run: PruneRun, state: PruneState, result: TrainResult, seconds: dict[
     tests = {"pretrained": base.test, "after_tpp": state.after_tpp_test, "pruned": state.pruned_test,
              "retrained": result.test_acc}
     return {
-        "task": cfg.task, "classes": run.data.num_classes, "metric": cfg.metric, "expression": cfg.expression,
+        "task": cfg.task, "classes": run.data.num_classes, "test_images": len(run.data.test), "metric": cfg.metric,
+        "expression": cfg.expression,
         "canonical": str(canonical(parse(cfg.expression))), "config": cfg.to_dict(), "schedule": cfg.schedule(),
         "layers": {n: [int(m.sum()), len(m)] for n, m in masks.items()}, "mask": mask_hash(masks),
         "params": [base.params, params1], "macs": [base.macs, macs1],

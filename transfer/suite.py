@@ -173,7 +173,16 @@ def _row(run: Run, rep: dict) -> dict:
             "pruned": rep["test_acc"].get("pruned"), "macs_kept": rep["macs_kept"], "params_kept": rep["params_kept"],
             "speedup": rep["speedup"], "seconds": rep["seconds"]["total"], "expression": rep["expression"],
             "report": rep["files"]["report"], "mask": rep["mask"], "host": rep["host"],
-            "tpp": run.case.settings.get("tpp", True), "classes": rep.get("classes")}
+            "tpp": run.case.settings.get("tpp", True), "classes": rep.get("classes"),
+            "test_images": rep.get("test_images")}
+
+
+def one_image(rows: list[dict]) -> float:
+    """The step test accuracy moves in over these rows (one image of the smallest test split;
+    0 for reports of an older evoprune, which did not say): the least spread a CI of theirs
+    credits (`evoprune.uncertainty.estimate`)."""
+    sizes = [r.get("test_images") for r in rows]
+    return 0.0 if not sizes or None in sizes else 1 / min(sizes)
 
 
 def near_chance_cases(rows: list[dict]) -> list[str]:
@@ -323,10 +332,13 @@ def summarize(rows: list[dict], baselines: list[str]) -> tuple[list[CaseResult],
     for r in rows:
         by.setdefault((r["case"], r["metric"]), {})[r["seed"]] = r
     base_refs = [f"baseline:{b}" for b in baselines]
+    steps = {case: one_image([r for r in rows if r["case"] == case]) for case, _ in by}
     results, wtl = [], {}
     for (case, metric), seeds in sorted(by.items()):
         any_row = next(iter(seeds.values()))
-        cr = CaseResult(case, any_row["case_label"], metric, estimate([seeds[s]["test"] for s in sorted(seeds)]),
+        step = steps[case]
+        cr = CaseResult(case, any_row["case_label"], metric,
+                        estimate([seeds[s]["test"] for s in sorted(seeds)], floor=step, bounds=(0.0, 1.0)),
                         statistics.fmean(r["macs_kept"] for r in seeds.values()), sorted(seeds))
         for b in base_refs:
             other = by.get((case, b))
@@ -335,7 +347,8 @@ def summarize(rows: list[dict], baselines: list[str]) -> tuple[list[CaseResult],
             common = sorted(set(seeds) & set(other))
             if not common:
                 continue
-            d = paired([seeds[s]["test"] for s in common], [other[s]["test"] for s in common])
+            d = paired([seeds[s]["test"] for s in common], [other[s]["test"] for s in common], floor=step,
+                       bounds=(-1.0, 1.0))
             cr.diffs[b], cr.verdicts[b] = d, verdict(d)
             counts = wtl.setdefault(metric, {}).setdefault(b, [0, 0, 0])
             counts[{"beats": 0, "ties": 1, "loses to": 2}[cr.verdicts[b]]] += 1
