@@ -2,6 +2,8 @@
 CLI can print them as a table, JSON or CSV."""
 from __future__ import annotations
 
+import statistics
+
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -43,7 +45,8 @@ def _cand_row(c: Candidate) -> dict:
     return {"id": c.id, "run": c.run_id, "fitness": c.fitness, "stage": c.stage, "size": c.size,
             "baseline": c.is_baseline, "canonical": c.canonical, "expression": c.expression,
             **{f"acc:{t}": e.accuracy for t, e in sorted(tasks.items())},
-            "kept_flops": min((e.kept_flops for e in tasks.values()), default=None),
+            # the mean over the tasks, as the search's summary table gives it
+            "kept_flops": statistics.fmean(e.kept_flops for e in tasks.values()) if tasks else None,
             "masks": c.mask_key()}
 
 

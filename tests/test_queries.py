@@ -131,3 +131,17 @@ def test_top_shows_one_formula_per_set_of_masks(tmp_path, capsys):
         (run_id, "w_l1", 2), (run_id, "w_l2", 0), (other, "w_l1", 0)]
     rc, out, _ = run(capsys, "metrics", "top", "--db", url, "--json", "--task", "t", "--run", str(run_id))
     assert [(r["expression"], r["same_masks"]) for r in json.loads(out)] == [("w_l1", 2), ("w_l2", 0)]
+
+
+def test_kept_flops_is_the_mean_over_the_tasks_as_the_summary_gives_it(tmp_path, capsys):
+    """`metrics top` gave the smallest task's kept share (0.06 for a formula the search's summary
+    showed at 0.15, the mean of 0.23 and 0.06): one number, one meaning."""
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    engine = store.connect(url)
+    run_id = store.create_run(engine, {"proxy": {"tasks": ["a", "b"]}}, 0, "test")
+    tasks = {"a": TaskResult(0.5, 0.2338, 0.3, 0.1, "m1"), "b": TaskResult(0.4, 0.0644, 0.1, 0.1, "m2")}
+    rec = FitnessRecord("w_l1", "full", 0.45, True, "", tasks, 0.2, "w")
+    store.record_candidates(engine, run_id, [CandidateRecord("w_l1", "w_l1", "h", 1, 1, (), 0, rec)])
+    for cmd in (["top"], ["compare", "1"]):
+        rc, out, _ = run(capsys, "metrics", *cmd, "--db", url, "--json")
+        assert rc == 0 and json.loads(out)[0]["kept_flops"] == (0.2338 + 0.0644) / 2
