@@ -525,7 +525,8 @@ class Search:
         pop = kept + new
         self.hall_of_fame.update(pop)
         raws = [ind.raw for ind in pop]
-        best = self.hall_of_fame[0]
+        best = max(pop, key=lambda ind: ind.raw)  # the formula of the fitness reported as best (the hall
+        # of fame's first is the best by selection fitness, after parsimony: another formula)
         canon = {self._canonical(str(i))[1] for i in pop}
         rec = GenerationRecord(index=g, best=max(raws), mean=statistics.fmean(raws), median=statistics.median(raws),
                                size_mean=statistics.fmean(len(i) for i in pop), diversity=len(canon) / len(pop),

@@ -97,6 +97,10 @@ def test_engine_recovers_a_hidden_formula(digits_ctx, tmp_path):
     best = max(pop, key=lambda i: (i.raw, -len(i)))
     assert fitness.correlation(str(best)) > 0.999, str(best)
     assert search.history[-1].best > 0.9995 and search.history[0].best < search.history[-1].best
+    # each generation's line pairs the best fitness with that formula (not the hall of fame's first,
+    # which parsimony ranks: a smaller formula of lower fitness)
+    for rep in search.history:
+        assert search.records[search._canonical(rep.best_expression)[1]].fitness == rep.best, rep
 
 
 class SlowFitness(HiddenFormulaFitness):
