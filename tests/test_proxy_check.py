@@ -8,6 +8,7 @@ import pytest
 
 from evoprune.evolve.config import Config, SearchConfig
 from evoprune.evolve.proxy_check import bootstrap_tau, kendall_tau, metric_set
+from evoprune.primitives.expr import parse
 
 from helpers import run
 
@@ -56,3 +57,23 @@ def test_a_users_seed_formula_is_ranked_beside_the_baselines():
     assert got[:3] == [("l1", "w_l1", True), ("expr:w_l1 / bn_gamma", "div(w_l1, bn_gamma)", False),
                        ("bn_scale", "bn_abs_gamma", True)]
     assert len(got) >= 12  # random formulas make up the rest
+
+
+def test_a_seeded_metric_that_cannot_rank_every_task_is_left_out():
+    """BN scale on a network without BN scored 0 by proxy and reference alike: a tie at the
+    bottom that raised tau and lowered the median baseline. It is left out, and said."""
+    cfg = Config(search=SearchConfig(seeds=("l1", "bn_scale", "fpgm")))
+    left: list[str] = []
+    got = metric_set(cfg, n_random=0, seed=0, valid=lambda node: "bn_abs_gamma" not in node.stats(), left_out=left)
+    assert [g[0] for g in got[:2]] == ["l1", "fpgm"] and left == ["bn_scale"]
+    assert len(got) >= 12 and all("bn_abs_gamma" not in parse(e).stats() for _, e, _ in got)
+
+
+def test_fewer_than_five_orders_are_read_as_rough():
+    """`--orders` says 5 or more for a verdict: with fewer the verdict says its noise is rough."""
+    from evoprune.evolve.proxy_check import ProxyCheck, verdict
+
+    c = ProxyCheck(tasks=["t"], orders=3, finetune_steps=15, reference_steps=150, reference_seeds=3, metrics=[],
+                   noise=0.001, spread=0.05, gap=0.05, tau=0.8, tau_ci=(0.5, 1.0), seconds=1.0)
+    assert verdict(c).startswith("The proxy tells metrics apart") and "3 data orders are too few" in verdict(c)
+    assert "too few" not in verdict(ProxyCheck(**{**c.__dict__, "orders": 5}))
