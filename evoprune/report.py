@@ -27,14 +27,30 @@ def _generations(engine, run: int) -> list[Generation]:
         return list(s.scalars(select(Generation).where(Generation.run_id == run).order_by(Generation.index)))
 
 
-def _fitness_plot(gens: list[Generation], path: Path) -> None:
+def fitness_label(engine, run: int) -> str:
+    """What the run's fitness is, from its stored settings: `[proxy] score` (runs stored before it
+    existed scored accuracy) on the validation split, over its tasks."""
+    from evoprune.db.models import Run
+
+    with Session(engine) as s:
+        proxy = (s.get(Run, run).config or {}).get("proxy", {})
+    what = {"probability": "true-class probability", "accuracy": "accuracy"}.get(proxy.get("score", "accuracy"),
+                                                                                  proxy.get("score"))
+    n = len(proxy.get("tasks", []))
+    return f"fitness: {what} on val" + (f", geometric mean over {n} tasks" if n > 1 else "")
+
+
+def _fitness_plot(gens: list[Generation], path: Path, label: str = "") -> None:
+    from matplotlib.ticker import MaxNLocator
+
     idx = [g.index for g in gens]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(idx, [g.best for g in gens], "o-", label="best")
     ax.plot(idx, [g.mean for g in gens], "s--", label="mean")
     ax.plot(idx, [g.median for g in gens], "^:", label="median")
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (validation accuracy)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # generations are whole
+    ax.set_ylabel("fitness")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
     ax2.plot(idx, [g.diversity for g in gens], color="grey", alpha=0.6, label="diversity")
@@ -42,13 +58,13 @@ def _fitness_plot(gens: list[Generation], path: Path) -> None:
     ax2.set_ylim(0, 1.05)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
-    ax.set_title("fitness over generations")
+    ax.set_title("fitness over generations" + (f"\n{label}" if label else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def _pareto_plot(everything: list[dict], front: list[dict], path: Path) -> None:
+def _pareto_plot(everything: list[dict], front: list[dict], path: Path, what: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for stage, color, label in (("screen", "lightgrey", "screened only (no fine-tune)"),
                                 ("full", "tab:blue", "fine-tuned (full proxy)")):
@@ -57,16 +73,20 @@ def _pareto_plot(everything: list[dict], front: list[dict], path: Path) -> None:
     base = [r for r in everything if r["baseline"] and r["stage"] == "full"]
     ax.scatter([r["size"] for r in base], [r["fitness"] for r in base], marker="D", s=30, color="tab:orange",
                label="seeded baselines")
+    right = max((r["size"] for r in everything), default=1)
     for k, r in enumerate(sorted(base, key=lambda r: (r["size"], -r["fitness"]))):
+        left = r["size"] > 0.8 * right  # near the right edge the name goes to the left of its point
         ax.annotate(r["baseline"], (r["size"], r["fitness"]), fontsize=7, textcoords="offset points",
-                    xytext=(6, -10 * (k % 4)))  # staggered: baselines of one size sit close together
+                    xytext=(-12 if left else 12, -10 * (k % 4)), ha="right" if left else "left",
+                    # staggered: baselines of one size sit close together
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="grey"))  # each name tied to its point
     ax.step([r["size"] for r in front], [r["fitness"] for r in front], where="post", color="tab:red",
-            label="Pareto front")
+            marker="o", markerfacecolor="none", label="Pareto front")  # markers: a front of one point shows
     ax.set_xlabel("formula size (nodes)")
     ax.set_ylabel("fitness")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title("fitness against size")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("fitness against size" + (f"\n{what}" if what else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -117,9 +137,10 @@ def build_report(engine, run: int, out_dir: str | Path, top: int = 5) -> Path:
     gens = _generations(engine, run)
     if not gens:
         raise EvopruneError(f"run {run} has no completed generation yet")
-    _fitness_plot(gens, out / "fitness.png")
+    label = fitness_label(engine, run)
+    _fitness_plot(gens, out / "fitness.png", label)
     everything = queries.top(engine, run, limit=10 ** 6)
-    _pareto_plot(everything, queries.pareto(engine, run), out / "pareto.png")
+    _pareto_plot(everything, queries.pareto(engine, run), out / "pareto.png", label)
     full, seen = [], set()
     for r in everything:  # one formula per set of masks: the others prune the same filters
         if r["stage"] == "full" and r["masks"] not in seen:
@@ -140,6 +161,7 @@ def build_report(engine, run: int, out_dir: str | Path, top: int = 5) -> Path:
     page = _PAGE.format(run=run, status=info["status"], tasks=html.escape(info["tasks"]), started=info["started"],
                         ended=info["ended"] or "-", gens=len(gens), cands=info["candidates"],
                         best=f"{info['best_fitness']:.4f}" if info["best_fitness"] is not None else "-",
+                        what=html.escape(label),
                         rows="".join(rows), base=base, validation=_validation_html(engine, run, everything))
     (out / "index.html").write_text(page)
     return out / "index.html"
@@ -154,7 +176,7 @@ vertical-align: top }} th {{ background: #f3f3f3 }} code {{ font-size: 90% }} im
 </style></head><body>
 <h1>evoprune run {run}</h1>
 <p>status <b>{status}</b>; tasks <b>{tasks}</b>; started {started}, ended {ended};
-{gens} generations, {cands} distinct formulas scored; best fitness {best}.</p>
+{gens} generations, {cands} distinct formulas scored; best fitness {best}; {what}.</p>
 <h2>Fitness over generations</h2><img src="fitness.png" alt="fitness over generations">
 <h2>Fitness against size</h2><img src="pareto.png" alt="Pareto front">
 <h2>Top formulas (full proxy; one per set of pruned filters)</h2>

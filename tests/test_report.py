@@ -14,5 +14,13 @@ def test_report_writes_a_page_with_plots(searched, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000 and png in page
     assert f"evoprune run {result.run_id}" in page and "Seeded baselines" in page
     assert result.finalists[0].expression in page
+    # the plots said "validation accuracy" of a fitness that is the true class's probability
+    assert "fitness: true-class probability on val" in page
+    from evoprune.db import store
+    from evoprune.report import fitness_label
+
+    engine = store.connect(f"sqlite:///{tmp_path / 'other.db'}")  # not the shared search's database
+    run_id = store.create_run(engine, {"proxy": {"tasks": ["a", "b"], "score": "accuracy"}}, 0, "test")
+    assert fitness_label(engine, run_id) == "fitness: accuracy on val, geometric mean over 2 tasks"
     rc, _, err = run(capsys, "report", "77", "--db", str(db), "-o", str(tmp_path / "x"))
     assert rc == 2 and "no run with ID 77" in err
