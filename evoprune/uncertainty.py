@@ -93,12 +93,12 @@ def against_best(scores: dict[int, dict[int, float]], baselines: set[int]) -> tu
     for cid, by_seed in scores.items():
         if not by_seed:
             continue
-        fit = estimate([by_seed[s] for s in sorted(by_seed)])
+        fit = estimate([by_seed[s] for s in sorted(by_seed)], bounds=(0.0, 1.0))  # a fitness is in [0, 1]
         if best is None or cid == best:
             out[cid] = Comparison(fit, None, "")
             continue
         common = sorted(set(by_seed) & set(scores[best]))
         diff = paired([by_seed[s] for s in common], [scores[best][s] for s in common],
-                      0.95 if cid in baselines else level)
+                      0.95 if cid in baselines else level, bounds=(-1.0, 1.0))
         out[cid] = Comparison(fit, diff, verdict(diff))
     return best, out
