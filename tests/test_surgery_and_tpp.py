@@ -171,3 +171,5 @@ def test_tpp_drives_the_bias_of_a_pruned_filter_without_bn_to_zero():
     g = model[0].bias.grad
     assert torch.allclose(g[~keep], 0.5 * model[0].bias.data[~keep]) and (g[keep] == 0).all()
     assert (model[2].bias.grad == 0).all()  # not a pruned layer
+    # the report's second norm: with no BN, the pruned filters' bias (what they still output)
+    assert reg.pruned_norms()[1] == pytest.approx(model[0].bias.data[~keep].abs().mean().item())

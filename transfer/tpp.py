@@ -110,7 +110,8 @@ class TPPRegularizer:
 
     @torch.no_grad()
     def pruned_norms(self) -> tuple[float, float, float]:
-        """(mean L2 of pruned filters, mean of |gamma| + |beta| of their BN, mean L2 of kept filters)."""
+        """(mean L2 of pruned filters, mean of |gamma| + |beta| of their BN (or of |bias| of a layer
+        with no BN after it: what the channel outputs once its weights are 0), mean L2 of kept filters)."""
         pruned, bn_vals, kept = [], [], []
         for m, bn, _, drop in self.layers:
             norms = m.weight.flatten(1).norm(dim=1)
@@ -118,5 +119,7 @@ class TPPRegularizer:
             kept.append(norms[~drop])
             if bn is not None:
                 bn_vals.append(bn.weight[drop].abs() + bn.bias[drop].abs())
+            elif m.bias is not None:
+                bn_vals.append(m.bias[drop].abs())
         cat = lambda xs: torch.cat(xs).mean().item() if xs else 0.0  # noqa: E731
         return cat(pruned), cat(bn_vals), cat(kept)
