@@ -48,6 +48,45 @@ def test_a_metric_against_itself_ties_with_a_zero_difference(digits_pretrained, 
     assert len(res["runs"]) == 4 and (tmp_path / "o" / "suite.png").stat().st_size > 10_000
 
 
+def test_a_suite_folder_takes_other_metrics_and_seeds_and_redoes_nothing(digits_pretrained, cache_dir, tmp_path,
+                                                                          capsys):
+    """A suite stopped by a metric it cannot use, or asked for one metric more, used to be
+    refused in its folder ("another suite or other metrics"), so every run was redone elsewhere.
+    The same cases continue it; other cases are refused; a candidate ID that names another
+    formula (another database) is refused rather than given the old runs."""
+    from evoprune.records import CandidateRecord, FitnessRecord, TaskResult
+
+    def db_with(expression):
+        url = f"sqlite:///{tmp_path / (expression + '.db')}"
+        engine = store.connect(url)
+        rec = FitnessRecord(expression, "full", 0.5, True, "", {"digits-cnn": TaskResult(0.5, 0.5, 0.5, 0.1, "m")},
+                            0.1, "w")
+        store.record_candidates(engine, store.create_run(engine, {"proxy": {"tasks": ["digits-cnn"]}}, 0, "t"),
+                                [CandidateRecord(expression, expression, "h", 1, 1, (), 0, rec)])
+        return url
+
+    l2, l1 = db_with("w_l2"), db_with("w_l1")
+    common = ["--suite", _suite(tmp_path), "--out", tmp_path / "o", "--cache-dir", cache_dir, "--device", "cpu",
+              "--no-record", "--json"]
+    rc, out, err = run(capsys, "validate", "1", "--db", l2, *common)
+    assert rc == 0, err
+    results = tmp_path / "o" / "results.jsonl"
+    first = results.read_text()
+    assert len(first.splitlines()) == 4
+    rc, out, err = run(capsys, "validate", "1", "expr:fpgm_dist", "--seeds", "3", "--db", l2, *common)
+    assert rc == 0, err
+    lines = results.read_text().splitlines()
+    assert results.read_text().startswith(first) and len(lines) == 9  # 1, l1: a third seed; fpgm: three
+    assert {c["metric"] for c in json.loads(out)["cases"]} == {"1", "expr:fpgm_dist", "baseline:l1"}
+    rc, out, err = run(capsys, "validate", "1", "--db", l1, *common)
+    assert rc == 2 and "run c00-1-s0 in --out pruned with 'w_l2', but its metric now names 'w_l1'" in err
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.format(ratio=0.6))
+    rc, out, err = run(capsys, "validate", "1", "--db", l2, *common[:1], other, *common[2:])
+    assert rc == 2 and "holds a suite with other cases" in err
+    assert results.read_text().splitlines() == lines  # nothing stored changed
+
+
 def _validate(*args, cache_dir):
     return subprocess.Popen([sys.executable, "-m", "evoprune", "validate", "expr:bn_abs_gamma", *map(str, args),
                              "--cache-dir", str(cache_dir), "--device", "cpu", "--no-record", "--json"],

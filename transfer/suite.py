@@ -161,8 +161,10 @@ def _do_run(cfg, out: Path, data_root, cache_dir, tasks_file, device) -> dict:
     from evoprune.transfer.prune import prune
 
     report = out / "report.json"
-    if report.exists():
-        return json.loads(report.read_text())
+    if report.exists():  # finished, its row not yet written (the suite was stopped in between)
+        rep = json.loads(report.read_text())
+        _same_formula(out.name, rep["expression"], cfg.expression)
+        return rep
     return prune(cfg, out=out, resume=(out / "config.json").exists(), data_root=data_root, cache_dir=cache_dir,
                  tasks_file=tasks_file, device=device, record=False, show_progress=False)
 
@@ -222,6 +224,9 @@ def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root
     _claim_folder(out, suite, metrics)
     results = out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+    for r in rows:
+        if r["key"] in plan:
+            _same_formula(r["key"], r["expression"], plan[r["key"]][1].expression)
     done = {r["key"] for r in rows}
     todo = [(run, cfg) for key, (run, cfg) in plan.items() if key not in done]
     on_result = on_result or (lambda row, n_done, n_total: None)
@@ -284,23 +289,35 @@ def _on_ray(todo, out: Path, args, workers: int, finished) -> None:
 
 
 def _claim_folder(out: Path, suite: Suite, metrics: list[str]) -> None:
-    """A new folder gets suite.json; an existing one must hold the same suite and metrics."""
+    """A new folder gets suite.json; an existing one must hold the same cases (a run's key names
+    its case by position). Other metrics, baselines or seeds continue it: the runs it already
+    has are reused (their formulas are checked, `_same_formula`) and only the missing ones run,
+    so a baseline dropped from a suite, or a metric added, does not redo the rest."""
     want = {"suite": {"name": suite.name, "seeds": suite.seeds, "baselines": suite.baselines,
                       "cases": [{"task": c.task, **c.settings} for c in suite.cases]}, "metrics": metrics}
+    want = json.loads(json.dumps(want))  # tuples as lists, as they come back from the file
     path = out / "suite.json"
     if out.exists() and not out.is_dir():
         raise EvopruneError(f"--out {out} is a file, not a folder")
     if path.exists():
         try:
             have = json.loads(path.read_text())
-        except (ValueError, OSError) as e:
+            cases = have["suite"]["cases"]
+        except (ValueError, OSError, KeyError, TypeError) as e:
             raise EvopruneError(f"{path} is unreadable ({e}); use another --out") from None
-        if have != json.loads(json.dumps(want)):
-            raise EvopruneError(f"{out} holds another suite or other metrics; use another --out (or the same "
-                                "command to continue it)")
-        return
+        if cases != want["suite"]["cases"]:
+            raise EvopruneError(f"{out} holds a suite with other cases; use another --out (the same cases with "
+                                "other metrics, baselines or seeds continue it)")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(want, indent=2))
+
+
+def _same_formula(key: str, have: str, want: str) -> None:
+    """A run kept in --out under `key` must be of the formula the metric names now (a candidate
+    ID names another formula in another database)."""
+    if have != want:
+        raise EvopruneError(f"run {key} in --out pruned with {have!r}, but its metric now names {want!r} (another "
+                            "--db?); use another --out")
 
 
 def _record(db, cfg, rep: dict, seed: int):
