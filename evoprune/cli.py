@@ -747,8 +747,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except click_exc.UsageError as e:
         msg = e.format_message()
-        if isinstance(e, click_exc.NoSuchOption) and e.option_name[1:2].isdigit():
-            msg += f"; to pass a negative number, put -- before it: `... -- {e.option_name}`"
+        if isinstance(e, click_exc.NoSuchOption) and not e.option_name.startswith("--"):
+            # click reads `-w_l1` as the short option -w: the whole word says what was meant
+            word = next((a for a in (sys.argv[1:] if argv is None else argv) if a.startswith(e.option_name)),
+                        e.option_name)
+            if e.option_name[1:2].isdigit():
+                msg += f"; to pass a negative number, put -- before it: `... -- {word}`"
+            elif len(word) > 2:
+                msg += f"; to pass an expression that starts with '-', put -- before it: `... -- {word}`"
         where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
         err.print(f"error: {msg}{where}", markup=False, highlight=False)
         return 2

@@ -157,6 +157,7 @@ def test_an_in_memory_database_is_refused_before_a_search(capsys, tmp_path):
     (["prune", "--task", "digits-cnn", "--metric", "baseline:l1", "--ratio", "0.5", "--device", "cuda:99"],
      "--device cuda:99"),
     (["primitives", "check", "-1"], "put -- before it"),
+    (["primitives", "check", "-w_l1"], "to pass an expression that starts with '-', put -- before it: `... -- -w_l1`"),
     (["primitives", "check", "add(w_l1, \u0661)"], "unexpected character"),
 ])
 def test_command_line_values(args, words, searched, tmp_path, capsys):
