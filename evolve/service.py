@@ -18,7 +18,7 @@ from evoprune.evolve.config import Config
 from evoprune.evolve.engine import GenerationReport, ResumePoint, Search
 from evoprune.evolve.proxy_check import Floor, near_chance_warning
 from evoprune.evolve.validation import Validation, validate
-from evoprune.masks import TaskMasks
+from evoprune.masks import TaskMasks, UnusableMetric
 from evoprune.pretrain import pretrained
 from evoprune.progress import counted
 from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus
@@ -135,6 +135,7 @@ def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -
     maskers = {t: TaskMasks.from_pretrained(pre[t], p.allocation, cfg.search.stat_names, stat_images=p.stat_images,
                                             seed=p.data_seed) for t in p.tasks}
     floors = {t: Floor.of(pre[t]) for t in p.tasks}
+    _some_statistic_ranks(maskers, cfg.search.stat_names)
     if r.workers:
         n, gpus = _workers(r.workers, r.gpus_per_worker)
         on_progress("status", {"text": f"starting {n} Ray workers, {gpus:g} GPU each"})
@@ -149,6 +150,28 @@ def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -
         on_progress("status", {"text": f"{ready} of {n} Ray workers ready, {gpus:g} GPU each"})
         return maskers, pool, floors
     return maskers, InProcessEvaluator(_spec(cfg, device, pre)), floors
+
+
+def _some_statistic_ranks(maskers: dict[str, TaskMasks], stats: list[str]) -> None:
+    """Refuse a search none of whose statistics can rank some task's filters (`[search] stats` of
+    BN statistics only, on a network without BN): a formula of them is non-finite or constant in
+    every layer too, so every one would be invalid and the search would score nothing (it ran to
+    its end with empty tables)."""
+    from evoprune.primitives.expr import parse
+
+    for task, masker in maskers.items():
+        why = {}
+        for stat in stats:
+            try:
+                masker(parse(stat))
+                break
+            except UnusableMetric as e:
+                why[stat] = str(e)
+        else:
+            shown = "; ".join(f"{s}: {w}" for s, w in list(why.items())[:3]) + ("; ..." if len(why) > 3 else "")
+            raise EvopruneError(f"[search] stats: none of them can rank the filters of {task} ({shown}), so no "
+                                "formula of them can; add statistics its network has (`evoprune primitives list`; "
+                                "BN statistics need a BN after the layer)")
 
 
 def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = None, top: int = 5,

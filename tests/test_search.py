@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import ConstantInputWarning, spearmanr
 
 from evoprune.cli import main
-from evoprune.db import store
+from evoprune.db import queries, store
 from evoprune.errors import EvopruneError
 from evoprune.evolve.config import Config, ProxyConfig, RunConfig, SearchConfig, load_config
 from evoprune.evolve.engine import Search
@@ -310,6 +310,20 @@ def test_unknown_task_or_bad_batch_is_refused_before_a_database_exists(tmp_path,
         err = capsys.readouterr().err
         assert rc == 2 and words in err and err.count("\n") == 1, err
         assert not (tmp_path / "x.db").exists()
+
+
+def test_statistics_that_rank_no_filter_of_a_task_are_refused_before_a_run_exists(tmp_path, capsys,
+                                                                                   digits_pretrained, cache_dir):
+    """BN statistics alone on a network without BN (or a per-layer constant such as layer_flops)
+    make every formula invalid: the search ran to its end with empty tables. Now one line."""
+    f = tmp_path / "c.toml"
+    f.write_text('[search]\nstats = ["layer_flops"]\npopulation = 4\ngenerations = 1\n'
+                 '[proxy]\ntasks = ["digits-cnn"]\nfinetune_steps = 3\n')
+    rc = main(["evolve", "--config", str(f), "--db", str(tmp_path / "x.db"), "--cache-dir", str(cache_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "[search] stats: none of them can rank the filters of digits-cnn (layer_flops: constant scores" in err
+    assert queries.runs(store.connect(f"sqlite:///{tmp_path / 'x.db'}")) == []  # no run was stored
 
 
 def test_missing_config_and_unknown_run(tmp_path, capsys):
