@@ -137,7 +137,18 @@ class SearchDisplay:
         difference to the best baseline, and what it shows in words."""
         v, c = result.validation, self.console
         by_id = {f.candidate_id: f for f in result.finalists + result.baselines}
-        if v.best_baseline is None:
+        if v.best_baseline is None:  # no baseline in this search space: the fitness CIs, and why no verdict
+            t = Table(title=f"validation on {len(v.seeds)} fresh data orders (never used by the search): fitness "
+                            "mean +- 95% CI")
+            for col in ("ID", "formula", "fitness"):
+                t.add_column(col)
+            for f in result.finalists:
+                if r := v.of(f.candidate_id):
+                    t.add_row(str(f.candidate_id), f.canonical[:60], str(r.fitness))
+            c.print(t)
+            c.print("No seeded baseline is in this search space ([search] seeds, stats and ops left them all out): "
+                    "nothing to compare the formulas with; `evoprune validate ID` compares them with L1 on "
+                    "networks of your choice.", highlight=False, markup=False)
             return
         best = by_id[v.best_baseline]
         t = Table(title=f"validation on {len(v.seeds)} fresh data orders (never used by the search): fitness mean "

@@ -326,6 +326,20 @@ def test_statistics_that_rank_no_filter_of_a_task_are_refused_before_a_run_exist
     assert queries.runs(store.connect(f"sqlite:///{tmp_path / 'x.db'}")) == []  # no run was stored
 
 
+def test_a_search_without_baselines_still_shows_its_validation(tmp_path, capsys, digits_pretrained, cache_dir):
+    """stats that leave every seeded baseline out: the validation ran and was not shown at all."""
+    f = tmp_path / "c.toml"
+    f.write_text('[search]\nstats = ["act_mean", "w_std"]\npopulation = 4\ngenerations = 0\nvalidation_orders = 2\n'
+                 '[proxy]\ntasks = ["digits-cnn"]\nfinetune_steps = 3\nrecalibrate_images = 128\n'
+                 'stat_images = 128\n')
+    rc = main(["evolve", "--config", str(f), "--db", str(tmp_path / "x.db"), "--cache-dir", str(cache_dir),
+               "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "validation on 2 fresh data orders" in out and " +- " in out
+    assert "No seeded baseline is in this search space" in out
+
+
 def test_missing_config_and_unknown_run(tmp_path, capsys):
     assert main(["evolve", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "config file not found" in capsys.readouterr().err
