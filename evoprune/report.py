@@ -122,6 +122,13 @@ def _validation_html(engine, run: int, everything: list[dict]) -> str:
                     f"<td>{html.escape(v['verdict'])}</td></tr>")
     best = next(iter(checked.values()))["best_baseline"]
     n = next(iter(checked.values()))["val_orders"]
+    if not best:  # no seeded baseline in the run's search space: the fitness CIs alone
+        cells = "".join(f"<tr><td>{cid}</td><td><code>{html.escape(by_id.get(cid, {}).get('canonical', ''))}</code>"
+                        f"</td><td>{v['val_fitness']:.4f} ({v['val_low']:.4f} to {v['val_high']:.4f})</td></tr>"
+                        for cid, v in sorted(checked.items(), key=lambda kv: -kv[1]["val_fitness"]))
+        return (f"<p>{n} data orders the search never used; fitness mean with its 95% CI. No seeded baseline is in "
+                f"this run's search space, so there is nothing to compare with.</p><table><tr><th>ID</th>"
+                f"<th>formula</th><th>fitness</th></tr>{cells}</table>")
     return (f"<p>{n} data orders the search never used; fitness mean with its 95% CI, and the paired difference to "
             f"the best baseline ({html.escape(best)}) with its CI. A formula beats it only when that CI lies above "
             f"0.</p><table><tr><th>ID</th><th>baseline</th><th>formula</th><th>fitness</th><th>- {html.escape(best)}"

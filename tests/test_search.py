@@ -338,6 +338,10 @@ def test_a_search_without_baselines_still_shows_its_validation(tmp_path, capsys,
     assert rc == 0, out
     assert "validation on 2 fresh data orders" in out and " +- " in out
     assert "No seeded baseline is in this search space" in out
+    # the HTML report called every formula "best baseline" of an empty name
+    assert main(["report", "1", "--db", str(tmp_path / "x.db"), "-o", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "No seeded baseline is in this run's search space" in page and "best baseline ()" not in page
 
 
 def test_missing_config_and_unknown_run(tmp_path, capsys):
