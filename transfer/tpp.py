@@ -65,15 +65,14 @@ class TPPRegularizer:
         self._off = [1 - torch.outer(keep, keep) for _, _, keep, _ in self.layers]  # zero on kept-kept entries
         # (param, 0/1 factor broadcastable to it) for the L2 term: multiplications, no host syncs
         self._l2 = []
-        for m, bn, keep, _ in self.layers:
-            for p in [m.weight, m.bias] + ([bn.weight, bn.bias] if bn is not None else []):
-                if p is not None:  # a layer's own bias too: with no BN after it, it is what a cut filter still adds
-                    self._l2.append((p, (1 - keep).view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
-        for f, (keep, b) in (followers or {}).items():
-            m, bn = modules[f], modules[b] if b else None
+        decayed = [(m, bn, drop) for m, bn, _, drop in self.layers] + [
+            (modules[f], modules[b] if b else None, ~keep.to(modules[f].weight.device))
+            for f, (keep, b) in (followers or {}).items()]
+        for m, bn, drop in decayed:
+            # the layer's own bias too: with no BN after it, it is what a cut filter still adds
             for p in [m.weight, m.bias] + ([bn.weight, bn.bias] if bn is not None else []):
                 if p is not None:
-                    self._l2.append((p, (~keep.to(p.device)).view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
+                    self._l2.append((p, drop.view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
 
     @property
     def reg(self) -> float:
