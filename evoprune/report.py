@@ -107,32 +107,32 @@ def _formula_png(latex: str, path: Path) -> bool:
 
 
 def _validation_html(engine, run: int, everything: list[dict]) -> str:
-    """The finalists and baselines on fresh data orders, if the run was validated."""
+    """The finalists and baselines on fresh data orders, if the run was validated; the paired
+    differences to the best baseline where its search space had one."""
     checked = queries.validation(engine, run)
     if not checked:
         return "<p>Not validated on fresh data orders (the run stopped before, or ran with no validation).</p>"
+    best = next(iter(checked.values()))["best_baseline"]
+    n = next(iter(checked.values()))["val_orders"]
     by_id = {r["id"]: r for r in everything}
     rows = []
     for cid, v in sorted(checked.items(), key=lambda kv: -kv[1]["val_fitness"]):
         r = by_id.get(cid, {})
-        diff = "" if v["diff"] is None else f"{v['diff']:+.4f} ({v['diff_low']:+.4f} to {v['diff_high']:+.4f})"
-        rows.append(f"<tr><td>{cid}</td><td>{html.escape(r.get('baseline', ''))}</td>"
-                    f"<td><code>{html.escape(r.get('canonical', ''))}</code></td>"
-                    f"<td>{v['val_fitness']:.4f} ({v['val_low']:.4f} to {v['val_high']:.4f})</td><td>{diff}</td>"
-                    f"<td>{html.escape(v['verdict'])}</td></tr>")
-    best = next(iter(checked.values()))["best_baseline"]
-    n = next(iter(checked.values()))["val_orders"]
+        formula = [f"<code>{html.escape(r.get('canonical', ''))}</code>",
+                   f"{v['val_fitness']:.4f} ({v['val_low']:.4f} to {v['val_high']:.4f})"]
+        cells = [str(cid)] + ([html.escape(r.get("baseline", "")), *formula, "" if v["diff"] is None else
+                               f"{v['diff']:+.4f} ({v['diff_low']:+.4f} to {v['diff_high']:+.4f})",
+                               html.escape(v["verdict"])] if best else formula)
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    heads = ["ID", "baseline", "formula", "fitness", f"- {html.escape(best)}", "verdict"] if best else \
+        ["ID", "formula", "fitness"]
+    table = "<table><tr>" + "".join(f"<th>{h}</th>" for h in heads) + f"</tr>{''.join(rows)}</table>"
     if not best:  # no seeded baseline in the run's search space: the fitness CIs alone
-        cells = "".join(f"<tr><td>{cid}</td><td><code>{html.escape(by_id.get(cid, {}).get('canonical', ''))}</code>"
-                        f"</td><td>{v['val_fitness']:.4f} ({v['val_low']:.4f} to {v['val_high']:.4f})</td></tr>"
-                        for cid, v in sorted(checked.items(), key=lambda kv: -kv[1]["val_fitness"]))
         return (f"<p>{n} data orders the search never used; fitness mean with its 95% CI. No seeded baseline is in "
-                f"this run's search space, so there is nothing to compare with.</p><table><tr><th>ID</th>"
-                f"<th>formula</th><th>fitness</th></tr>{cells}</table>")
+                f"this run's search space, so there is nothing to compare with.</p>{table}")
     return (f"<p>{n} data orders the search never used; fitness mean with its 95% CI, and the paired difference to "
             f"the best baseline ({html.escape(best)}) with its CI. A formula beats it only when that CI lies above "
-            f"0.</p><table><tr><th>ID</th><th>baseline</th><th>formula</th><th>fitness</th><th>- {html.escape(best)}"
-            f"</th><th>verdict</th></tr>{''.join(rows)}</table>")
+            f"0.</p>{table}")
 
 
 def build_report(engine, run: int, out_dir: str | Path, top: int = 5) -> Path:
