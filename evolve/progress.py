@@ -134,37 +134,36 @@ class SearchDisplay:
 
     def _validation(self, result) -> None:
         """The finalists and the baselines on fresh data orders: mean +- 95% CI, the paired
-        difference to the best baseline, and what it shows in words."""
+        difference to the best baseline, and what it shows in words (the CIs alone where the
+        search space held no baseline)."""
         v, c = result.validation, self.console
         by_id = {f.candidate_id: f for f in result.finalists + result.baselines}
-        if v.best_baseline is None:  # no baseline in this search space: the fitness CIs, and why no verdict
-            t = Table(title=f"validation on {len(v.seeds)} fresh data orders (never used by the search): fitness "
-                            "mean +- 95% CI")
-            for col in ("ID", "formula", "fitness"):
-                t.add_column(col)
-            for f in result.finalists:
-                if r := v.of(f.candidate_id):
-                    t.add_row(str(f.candidate_id), f.canonical[:60], str(r.fitness))
-            c.print(t)
+        best = by_id[v.best_baseline] if v.best_baseline is not None else None
+        title = f"validation on {len(v.seeds)} fresh data orders (never used by the search): fitness mean +- 95% CI"
+        cols = ["ID", "formula", "fitness"]
+        if best is not None:
+            title += (f", and the paired difference to the best baseline, {best.baseline} (95% CIs for all evolved "
+                      "formulas together)")
+            cols += [f"- {best.baseline}", "verdict"]
+        t = Table(title=title)
+        for col in cols:
+            t.add_column(col)
+        rows = [f for f in result.finalists if v.of(f.candidate_id)]
+        rows += [best] if best is not None and best not in rows else []
+        for f in rows:
+            r = v.of(f.candidate_id)
+            cells = [str(f.candidate_id), (f.baseline + ": " if f.baseline else "") + f.canonical[:60], str(r.fitness)]
+            if best is not None:
+                cells += ["" if r.diff is None else f"{r.diff.mean:+.4f} ({r.diff.low:+.4f} to {r.diff.high:+.4f})",
+                          r.verdict or "best baseline"]
+            t.add_row(*cells)
+        c.print(t)
+        if best is not None:
+            c.print(validation_sentence(v, result.finalists, best), highlight=False, markup=False)
+        else:
             c.print("No seeded baseline is in this search space ([search] seeds, stats and ops left them all out): "
                     "nothing to compare the formulas with; `evoprune validate ID` compares them with L1 on "
                     "networks of your choice.", highlight=False, markup=False)
-            return
-        best = by_id[v.best_baseline]
-        t = Table(title=f"validation on {len(v.seeds)} fresh data orders (never used by the search): fitness mean "
-                        f"+- 95% CI, and the paired difference to the best baseline, {best.baseline} (95% CIs for "
-                        f"all evolved formulas together)")
-        for col in ("ID", "formula", "fitness", f"- {best.baseline}", "verdict"):
-            t.add_column(col)
-        rows = [f for f in result.finalists if v.of(f.candidate_id)]
-        rows += [best] if best not in rows else []
-        for f in rows:
-            r = v.of(f.candidate_id)
-            t.add_row(str(f.candidate_id), (f.baseline + ": " if f.baseline else "") + f.canonical[:60], str(r.fitness),
-                      "" if r.diff is None else f"{r.diff.mean:+.4f} ({r.diff.low:+.4f} to {r.diff.high:+.4f})",
-                      r.verdict or "best baseline")
-        c.print(t)
-        c.print(validation_sentence(v, result.finalists, best), highlight=False, markup=False)
 
 
 def validation_sentence(v, finalists, best) -> str:
