@@ -528,7 +528,7 @@ class Search:
         best = max(pop, key=lambda ind: ind.raw)  # the formula of the fitness reported as best (the hall
         # of fame's first is the best by selection fitness, after parsimony: another formula)
         canon = {self._canonical(str(i))[1] for i in pop}
-        rec = GenerationRecord(index=g, best=max(raws), mean=statistics.fmean(raws), median=statistics.median(raws),
+        rec = GenerationRecord(index=g, best=best.raw, mean=statistics.fmean(raws), median=statistics.median(raws),
                                size_mean=statistics.fmean(len(i) for i in pop), diversity=len(canon) / len(pop),
                                evaluations=n_eval, cache_hits=hits, seconds=time.perf_counter() - t0,
                                population=tuple((str(i), i.raw) for i in pop),

@@ -349,7 +349,7 @@ def summarize(rows: list[dict], baselines: list[str]) -> tuple[list[CaseResult],
     for r in rows:
         by.setdefault((r["case"], r["metric"]), {})[r["seed"]] = r
     base_refs = [f"baseline:{b}" for b in baselines]
-    steps = {case: one_image([r for r in rows if r["case"] == case]) for case, _ in by}
+    steps = {case: one_image([r for r in rows if r["case"] == case]) for case in {case for case, _ in by}}
     results, wtl = [], {}
     for (case, metric), seeds in sorted(by.items()):
         any_row = next(iter(seeds.values()))
