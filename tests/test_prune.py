@@ -349,7 +349,8 @@ def test_any_torchvision_model_by_name_is_cut_or_refused_in_one_line(arch, args,
         return
     assert rc == 0, err
     rep = json.loads((out / "report.json").read_text())
-    assert rep["macs_kept"] < 0.8 and rep["equivalence_max_diff"] < 1e-3
+    # float32 rounding relative to the outputs' size (a briefly trained RegNet's logits reach 1e4)
+    assert rep["macs_kept"] < 0.8 and rep["equivalence_max_diff"] < 1e-5 * max(1, rep["equivalence_output_scale"])
     if arch.startswith("regnet"):  # the grouped convs keep every channel they read
 
         def grouped(model):

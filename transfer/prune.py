@@ -162,6 +162,7 @@ class PruneState:
     after_tpp_test: float | None = None  # test accuracy after TPP, before the pruned filters are zeroed
     pruned_test: float | None = None  # right after surgery, before retraining
     equivalence_max_diff: float | None = None
+    equivalence_output_scale: float | None = None  # max |output| of the masked model there: what the diff is of
     tpp_norms: list[float] | None = None  # after TPP: mean L2 of pruned filters, |gamma|+|beta| of their BN, kept
     bn_recalibrated: bool = False  # surgery's check needed BN statistics re-estimated on both models
 
@@ -203,8 +204,8 @@ def compute_masks(pre, model: nn.Module, example: Tensor, s: Structure, cfg: Pru
         table = stat_table(replace(pre, model=model), node.stats(), cfg.allocation, n_images=cfg.stat_images, seed=0,
                            device=device)
         return make_masks(node, table, cfg.allocation, s, groups)
-    except UnusableMetric as e:
-        raise EvopruneError(f"metric {cfg.metric} cannot rank the filters of {cfg.task}: {e}") from None
+    except UnusableMetric as e:  # still an UnusableMetric: a suite marks the (case, metric) n/a and goes on
+        raise UnusableMetric(f"metric {cfg.metric} cannot rank the filters of {cfg.task}: {e}") from None
     except EvopruneError as e:
         raise EvopruneError(f"{e} (scope {cfg.scope}; --scope coupled prunes more layers)") from None
 
@@ -491,6 +492,7 @@ def cut_and_check(run: PruneRun, state: PruneState) -> None:
     _cut(run)
     try:
         state.equivalence_max_diff = check_equivalence(masked_out, run.model, check_x)
+        state.equivalence_output_scale = masked_out.abs().max().item()
     except EvopruneError:
         if masked is None:
             raise
@@ -509,6 +511,7 @@ def cut_and_check(run: PruneRun, state: PruneState) -> None:
         with torch.no_grad():
             masked_out = masked(check_x.double())
         state.equivalence_max_diff = check_equivalence(masked_out, cut, check_x.double(), recalibrated=True)
+        state.equivalence_output_scale = masked_out.abs().max().item()
         del cut
         state.bn_recalibrated = True
         if run.show:
@@ -559,6 +562,7 @@ def report(run: PruneRun, state: PruneState, result: TrainResult, seconds: dict[
         "measured_speedup": base.latency_ms / max(latency1, 1e-9),
         "test_acc": {k: v for k, v in tests.items() if v is not None},
         "val_acc": result.val_acc, "equivalence_max_diff": state.equivalence_max_diff,
+        "equivalence_output_scale": state.equivalence_output_scale,
         "bn_recalibrated": state.bn_recalibrated,
         "tpp_norms": None if state.tpp_norms is None else dict(zip(("pruned", "pruned_bn", "kept"), state.tpp_norms)),
         "seconds": seconds, "device": str(run.device), "processes": dist.world(), "host": socket.gethostname(),
