@@ -122,7 +122,7 @@ def _validation(val, cid: int) -> dict | None:
 # --------------------------------------------------------------------------- 2. the suite
 def run_validation(budget: str, args, state: dict, db_url: str) -> list[dict]:
     from evoprune.progress import progress
-    from evoprune.transfer.suite import metric_list, plot, run_suite
+    from evoprune.transfer.suite import metric_list, not_applicable, plot, run_suite, shown, usable
 
     suite = _suite(budget)
     metrics = [str(e["id"]) for s in state["searches"].values() for e in s["evolved"]]
@@ -133,12 +133,13 @@ def run_validation(budget: str, args, state: dict, db_url: str) -> list[dict]:
     with progress("validate", n, None, True, fields={"last": "s"}) as update:
         rows = run_suite(suite, metrics, out=args.out / "suite", db=db_url, data_root=args.data_root,
                          cache_dir=args.cache_dir, device=args.device, workers=args.workers, record=True,
-                         on_result=lambda row, done, total: update(done, last=f"{row['key']} {row['test']:.2%}"))
+                         on_result=lambda row, done, total: update(done, last=f"{row['key']} {shown(row)}"))
     state["suite"] = {"name": suite.name, "seeds": suite.seeds, "cases": [c.label for c in suite.cases],
                       "baselines": suite.baselines, "seconds_this_call": time.perf_counter() - t0,
-                      "runs": len(rows)}
-    shown = {f"baseline:{b}" for b in ("l1", "bn_scale", "fpgm")} | set(metrics)
-    plot([r for r in rows if r["metric"] in shown], args.out / "suite.png")
+                      "runs": len(usable(rows)), "not_applicable": not_applicable(rows)}
+    rows = usable(rows)  # a metric a case's network cannot use (BN scale, no BN) has no result there
+    drawn = {f"baseline:{b}" for b in ("l1", "bn_scale", "fpgm")} | set(metrics)
+    plot([r for r in rows if r["metric"] in drawn], args.out / "suite.png")
     return rows
 
 
@@ -153,6 +154,8 @@ def compare(rows: list[dict], evolved: list[str], baselines: list[str]) -> dict:
     for r in rows:
         by.setdefault(r["metric"], {})[(r["case"], r["seed"])] = r["test"]
     refs = [f"baseline:{b}" for b in baselines if f"baseline:{b}" in by]
+    every = set().union(*by.values())  # the best baseline is one applied on every (case, seed)
+    refs = [m for m in refs if set(by[m]) == every] or refs
     best = max(refs, key=lambda m: (statistics.fmean(by[m].values()), m))
     level = family_level(len(evolved))
     step = one_image(rows)  # a spread below one test image is not known to be smaller (uncertainty.estimate)
@@ -168,6 +171,8 @@ def compare(rows: list[dict], evolved: list[str], baselines: list[str]) -> dict:
             wtl = [0, 0, 0]
             for c in cases:
                 ks = [k for k in common if k[0] == c]
+                if not ks:  # n/a there (this metric or the best baseline cannot rank the case's filters)
+                    continue
                 mine = [tests[k] for k in ks]
                 dc, spread = paired(mine, [by[best][k] for k in ks], floor=step, bounds=(-1.0, 1.0)), estimate(mine)
                 v = verdict(dc)
@@ -178,6 +183,8 @@ def compare(rows: list[dict], evolved: list[str], baselines: list[str]) -> dict:
         else:
             for c in cases:
                 vals = [tests[k] for k in common if k[0] == c]
+                if not vals:
+                    continue
                 entry["per_case"][c] = {"mean": statistics.fmean(vals),
                                         "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
         out["metrics"][m] = entry
@@ -265,9 +272,15 @@ def tables(state: dict) -> str:
         cells = []
         for m in shown:
             pc = c["metrics"][m]["per_case"].get(i) or c["metrics"][m]["per_case"].get(str(i))
+            if pc is None:
+                cells.append("n/a")
+                continue
             mark = "" if m == best else {"beats": " (+)", "ties": "", "loses to": " (-)"}[pc["verdict"]]
             cells.append(f"{pc['mean']:.2%} +- {pc['std']:.2%}{mark}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for n in suite.get("not_applicable", []):
+        lines.append(f"\nn/a: case {n['case'] + 1} ({n['case_label']}), {n['metric']}: {n['reason']}; its mean "
+                     "above is over the other cases, and it is compared on those alone.")
     lines += ["", "Proxy fidelity: Kendall's tau between each search's proxy ranking of these metrics (its own data "
               "order, full proxy) and the suite's ranking (bootstrap 95% CI over the metrics):", "",
               "| search | metrics | tau | 95% CI |", "|---|---|---|---|"]

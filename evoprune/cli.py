@@ -561,7 +561,17 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
     from dataclasses import replace
 
     from evoprune.progress import counted, progress, warn
-    from evoprune.transfer.suite import load_suite, metric_list, near_chance_cases, plot, run_suite, summarize
+    from evoprune.transfer.suite import (
+        load_suite,
+        metric_list,
+        near_chance_cases,
+        not_applicable,
+        plot,
+        run_suite,
+        shown,
+        summarize,
+        usable,
+    )
 
     if as_json and as_csv:
         raise EvopruneError("--json and --csv exclude each other")
@@ -582,11 +592,15 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
     with progress("validate", n_runs, console, not (as_json or as_csv), fields={"last": "s"}) as update:
         rows = run_suite(suite, list(metrics), out=out_dir, db=db, data_root=data_root, cache_dir=cache_dir,
                          tasks_file=tasks_file, device=device, workers=workers, record=record,
-                         on_result=lambda row, done, total: update(done, last=f"{row['key']} {row['test']:.2%}"),
+                         on_result=lambda row, done, total: update(done, last=f"{row['key']} {shown(row)}"),
                          on_plan=None if as_json or as_csv else schedules)
     results, wtl = summarize(rows, suite.baselines)
     png = plot_path or out_dir / "suite.png"
-    plot(rows, png)
+    if usable(rows):
+        plot(rows, png)
+    else:
+        png = None  # every metric was n/a on every case: nothing to draw
+    na = not_applicable(rows)
     table = [{"case": r.case + 1, "setting": r.label, "metric": r.metric, "macs_kept": r.macs_kept,
               "test_mean": r.test.mean, "test_std": r.test.std, "seeds": r.test.n,
               **{f"vs {b.removeprefix('baseline:')}": d.mean for b, d in r.diffs.items()},
@@ -595,8 +609,8 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
               **{f"vs {b.removeprefix('baseline:')} verdict": v for b, v in r.verdicts.items()}} for r in results]
     warnings = near_chance_cases(rows)
     if as_json:
-        print_json({"suite": suite.name, "cases": table, "wins_ties_losses": wtl, "runs": rows, "plot": str(png),
-                    "warnings": warnings})
+        print_json({"suite": suite.name, "cases": table, "wins_ties_losses": wtl, "runs": usable(rows),
+                    "not_applicable": na, "plot": png and str(png), "warnings": warnings})
         return
     if as_csv:
         emit(table, "", as_csv=True)
@@ -606,24 +620,32 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
     bases = [f"baseline:{b}" for b in suite.baselines]
     for col in ("case", "metric", "MACs kept", "test top-1", *[f"vs {b[9:]}" for b in bases]):
         t.add_column(col)
-    for r in results:
+    na_at = {(n["case"], n["metric"]) for n in na}
+    lines = [(r.case, r.metric, r) for r in results] + [(n["case"], n["metric"], n) for n in na]
+    for case, metric, r in sorted(lines, key=lambda x: x[:2]):
+        if isinstance(r, dict):  # a metric this case's network cannot use (the reason is below the table)
+            t.add_row(f"{case + 1} {r['case_label']}", metric[:40], "", "n/a", *["" for _ in bases])
+            continue
         cells = []
         for b in bases:
             d = r.diffs.get(b)
             mark = {"beats": "+", "ties": "=", "loses to": "-"}.get(r.verdicts.get(b, ""), "")
             ci = f"{d.low:+.2%}..{d.high:+.2%}" if d is not None and d.n > 1 else "no CI: one seed"
-            cells.append("" if d is None else f"{mark} {d.mean:+.2%} ({ci})")
-        t.add_row(f"{r.case + 1} {r.label}", r.metric[:40], f"{r.macs_kept:.1%}",
+            cells.append("n/a" if (case, b) in na_at else "" if d is None else f"{mark} {d.mean:+.2%} ({ci})")
+        t.add_row(f"{case + 1} {r.label}", metric[:40], f"{r.macs_kept:.1%}",
                   f"{r.test.mean:.2%} +- {r.test.std:.2%}" if r.test.n > 1 else f"{r.test.mean:.2%}", *cells)
     out.print(t)
     for metric, by in wtl.items():
         out.print(f"{metric}: " + "; ".join(f"vs {b[9:]} {counted(w, 'win')}, {counted(ti, 'tie')}, "
                                              f"{counted(lo, 'loss', 'losses')}" for b, (w, ti, lo) in by.items()),
                   highlight=False, markup=False)
+    for n in na:
+        out.print(f"n/a: case {n['case'] + 1} ({n['case_label']}), {n['metric']}: {n['reason']} (not compared "
+                  "there)", highlight=False, markup=False, soft_wrap=True)
     for text in warnings:
         warn(out, text)
-    out.print(f"plot: {png}\nruns: {out_dir / 'runs'}  results: {out_dir / 'results.jsonl'}", highlight=False,
-              markup=False)
+    out.print(f"plot: {png or 'none (no metric could be applied)'}\nruns: {out_dir / 'runs'}  results: "
+              f"{out_dir / 'results.jsonl'}", highlight=False, markup=False)
 
 
 def _slug(text: str) -> str:

@@ -101,13 +101,17 @@ def broadcast(obj):
 
 def on_main(fn):
     """`fn()` run by rank 0 alone, its result given to every process; an EvopruneError it raises
-    is raised on every process (so the others do not wait for a result that never comes)."""
+    is raised on every process (so the others do not wait for a result that never comes): the
+    error itself in one process, its text as an EvopruneError in the others (an error's own
+    class may not rebuild from its text)."""
     result, error = None, None
     if is_main():
         try:
             with alone():
                 result = fn()
         except EvopruneError as e:
+            if not active():
+                raise
             error = str(e)
     result, error = broadcast((result, error))
     if error is not None:

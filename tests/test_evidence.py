@@ -44,3 +44,28 @@ def test_the_evidence_script_runs_end_to_end_in_smoke_mode(digits_pretrained, ca
     again = ev.main(["--budget", "smoke", "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu"])
     assert again["searches"]["digits-smoke"]["run"] == search["run"]
     assert len((out / "suite" / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_a_baseline_a_case_cannot_use_is_not_the_yardstick_and_reads_na():
+    """BN scale, n/a on a network without BN, has the higher mean over the cases it ran (its hard
+    case is missing): the best baseline is one applied on every case and seed; the evolved
+    formula is compared with BN scale where both ran, and the per-case table says n/a."""
+    ev = _evidence()
+
+    def row(case, metric, seed, test):
+        return {"case": case, "metric": metric, "seed": seed, "test": test, "test_images": 1000}
+
+    rows = [row(c, m, s, t + 0.01 * s) for c, base in ((0, 0.5), (1, 0.9)) for s in (0, 1)
+            for m, t in (("7", base + 0.02), ("baseline:l1", base), ("baseline:bn_scale", base + 0.04)) if
+            not (c == 0 and m == "baseline:bn_scale")]
+    c = ev.compare(rows, ["7"], ["l1", "bn_scale"])
+    assert c["best_baseline"] == "baseline:l1"
+    assert c["metrics"]["7"]["verdict"] == "beats" and c["metrics"]["7"]["wins_ties_losses"] == [2, 0, 0]
+    assert set(c["metrics"]["baseline:bn_scale"]["per_case"]) == {1}
+    state = {"machine": "m", "date": "d", "budget": "smoke", "searches": {}, "comparison": c,
+             "suite": {"name": "s", "seeds": 2, "cases": ["no BN", "BN"], "baselines": ["l1", "bn_scale"],
+                       "not_applicable": [{"case": 0, "case_label": "no BN", "metric": "baseline:bn_scale",
+                                           "reason": "constant scores"}]}}
+    text = ev.tables(state)
+    assert "| no BN | 52.50% +- 0.71% (+) | 50.50% +- 0.71% | n/a |" in text, text
+    assert "n/a: case 1 (no BN), baseline:bn_scale: constant scores" in text

@@ -242,3 +242,63 @@ def test_json_of_one_seed_is_strict_json(digits_pretrained, cache_dir, tmp_path,
     res = json.loads(out, parse_constant=refuse)
     (mine,) = [c for c in res["cases"] if c["metric"] == "expr:w_l2"]
     assert mine["vs l1 low"] is None and mine["vs l1 high"] is None and mine["vs l1"] is not None
+
+
+NO_BN = """
+from torch import nn
+
+
+def net(num_classes, in_channels=1):  # no BN: BN scale cannot rank its filters
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+"""
+
+
+def test_a_metric_a_case_cannot_use_is_na_there_and_the_suite_goes_on(digits_pretrained, cache_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    """BN scale on a network without BN: it used to stop the suite at that run (error, exit 2),
+    leaving every later case undone. It is n/a on that case (each seed's row says why, no run is
+    made for the second seed), compared nowhere there, and the other cases run as usual."""
+    (tmp_path / "nobn_nets.py").write_text(NO_BN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text('[digits-nobn]\ndataset = "digits"\nmodel = "import:nobn_nets:net"\n'
+                     'recipe = { epochs = 15 }\n')
+    text = TINY.format(ratio=0.5).replace('["l1"]', '["l1", "bn_scale"]').replace("digits-cnn", "digits-nobn") + \
+        '\n[[case]]\ntask = "digits-cnn"\nratio = 0.5\n'
+    args = ["validate", "expr:w_l2", "--suite", _suite(tmp_path, text=text), "--out", tmp_path / "o", "--tasks-file",
+            tasks, "--cache-dir", cache_dir, "--device", "cpu", "--no-record"]
+    rc, out, err = run(capsys, *args, "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    (na,) = res["not_applicable"]
+    assert (na["case"], na["metric"]) == (0, "baseline:bn_scale") and "cannot rank the filters" in na["reason"]
+    assert {(r["case"], r["metric"]) for r in res["runs"]} == {(0, "expr:w_l2"), (0, "baseline:l1"),
+                                                                (1, "expr:w_l2"), (1, "baseline:l1"),
+                                                                (1, "baseline:bn_scale")}
+    assert len(res["runs"]) == 10 and not (tmp_path / "o" / "runs" / "c00-baseline-bn_scale-s1").exists()
+    cases = {(c["case"], c["metric"]): c for c in res["cases"]}  # numbered from 1, as the table shows them
+    assert "vs bn_scale verdict" in cases[(2, "expr:w_l2")] and "vs l1 verdict" in cases[(1, "expr:w_l2")]
+    assert "vs bn_scale verdict" not in cases[(1, "expr:w_l2")] and (1, "baseline:bn_scale") not in cases
+    assert sum(res["wins_ties_losses"]["expr:w_l2"]["baseline:bn_scale"]) == 1  # case 2 alone
+    assert sum(res["wins_ties_losses"]["expr:w_l2"]["baseline:l1"]) == 2
+    lines = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and sum("unusable" in line for line in lines) == 2  # both seeds, one reason
+    rc, out, err = run(capsys, *args)  # the same command again: nothing reruns, the table says n/a
+    assert rc == 0, err
+    said = " ".join(out.split())
+    assert "n/a: case 1 (digits-nobn" in said and "baseline:bn_scale: metric baseline:bn_scale cannot rank" in said
+    assert (tmp_path / "o" / "results.jsonl").read_text().splitlines() == lines
+
+
+def test_a_metric_no_case_can_use_is_na_on_ray_too(ray_session, digits_pretrained, cache_dir, tmp_path, capsys):
+    """On Ray workers the reason comes back as the worker's error: n/a, not a stop."""
+    rc, out, err = run(capsys, "validate", "expr:sub(w_l1, w_l1)", "--suite", _suite(tmp_path), "--out",
+                       tmp_path / "o", "--cache-dir", cache_dir, "--device", "cpu", "--no-record", "--workers", "2",
+                       "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    (na,) = res["not_applicable"]
+    assert na["metric"] == "expr:sub(w_l1, w_l1)" and "constant scores" in na["reason"]
+    assert {(r["metric"], r["seed"]) for r in res["runs"]} == {("baseline:l1", 0), ("baseline:l1", 1)}
+    assert [c["metric"] for c in res["cases"]] == ["baseline:l1"] and res["plot"]

@@ -11,6 +11,9 @@ Everything lands in one folder: suite.json (the suite and the metrics; a resume 
 the same), runs/ (one prune folder per run: a killed run resumes inside itself) and
 results.jsonl (one line per finished run): the same command continues a killed suite where it
 stopped. Runs may go to Ray workers (`workers`); the database is written by this process only.
+A metric that cannot rank a case's filters (BN scale on a network without BN) is not applicable
+there: its runs of that case get rows with `unusable` (the reason) and no accuracy, and the
+suite goes on (`usable`, `not_applicable`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evoprune.errors import Diverged, EvopruneError
+from evoprune.masks import UnusableMetric
 from evoprune.metricref import resolve
 from evoprune.primitives.baselines import BASELINES
 from evoprune.tomlfiles import read_toml
@@ -179,11 +183,39 @@ def _row(run: Run, rep: dict) -> dict:
             "test_images": rep.get("test_images")}
 
 
+def _na_rows(plan: dict[str, Any], run: Run, reason: str) -> list[dict]:
+    """The rows of every seed of `run`'s case and metric: a metric's masks do not depend on the
+    seed, so one that cannot rank the case's filters cannot on any seed."""
+    return [{"key": key, "case": r.case.index, "case_label": r.case.label, "task": r.case.task, "metric": r.metric,
+             "seed": r.seed, "expression": cfg.expression, "unusable": reason}
+            for key, (r, cfg) in plan.items() if r.case == run.case and r.metric == run.metric]
+
+
+def usable(rows: list[dict]) -> list[dict]:
+    """The rows of runs that ran (not those of a metric a case's network cannot use)."""
+    return [r for r in rows if "unusable" not in r]
+
+
+def not_applicable(rows: list[dict]) -> list[dict]:
+    """One entry per (case, metric) that could not be applied, with the reason."""
+    out = {}
+    for r in rows:
+        if "unusable" in r:
+            out.setdefault((r["case"], r["metric"]), {"case": r["case"], "case_label": r["case_label"],
+                                                      "metric": r["metric"], "reason": r["unusable"]})
+    return [out[k] for k in sorted(out)]
+
+
+def shown(row: dict) -> str:
+    """A row's result for a progress bar: its test top-1, or n/a."""
+    return "n/a" if "unusable" in row else f"{row['test']:.2%}"
+
+
 def one_image(rows: list[dict]) -> float:
     """The step test accuracy moves in over these rows (one image of the smallest test split;
     0 for reports of an older evoprune, which did not say): the least spread a CI of theirs
     credits (`evoprune.uncertainty.estimate`)."""
-    sizes = [r.get("test_images") for r in rows]
+    sizes = [r.get("test_images") for r in usable(rows)]
     return 0.0 if not sizes or None in sizes else 1 / min(sizes)
 
 
@@ -195,7 +227,7 @@ def near_chance_cases(rows: list[dict]) -> list[str]:
 
     by: dict[int, dict[str, list[float]]] = {}
     label, classes = {}, {}
-    for r in rows:
+    for r in usable(rows):
         by.setdefault(r["case"], {}).setdefault(r["metric"], []).append(r["test"])
         label[r["case"]] = r["case_label"]
         classes.setdefault(r["case"], set()).add(r.get("classes"))
@@ -233,21 +265,38 @@ def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root
     args = (str(data_root) if data_root else None, str(cache_dir) if cache_dir else None,
             str(tasks_file) if tasks_file else None, device)
 
-    def finished(run: Run, rep: dict) -> None:
-        row = _row(run, rep)
-        if record:
-            row["recorded"] = _record(db, plan[run.key][1], rep, run.seed)
+    def write(row: dict) -> None:
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
+        done.add(row["key"])
         on_result(row, len(rows), len(plan))
 
+    def finished(run: Run, rep: dict | UnusableMetric) -> None:
+        """A run's report, or the reason its metric cannot rank its case's filters (then every
+        seed of that case and metric is written n/a, and those not yet run are skipped)."""
+        if run.key in done:  # on Ray, another seed of a case and metric found n/a first
+            return
+        if isinstance(rep, UnusableMetric):
+            for row in _na_rows(plan, run, str(rep)):
+                if row["key"] not in done:
+                    write(row)
+            return
+        row = _row(run, rep)
+        if record:
+            row["recorded"] = _record(db, plan[run.key][1], rep, run.seed)
+        write(row)
+
     if workers:
-        _on_ray(todo, out, args, workers, finished)
+        _on_ray(todo, out, args, workers, finished, done)
     else:
         for run, cfg in todo:
+            if run.key in done:
+                continue
             try:
                 rep = _do_run(cfg, out / "runs" / run.key, *args)
+            except UnusableMetric as e:
+                rep = e
             except EvopruneError as e:
                 raise _in_case(run, e) from None
             finished(run, rep)
@@ -264,7 +313,7 @@ def _in_case(run: Run, e: Exception) -> EvopruneError:
                          f"{e}")
 
 
-def _on_ray(todo, out: Path, args, workers: int, finished) -> None:
+def _on_ray(todo, out: Path, args, workers: int, finished, done: set[str]) -> None:
     import ray
 
     from evoprune.workers.evaluator import init_ray, users_error
@@ -275,16 +324,22 @@ def _on_ray(todo, out: Path, args, workers: int, finished) -> None:
     while queue or pending:
         while queue and len(pending) < workers:
             run, cfg = queue.pop(0)
-            pending[remote.remote(cfg, out / "runs" / run.key, *args)] = run
+            if run.key not in done:  # not one a seed before it found n/a
+                pending[remote.remote(cfg, out / "runs" / run.key, *args)] = run
+        if not pending:
+            continue
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             run = pending.pop(ref)
             try:
                 rep = ray.get(ref)
             except Exception as e:
-                if mistake := users_error(e):  # the user's case, not the cluster, is at fault
+                if isinstance(mistake := users_error(e), UnusableMetric):
+                    rep = mistake
+                elif mistake:  # the user's case, not the cluster, is at fault
                     raise _in_case(run, mistake) from None
-                raise
+                else:
+                    raise
             finished(run, rep)
 
 
@@ -345,6 +400,7 @@ class CaseResult:
 def summarize(rows: list[dict], baselines: list[str]) -> tuple[list[CaseResult], dict[str, dict[str, list[int]]]]:
     """Per case and metric: test mean and CI over seeds, and the paired difference to each
     baseline; per metric and baseline: [wins, ties, losses] over the cases."""
+    rows = usable(rows)  # a metric n/a on a case has no result there, and so no comparison
     by: dict[tuple[int, str], dict[int, dict]] = {}
     for r in rows:
         by.setdefault((r["case"], r["metric"]), {})[r["seed"]] = r
@@ -380,6 +436,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = usable(rows)
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), dpi=110, squeeze=False)
     for ax, task in zip(axes[0], tasks):
