@@ -612,8 +612,9 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
         print_json({"suite": suite.name, "cases": table, "wins_ties_losses": wtl, "runs": usable(rows),
                     "not_applicable": na, "plot": png and str(png), "warnings": warnings})
         return
-    if as_csv:
-        emit(table, "", as_csv=True)
+    if as_csv:  # a (case, metric) n/a there: a row with the reason and no numbers
+        emit(table + [{"case": n["case"] + 1, "setting": n["case_label"], "metric": n["metric"],
+                       "not_applicable": n["reason"]} for n in na], "", as_csv=True)
         return
     t = Table(title=f"suite {suite.name}: test top-1, mean +- std over seeds; paired difference to each baseline "
                     "(95% CI): + beats, = ties, - loses")

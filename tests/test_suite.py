@@ -289,6 +289,9 @@ def test_a_metric_a_case_cannot_use_is_na_there_and_the_suite_goes_on(digits_pre
     said = " ".join(out.split())
     assert "n/a: case 1 (digits-nobn" in said and "baseline:bn_scale: metric baseline:bn_scale cannot rank" in said
     assert (tmp_path / "o" / "results.jsonl").read_text().splitlines() == lines
+    rc, out, err = run(capsys, *args, "--csv")
+    assert rc == 0 and out.splitlines()[0].endswith(",not_applicable"), err
+    assert out.splitlines()[-1].startswith("1,digits-nobn ratio 0.5 no-TPP,baseline:bn_scale,,")
 
 
 def test_a_metric_no_case_can_use_is_na_on_ray_too(ray_session, digits_pretrained, cache_dir, tmp_path, capsys):
