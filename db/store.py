@@ -294,13 +294,21 @@ def record_transfer(engine: Engine, candidate_id: int | None, canonical_hash: st
                     t: TransferRecord) -> tuple[int, int] | None:
     """Store a transfer result as an evaluation of the candidate named, else of the newest
     candidate with the same canonical formula; returns (candidate ID, evaluation ID), or None
-    when there is no such candidate (nothing is stored)."""
+    when there is no such candidate (nothing is stored). The same report stored again (a suite
+    killed after storing a run and before noting it, then continued) is not stored twice: its
+    evaluation's IDs are returned."""
     with Session(engine) as s, s.begin():
         if candidate_id is None:
             candidate_id = s.scalars(select(Candidate.id).where(Candidate.canonical_hash == canonical_hash)
                                      .order_by(Candidate.id.desc())).first()
         if candidate_id is None or s.get(Candidate, candidate_id) is None:
             return None
+        same = s.scalars(select(Evaluation.id).where(
+            Evaluation.candidate_id == candidate_id, Evaluation.stage == "transfer", Evaluation.task == t.task,
+            Evaluation.seed == t.seed, Evaluation.mask == t.mask, Evaluation.accuracy == t.accuracy,
+            Evaluation.seconds == t.seconds, Evaluation.worker == t.host[:128])).first()
+        if same is not None:
+            return candidate_id, same
         ev = Evaluation(candidate_id=candidate_id, task=t.task, stage="transfer", accuracy=t.accuracy,
                         kept_flops=t.kept_flops, kept_params=t.kept_params, seconds=t.seconds, mask=t.mask,
                         worker=t.host[:128], seed=t.seed)

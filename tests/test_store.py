@@ -2,6 +2,8 @@
 candidate named or to the newest one with the same formula."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from evoprune.db import store
 from evoprune.records import CandidateRecord, FitnessRecord, TaskResult, TransferRecord
 
@@ -36,3 +38,10 @@ def test_transfer_results_attach_to_the_named_or_newest_matching_candidate(tmp_p
     assert store.record_transfer(engine, first, "ignored", t)[0] == first
     assert store.record_transfer(engine, None, "no-such-formula", t) is None
     assert store.record_transfer(engine, 999, "h1", t) is None
+    # the same report again (a suite killed between storing a run and noting it): stored once
+    again = store.record_transfer(engine, first, "ignored", t)
+    assert again == store.record_transfer(engine, first, "ignored", t)
+    other = store.record_transfer(engine, first, "ignored", replace(t, seed=1))  # another seed's run: stored
+    assert other[1] != again[1]
+    (orm,) = store.candidates(engine, 1)  # run 1 holds `first`
+    assert sorted(str(e.seed) for e in orm.evaluations if e.stage == "transfer") == ["1", "None"]

@@ -292,6 +292,16 @@ def test_a_metric_a_case_cannot_use_is_na_there_and_the_suite_goes_on(digits_pre
     rc, out, err = run(capsys, *args, "--csv")
     assert rc == 0 and out.splitlines()[0].endswith(",not_applicable"), err
     assert out.splitlines()[-1].startswith("1,digits-nobn ratio 0.5 no-TPP,baseline:bn_scale,,")
+    results = tmp_path / "o" / "results.jsonl"
+    with results.open("a") as f:  # killed while writing a row: the line is cut short, without its newline
+        f.write(lines[3][:30])
+    rc, out, err = run(capsys, *args)
+    assert rc == 0 and results.read_text().splitlines() == lines, err
+    results.write_text("\n".join([*lines[:3], "{oops", *lines[4:]]) + "\n")
+    damaged = results.read_text()
+    rc, out, err = run(capsys, *args)
+    assert rc == 2 and "results.jsonl line 4 is unreadable" in err and err.count("\n") == 1, err
+    assert results.read_text() == damaged  # refused, nothing rewritten
 
 
 def test_a_metric_no_case_can_use_is_na_on_ray_too(ray_session, digits_pretrained, cache_dir, tmp_path, capsys):

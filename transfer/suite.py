@@ -251,14 +251,14 @@ def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root
     out = Path(out)
     metrics = metric_list(suite, metrics, db)
     plan = configs(suite, metrics, tasks_file=tasks_file, db=db, data_root=data_root)
-    if on_plan is not None:
-        on_plan(plan)
     _claim_folder(out, suite, metrics)
     results = out / "results.jsonl"
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+    rows = _read_rows(results)
     for r in rows:
         if r["key"] in plan:
             _same_formula(r["key"], r["expression"], plan[r["key"]][1].expression)
+    if on_plan is not None:  # once the folder is known to be usable: a refusal is the only line said
+        on_plan(plan)
     done = {r["key"] for r in rows}
     todo = [(run, cfg) for key, (run, cfg) in plan.items() if key not in done]
     on_result = on_result or (lambda row, n_done, n_total: None)
@@ -301,6 +301,34 @@ def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root
                 raise _in_case(run, e) from None
             finished(run, rep)
     return [r for r in rows if r["key"] in plan]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """results.jsonl's rows. A last line cut short (the suite killed while writing it) is dropped,
+    from the file too, so the next row starts a line of its own: its run's report is in its
+    folder and is read again. Any other unreadable line is refused, the file left as it is."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not {"key", "case", "metric", "seed"} <= row.keys():
+                raise ValueError("not a row of a run")
+        except ValueError as e:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(text[: len(text) - len(line)])
+                tmp.replace(path)
+                break
+            raise EvopruneError(f"{path} line {i + 1} is unreadable ({e}); mend or delete that line (a run whose "
+                                "report.json is in runs/ is read again, not redone), or use another --out") from None
+        rows.append(row)
+    return rows
 
 
 def _in_case(run: Run, e: Exception) -> EvopruneError:
