@@ -302,6 +302,12 @@ def test_a_metric_a_case_cannot_use_is_na_there_and_the_suite_goes_on(digits_pre
     rc, out, err = run(capsys, *args)
     assert rc == 2 and "results.jsonl line 4 is unreadable" in err and err.count("\n") == 1, err
     assert results.read_text() == damaged  # refused, nothing rewritten
+    results.write_text("\n".join([*lines[:3], *lines[4:]]) + "\n")  # that run's row gone: its report is read
+    report = tmp_path / "o" / "runs" / json.loads(lines[3])["key"] / "report.json"
+    report.write_text(report.read_text()[:-20])
+    rc, out, err = run(capsys, *args)
+    assert rc == 2 and f"{report} is unreadable (JSONDecodeError" in err and err.count("error:") == 1, err
+    assert "Traceback" not in err
 
 
 def test_a_metric_no_case_can_use_is_na_on_ray_too(ray_session, digits_pretrained, cache_dir, tmp_path, capsys):

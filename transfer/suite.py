@@ -166,8 +166,12 @@ def _do_run(cfg, out: Path, data_root, cache_dir, tasks_file, device) -> dict:
 
     report = out / "report.json"
     if report.exists():  # finished, its row not yet written (the suite was stopped in between)
-        rep = json.loads(report.read_text())
-        _same_formula(out.name, rep["expression"], cfg.expression)
+        try:
+            rep = json.loads(report.read_text())
+            _same_formula(out.name, rep["expression"], cfg.expression)
+        except (ValueError, KeyError, TypeError, OSError) as e:  # damaged by hand: the suite cannot use it
+            raise EvopruneError(f"{report} is unreadable ({type(e).__name__}: {e}); delete its folder to redo "
+                                "that run") from None
         return rep
     return prune(cfg, out=out, resume=(out / "config.json").exists(), data_root=data_root, cache_dir=cache_dir,
                  tasks_file=tasks_file, device=device, record=False, show_progress=False)
