@@ -566,12 +566,14 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
         metric_list,
         near_chance_cases,
         not_applicable,
+        overall,
         plot,
         run_suite,
         shown,
         summarize,
         usable,
     )
+    from evoprune.uncertainty import MARKS, verdict
 
     if as_json and as_csv:
         raise EvopruneError("--json and --csv exclude each other")
@@ -608,8 +610,12 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
               **{f"vs {b.removeprefix('baseline:')} high": d.high for b, d in r.diffs.items()},
               **{f"vs {b.removeprefix('baseline:')} verdict": v for b, v in r.verdicts.items()}} for r in results]
     warnings = near_chance_cases(rows)
+    level, pooled = overall(rows, list(metrics), suite.baselines)
+    headline = [{"metric": m, "baseline": b, "diff": d.mean, "low": d.low, "high": d.high, "pairs": d.n,
+                 "verdict": verdict(d)} for m, by in pooled.items() for b, d in by.items()]
     if as_json:
-        print_json({"suite": suite.name, "cases": table, "wins_ties_losses": wtl, "runs": usable(rows),
+        print_json({"suite": suite.name, "cases": table, "wins_ties_losses": wtl,
+                    "overall": {"level": level, "comparisons": headline}, "runs": usable(rows),
                     "not_applicable": na, "plot": png and str(png), "warnings": warnings})
         return
     if as_csv:  # a (case, metric) n/a there: a row with the reason and no numbers
@@ -630,7 +636,7 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
         cells = []
         for b in bases:
             d = r.diffs.get(b)
-            mark = {"beats": "+", "ties": "=", "loses to": "-"}.get(r.verdicts.get(b, ""), "")
+            mark = MARKS.get(r.verdicts.get(b, ""), "")
             ci = f"{d.low:+.2%}..{d.high:+.2%}" if d is not None and d.n > 1 else "no CI: one seed"
             cells.append("n/a" if (case, b) in na_at else "" if d is None else f"{mark} {d.mean:+.2%} ({ci})")
         t.add_row(f"{case + 1} {r.label}", metric[:40], f"{r.macs_kept:.1%}",
@@ -640,6 +646,13 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
         out.print(f"{metric}: " + "; ".join(f"vs {b[9:]} {counted(w, 'win')}, {counted(ti, 'tie')}, "
                                              f"{counted(lo, 'loss', 'losses')}" for b, (w, ti, lo) in by.items()),
                   highlight=False, markup=False)
+    if headline:
+        out.print(f"overall, over every case and seed both ran ({level:.1%} CIs: 95% for the {len(headline)} "
+                  "comparisons together):", highlight=False, markup=False)
+    for h in headline:
+        ci = f"{h['low']:+.2%}..{h['high']:+.2%}" if h["pairs"] > 1 else "no CI: one pair"
+        out.print(f"  {h['metric']} vs {h['baseline'][9:]}: {h['diff']:+.2%} ({ci}) over {h['pairs']} pairs: "
+                  f"{h['verdict']}", highlight=False, markup=False)
     for n in na:
         out.print(f"n/a: case {n['case'] + 1} ({n['case_label']}), {n['metric']}: {n['reason']} (not compared "
                   "there)", highlight=False, markup=False, soft_wrap=True)

@@ -56,6 +56,9 @@ def paired(a: list[float], b: list[float], level: float = 0.95, **kw) -> Estimat
     return estimate([x - y for x, y in zip(a, b)], level, **kw)
 
 
+MARKS = {"beats": "+", "ties": "=", "loses to": "-"}  # a verdict in one character, for tables
+
+
 def verdict(diff: Estimate) -> str:
     """beats / loses when the CI of the difference excludes 0, else ties."""
     if diff.n > 1 and diff.low > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from evoprune.db import queries, store
+from evoprune.uncertainty import verdict
 
 from helpers import image_folder, run
 
@@ -45,6 +47,10 @@ def test_a_metric_against_itself_ties_with_a_zero_difference(digits_pretrained, 
     assert mine["vs l1"] == 0.0 and mine["vs l1 low"] <= 0.0 <= mine["vs l1 high"]
     assert mine["vs l1 verdict"] == "ties" and mine["seeds"] == 2
     assert res["wins_ties_losses"]["expr:w_l1"]["baseline:l1"] == [0, 1, 0]
+    (pooled,) = res["overall"]["comparisons"]
+    assert (pooled["metric"], pooled["baseline"], pooled["diff"], pooled["pairs"]) == ("expr:w_l1", "baseline:l1",
+                                                                                      0.0, 2)
+    assert pooled["verdict"] == "ties" and res["overall"]["level"] == 0.95
     assert len(res["runs"]) == 4 and (tmp_path / "o" / "suite.png").stat().st_size > 10_000
 
 
@@ -212,6 +218,32 @@ def test_a_difference_of_the_same_images_on_every_seed_is_not_a_win_of_zero_widt
     (_, w), _ = summarize(wide, ["l1"])
     assert w.diffs["baseline:l1"].low == -1.0 and w.diffs["baseline:l1"].high == 1.0  # not -1,100% .. +1,100%
     assert 0.0 <= w.test.low and w.test.high <= 1.0
+
+
+def test_the_overall_difference_pools_cases_and_holds_for_every_comparison_together():
+    """One headline per (metric asked, baseline): the paired difference over every (case, seed)
+    both ran, at a Bonferroni level over those comparisons; baselines among themselves are not
+    in the family, and a case where one side is n/a is left out of its pairs."""
+    from evoprune.transfer.suite import overall, summarize
+
+    def row(case, metric, seed, test):
+        return {"case": case, "case_label": f"c{case}", "metric": metric, "seed": seed, "test": test,
+                "macs_kept": 0.5, "test_images": 1000}
+
+    gains = {0: (0.012, 0.008), 1: (0.011, 0.013), 2: (0.009, 0.012)}  # small, steady: a tie per case
+    rows = [r for c, g in gains.items() for s in (0, 1) for r in (row(c, "m", s, 0.7 + g[s]),
+                                                                 row(c, "baseline:l1", s, 0.7 - 0.01 * s))]
+    rows += [row(c, "baseline:fpgm", s, 0.71) for c in (1, 2) for s in (0, 1)]
+    rows.append({"case": 0, "case_label": "c0", "metric": "baseline:fpgm", "seed": 0, "unusable": "why"})
+    level, got = overall(rows, ["m"], ["l1", "fpgm"])
+    assert level == pytest.approx(1 - 0.05 / 2) and set(got) == {"m"}
+    vs_l1, vs_fpgm = got["m"]["baseline:l1"], got["m"]["baseline:fpgm"]
+    assert vs_l1.n == 6 and vs_fpgm.n == 4  # fpgm is n/a on case 0
+    assert vs_l1.mean == pytest.approx(statistics.fmean(g[s] + 0.01 * s for g in gains.values() for s in (0, 1)))
+    per_case, _ = summarize(rows, ["l1", "fpgm"])
+    assert {c.verdicts["baseline:l1"] for c in per_case if c.metric == "m"} == {"ties"}  # two seeds a case
+    assert verdict(vs_l1) == "beats"  # six pairs together: beyond noise even at 97.5%
+    assert overall(rows, ["baseline:l1"], ["l1"])[1] == {}  # a baseline against itself is no comparison
 
 
 def test_the_table_states_each_cases_schedule_first_and_no_ci_for_one_seed(digits_pretrained, cache_dir, tmp_path,

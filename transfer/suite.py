@@ -30,7 +30,7 @@ from evoprune.masks import UnusableMetric
 from evoprune.metricref import resolve
 from evoprune.primitives.baselines import BASELINES
 from evoprune.tomlfiles import read_toml
-from evoprune.uncertainty import Estimate, estimate, paired, verdict
+from evoprune.uncertainty import Estimate, estimate, family_level, paired, verdict
 
 CASE_KEYS = {"task", "ratio", "flops_reduction", "allocator", "tau", "scope", "skip", "tpp", "tpp_settings",
              "retrain", "stat_images"}
@@ -459,6 +459,26 @@ def summarize(rows: list[dict], baselines: list[str]) -> tuple[list[CaseResult],
             counts[{"beats": 0, "ties": 1, "loses to": 2}[cr.verdicts[b]]] += 1
         results.append(cr)
     return results, wtl
+
+
+def overall(rows: list[dict], asked: list[str], baselines: list[str]) -> tuple[float, dict[str, dict[str, Estimate]]]:
+    """Each metric asked for against each suite baseline over every (case, seed) both ran: the
+    mean paired difference, with a CI that holds for all these comparisons together (Bonferroni;
+    the per-case verdicts are each at 95%, so among many cases and metrics some read as wins or
+    losses by chance). Returns the per-comparison level and metric -> baseline -> difference."""
+    rows = usable(rows)
+    by: dict[str, dict[tuple[int, int], float]] = {}
+    for r in rows:
+        by.setdefault(r["metric"], {})[(r["case"], r["seed"])] = r["test"]
+    pairs = [(m, b) for m in dict.fromkeys(asked) if m in by
+             for b in (f"baseline:{name}" for name in baselines) if b in by and b != m and set(by[m]) & set(by[b])]
+    level, step = family_level(len(pairs)), one_image(rows)
+    out: dict[str, dict[str, Estimate]] = {}
+    for m, b in pairs:
+        common = sorted(set(by[m]) & set(by[b]))
+        out.setdefault(m, {})[b] = paired([by[m][k] for k in common], [by[b][k] for k in common], level,
+                                          floor=step, bounds=(-1.0, 1.0))
+    return level, out
 
 
 def plot(rows: list[dict], path: Path) -> None:
