@@ -546,6 +546,12 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
                                                           "case (else the suite's).")] = None,
              workers: Annotated[int, typer.Option("--workers", min=0, max=10_000, help="Ray workers running "
                                                   "cases in parallel (0: one at a time, here).")] = 0,
+             gpus_per_run: Annotated[Optional[float], typer.Option("--gpus-per-run", min=0, max=8, help="GPUs each "
+                                                                   "run on Ray asks for (default: 1 on a cluster "
+                                                                   "with GPUs, else 0).")] = None,
+             address: Annotated[Optional[str], typer.Option("--address", help="The Ray cluster for --workers "
+                                                          "(else $RAY_ADDRESS, a `ray start` on this machine, "
+                                                          "else a local Ray).")] = None,
              out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the runs and results "
                                                              "(default validate/SUITE-NAME); the same command "
                                                              "continues a killed suite.")] = None,
@@ -577,6 +583,8 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
 
     if as_json and as_csv:
         raise EvopruneError("--json and --csv exclude each other")
+    if not workers and (gpus_per_run is not None or address):
+        raise EvopruneError("--gpus-per-run and --address are for runs on Ray: give --workers N as well")
     suite = load_suite(suite_file or default_suite())
     if seeds is not None:
         suite = replace(suite, seeds=seeds)
@@ -594,6 +602,7 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
     with progress("validate", n_runs, console, not (as_json or as_csv), fields={"last": "s"}) as update:
         rows = run_suite(suite, list(metrics), out=out_dir, db=db, data_root=data_root, cache_dir=cache_dir,
                          tasks_file=tasks_file, device=device, workers=workers, record=record,
+                         gpus_per_run=gpus_per_run, address=address,
                          on_result=lambda row, done, total: update(done, last=f"{row['key']} {shown(row)}"),
                          on_plan=None if as_json or as_csv else schedules)
     results, wtl = summarize(rows, suite.baselines)

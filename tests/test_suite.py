@@ -353,3 +353,31 @@ def test_a_metric_no_case_can_use_is_na_on_ray_too(ray_session, digits_pretraine
     assert na["metric"] == "expr:sub(w_l1, w_l1)" and "constant scores" in na["reason"]
     assert {(r["metric"], r["seed"]) for r in res["runs"]} == {("baseline:l1", 0), ("baseline:l1", 1)}
     assert [c["metric"] for c in res["cases"]] == ["baseline:l1"] and res["plot"]
+
+
+def test_each_run_on_ray_asks_for_a_gpu_where_the_cluster_has_them():
+    """Ray hides the GPUs from a task that asks for none: a suite on a GPU cluster ran every prune
+    run on the CPU. A run now asks for one GPU where the cluster has any (unless told otherwise),
+    and a share no node can give, or a device its share rules out, is refused before any work."""
+    from evoprune.errors import EvopruneError
+    from evoprune.transfer.suite import run_gpus
+
+    assert run_gpus(None, "auto", [0.0, 8.0]) == (1.0, "cuda")
+    assert run_gpus(None, "auto", [0.0]) == (0.0, "cpu")
+    assert run_gpus(None, "cpu", [8.0]) == (0.0, "cpu")
+    assert run_gpus(0.25, "cuda", [1.0]) == (0.25, "cuda")
+    for asked, device, nodes, words in [(2.0, "auto", [1.0, 1.0], "no node of this cluster has that many GPUs"),
+                                        (None, "cuda", [], "needs --gpus-per-run above 0"),
+                                        (0.0, "cuda", [4.0], "Ray hides the GPUs"),
+                                        (1.0, "cpu", [4.0], "a GPU it does not use")]:
+        with pytest.raises(EvopruneError, match=words):
+            run_gpus(asked, device, nodes)
+
+
+def test_a_gpu_share_this_cluster_cannot_give_is_refused_before_any_work(ray_session, tmp_path, capsys):
+    for extra, words in [(["--workers", "2", "--gpus-per-run", "1"], "no node of this cluster has that many GPUs"),
+                         (["--gpus-per-run", "1"], "give --workers N as well")]:
+        rc, _, err = run(capsys, "validate", "expr:w_l1", "--suite", _suite(tmp_path), "--out", tmp_path / "o",
+                         "--no-record", *extra)
+        assert rc == 2 and words in err and err.count("error:") == 1, err
+        assert not (tmp_path / "o").exists()

@@ -246,15 +246,51 @@ def near_chance_cases(rows: list[dict]) -> list[str]:
     return out
 
 
+def run_gpus(asked: float | None, device: str, node_gpus: list[float]) -> tuple[float, str]:
+    """The GPUs each Ray run asks for and the device it runs on, given the GPUs of each node.
+    Ray hides the GPUs from a task that asks for none (CUDA_VISIBLE_DEVICES=""), so on a GPU
+    cluster a run must ask for one to use it: `asked` None means one GPU where the cluster has
+    any (and the device is not cpu), else none."""
+    most = max(node_gpus, default=0.0)
+    if asked is None:
+        asked = 1.0 if most > 0 and device != "cpu" else 0.0
+    if asked and device == "cpu":
+        raise EvopruneError(f"--gpus-per-run {asked:g} with --device cpu: a run would hold a GPU it does not use")
+    if not asked and device == "cuda":
+        raise EvopruneError("--device cuda on Ray workers needs --gpus-per-run above 0 (Ray hides the GPUs from a "
+                            "run that asks for none)" + ("" if most else "; and this cluster has no GPU"))
+    if asked > most:
+        raise EvopruneError(f"--gpus-per-run {asked:g}: no node of this cluster has that many GPUs (at most "
+                            f"{most:g}); a run would wait for one forever")
+    return asked, "cuda" if asked else "cpu"
+
+
+def _ray_for_runs(address: str | None, asked: float | None, device: str) -> tuple[float, str]:
+    """Join (or start) Ray and size each run's GPU share, before anything is written."""
+    import ray
+
+    from evoprune.workers.evaluator import init_ray
+
+    init_ray(address)
+    nodes = [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return run_gpus(asked, device, nodes)
+
+
 def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root=None, cache_dir=None,
               tasks_file=None, device: str = "auto", workers: int = 0, record: bool = True,
               on_result: Callable[[dict, int, int], None] | None = None,
-              on_plan: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
+              on_plan: Callable[[dict[str, Any]], None] | None = None, gpus_per_run: float | None = None,
+              address: str | None = None) -> list[dict]:
     """Run (or continue) the suite; returns one row per run. `on_plan` sees every run's
-    (Run, PruneConfig) by key before the first one starts."""
+    (Run, PruneConfig) by key before the first one starts. With `workers`, the runs go to Ray
+    (`address`, else the Ray this machine runs, else a local one), each asking for
+    `gpus_per_run` GPUs (`run_gpus`)."""
     out = Path(out)
     metrics = metric_list(suite, metrics, db)
     plan = configs(suite, metrics, tasks_file=tasks_file, db=db, data_root=data_root)
+    gpus = 0.0
+    if workers:
+        gpus, device = _ray_for_runs(address, gpus_per_run, device)
     _claim_folder(out, suite, metrics)
     results = out / "results.jsonl"
     rows = _read_rows(results)
@@ -292,7 +328,7 @@ def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root
         write(row)
 
     if workers:
-        _on_ray(todo, out, args, workers, finished, done)
+        _on_ray(todo, out, args, workers, gpus, finished, done)
     else:
         for run, cfg in todo:
             if run.key in done:
@@ -345,13 +381,12 @@ def _in_case(run: Run, e: Exception) -> EvopruneError:
                          f"{e}")
 
 
-def _on_ray(todo, out: Path, args, workers: int, finished, done: set[str]) -> None:
+def _on_ray(todo, out: Path, args, workers: int, gpus: float, finished, done: set[str]) -> None:
     import ray
 
-    from evoprune.workers.evaluator import init_ray, users_error
+    from evoprune.workers.evaluator import users_error
 
-    init_ray()
-    remote = ray.remote(num_cpus=1, max_retries=2)(_do_run)
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_do_run)
     pending, queue = {}, list(todo)
     while queue or pending:
         while queue and len(pending) < workers:
