@@ -570,6 +570,7 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
     from evoprune.transfer.suite import (
         load_suite,
         metric_list,
+        mixed_pretrained,
         near_chance_cases,
         not_applicable,
         overall,
@@ -618,7 +619,7 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
               **{f"vs {b.removeprefix('baseline:')} low": d.low for b, d in r.diffs.items()},
               **{f"vs {b.removeprefix('baseline:')} high": d.high for b, d in r.diffs.items()},
               **{f"vs {b.removeprefix('baseline:')} verdict": v for b, v in r.verdicts.items()}} for r in results]
-    warnings = near_chance_cases(rows)
+    warnings = near_chance_cases(rows) + mixed_pretrained(rows)
     level, pooled = overall(rows, list(metrics), suite.baselines)
     headline = [{"metric": m, "baseline": b, "diff": d.mean, "low": d.low, "high": d.high, "pairs": d.n,
                  "verdict": verdict(d)} for m, by in pooled.items() for b, d in by.items()]

@@ -353,6 +353,19 @@ def test_a_metric_no_case_can_use_is_na_on_ray_too(ray_session, digits_pretraine
     assert na["metric"] == "expr:sub(w_l1, w_l1)" and "constant scores" in na["reason"]
     assert {(r["metric"], r["seed"]) for r in res["runs"]} == {("baseline:l1", 0), ("baseline:l1", 1)}
     assert [c["metric"] for c in res["cases"]] == ["baseline:l1"] and res["plot"]
+    (model,) = {r["pretrained"] for r in res["runs"]}  # one pretrained model (pretrained first, once)
+    assert len(model) == 64 and res["warnings"] == []
+
+
+def test_a_case_whose_runs_started_from_different_pretrained_models_is_warned_of():
+    from evoprune.transfer.suite import mixed_pretrained
+
+    def row(case, seed, model):
+        return {"case": case, "case_label": f"c{case}", "metric": "m", "seed": seed, "test": 0.9, "pretrained": model}
+
+    rows = [row(0, 0, "a"), row(0, 1, "a"), row(1, 0, "a"), row(1, 1, "b"), row(2, 0, None)]
+    (w,) = mixed_pretrained(rows)
+    assert w.startswith("case 2 (c1): its runs started from 2 different pretrained models")
 
 
 def test_each_run_on_ray_asks_for_a_gpu_where_the_cluster_has_them():

@@ -565,6 +565,7 @@ def report(run: PruneRun, state: PruneState, result: TrainResult, seconds: dict[
         "equivalence_output_scale": state.equivalence_output_scale,
         "bn_recalibrated": state.bn_recalibrated,
         "tpp_norms": None if state.tpp_norms is None else dict(zip(("pruned", "pruned_bn", "kept"), state.tpp_norms)),
+        "pretrained_sha256": run.pre.meta.get("sha256"),  # which pretrained model: a suite's runs must share one
         "seconds": seconds, "device": str(run.device), "processes": dist.world(), "host": socket.gethostname(),
         "files": {"model": str(run.out / "pruned_model.pt"), "report": str(run.out / "report.json")},
     }

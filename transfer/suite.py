@@ -184,7 +184,7 @@ def _row(run: Run, rep: dict) -> dict:
             "speedup": rep["speedup"], "seconds": rep["seconds"]["total"], "expression": rep["expression"],
             "report": rep["files"]["report"], "mask": rep["mask"], "host": rep["host"],
             "tpp": run.case.settings.get("tpp", True), "classes": rep.get("classes"),
-            "test_images": rep.get("test_images")}
+            "test_images": rep.get("test_images"), "pretrained": rep.get("pretrained_sha256")}
 
 
 def _na_rows(plan: dict[str, Any], run: Run, reason: str) -> list[dict]:
@@ -221,6 +221,22 @@ def one_image(rows: list[dict]) -> float:
     credits (`evoprune.uncertainty.estimate`)."""
     sizes = [r.get("test_images") for r in usable(rows)]
     return 0.0 if not sizes or None in sizes else 1 / min(sizes)
+
+
+def mixed_pretrained(rows: list[dict]) -> list[str]:
+    """A warning for each case whose runs started from different pretrained models (Ray nodes
+    that do not share one --cache-dir, each pretraining its own): its differences mix models.
+    Rows from reports that did not say (older evoprune) are not judged."""
+    models: dict[int, set[str]] = {}
+    label = {}
+    for r in usable(rows):
+        if r.get("pretrained"):
+            models.setdefault(r["case"], set()).add(r["pretrained"])
+            label[r["case"]] = r["case_label"]
+    return [f"case {case + 1} ({label[case]}): its runs started from {len(m)} different pretrained models (Ray "
+            "nodes that do not share --cache-dir pretrained their own), so its differences mix models: give every "
+            "node one cache (docs/cluster.md) and run the case again in another --out"
+            for case, m in sorted(models.items()) if len(m) > 1]
 
 
 def near_chance_cases(rows: list[dict]) -> list[str]:
@@ -381,11 +397,32 @@ def _in_case(run: Run, e: Exception) -> EvopruneError:
                          f"{e}")
 
 
+def _pretrain(task: str, data_root, cache_dir, tasks_file, device) -> str:
+    """A task's pretrained model, loaded or trained where this runs; returns its sha256.
+    Module level: Ray ships it."""
+    from evoprune.pretrain import pretrained
+    from evoprune.tasks import get_task
+
+    return pretrained(get_task(task, tasks_file), data_root=data_root, cache_dir=cache_dir,
+                      device=device).meta.get("sha256", "")
+
+
 def _on_ray(todo, out: Path, args, workers: int, gpus: float, finished, done: set[str]) -> None:
     import ray
 
     from evoprune.workers.evaluator import users_error
 
+    # Each task pretrained once, before its runs: several runs starting together on a cache they
+    # share would each train it, and the last to write would not be the model the others used.
+    first = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_pretrain)
+    tasks = list(dict.fromkeys(run.case.task for run, _ in todo if run.key not in done))
+    for task, ref in zip(tasks, [first.remote(t, *args) for t in tasks]):
+        try:
+            ray.get(ref)
+        except Exception as e:
+            if mistake := users_error(e):
+                raise EvopruneError(f"pretraining {task} for the suite: {mistake}") from None
+            raise
     remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_do_run)
     pending, queue = {}, list(todo)
     while queue or pending:
