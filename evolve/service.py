@@ -96,18 +96,22 @@ def _spec(cfg: Config, device: str, pretrained: dict) -> WorkerSpec:
                       tasks_file=r.tasks_file or None, device=device, threads=r.threads, pretrained=pretrained)
 
 
-def _workers(requested: int, gpus_per_worker: float) -> tuple[int, float]:
-    """-1: one actor per GPU share the cluster offers (gpus_per_worker, default 1), else one per
-    CPU left after the driver's. Ray is up: run_search joined the cluster first."""
-    if requested > 0:
-        return requested, gpus_per_worker
+def _workers(requested: int, gpus_per_worker: float, device: str) -> tuple[int, float]:
+    """The actors and each one's GPU share: `gpus_per_worker`, else (0) one GPU where the
+    cluster has any and the device is not cpu (Ray hides the GPUs from an actor that asks for
+    none); -1 actors: one per share the cluster offers, else one per CPU left after the
+    driver's. Ray is up: run_search joined the cluster first."""
     import ray
 
-    res = ray.cluster_resources()
-    if res.get("GPU", 0) > 0:
-        share = gpus_per_worker or 1.0
-        return max(1, int(res["GPU"] / share + 1e-9)), share
-    return max(1, int(res.get("CPU", 2)) - 1), 0.0
+    from evoprune.workers.evaluator import gpu_share, node_gpus
+
+    gpus = node_gpus()
+    share, _ = gpu_share(gpus_per_worker or None, device, gpus, "[run] gpus_per_worker")
+    if requested > 0:
+        return requested, share
+    if share:
+        return max(1, int(sum(gpus) / share + 1e-9)), share
+    return max(1, int(ray.cluster_resources().get("CPU", 2)) - 1), 0.0
 
 
 def check_inputs(cfg: Config) -> None:
@@ -137,7 +141,7 @@ def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -
     floors = {t: Floor.of(pre[t]) for t in p.tasks}
     _some_statistic_ranks(maskers, cfg.search.stat_names)
     if r.workers:
-        n, gpus = _workers(r.workers, r.gpus_per_worker)
+        n, gpus = _workers(r.workers, r.gpus_per_worker, r.device)
         on_progress("status", {"text": f"starting {n} Ray workers, {gpus:g} GPU each"})
         pool = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
                             placement_timeout_s=r.placement_timeout_s,

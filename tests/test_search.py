@@ -483,3 +483,20 @@ def test_resume_takes_generations_and_extends_a_finished_run(digits_pretrained, 
     with sqlite3.connect(tmp_path / "i.db") as c:
         assert c.execute("SELECT status, json_extract(config, '$.search.generations') FROM runs").fetchone() == \
             ("finished", 2)
+
+
+def test_a_gpu_share_no_node_can_give_is_refused_before_a_run_is_stored(ray_session, digits_pretrained, cache_dir,
+                                                                         tmp_path, capsys):
+    """An actor asking for more GPUs than any node has would wait for one forever; an actor
+    asking for none on a GPU cluster used to train on the CPU (Ray hides the GPUs from it)."""
+    from helpers import run
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[search]\npopulation = 4\ngenerations = 1\n[proxy]\ntasks = ["digits-cnn"]\n'
+                   f'[run]\nworkers = 2\ngpus_per_worker = 1\ncache_dir = "{cache_dir}"\n')
+    db = tmp_path / "e.db"
+    rc, _, err = run(capsys, "evolve", "--config", cfg, "--db", db)
+    assert rc == 2 and "[run] gpus_per_worker 1: no node of this cluster has that many GPUs" in err, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM runs").fetchone() == (0,)

@@ -373,18 +373,18 @@ def test_each_run_on_ray_asks_for_a_gpu_where_the_cluster_has_them():
     run on the CPU. A run now asks for one GPU where the cluster has any (unless told otherwise),
     and a share no node can give, or a device its share rules out, is refused before any work."""
     from evoprune.errors import EvopruneError
-    from evoprune.transfer.suite import run_gpus
+    from evoprune.workers.evaluator import gpu_share
 
-    assert run_gpus(None, "auto", [0.0, 8.0]) == (1.0, "cuda")
-    assert run_gpus(None, "auto", [0.0]) == (0.0, "cpu")
-    assert run_gpus(None, "cpu", [8.0]) == (0.0, "cpu")
-    assert run_gpus(0.25, "cuda", [1.0]) == (0.25, "cuda")
-    for asked, device, nodes, words in [(2.0, "auto", [1.0, 1.0], "no node of this cluster has that many GPUs"),
-                                        (None, "cuda", [], "needs --gpus-per-run above 0"),
-                                        (0.0, "cuda", [4.0], "Ray hides the GPUs"),
+    assert gpu_share(None, "auto", [0.0, 8.0], "--g") == (1.0, "cuda")
+    assert gpu_share(None, "auto", [0.0], "--g") == (0.0, "cpu")
+    assert gpu_share(None, "cpu", [8.0], "--g") == (0.0, "cpu")
+    assert gpu_share(0.25, "cuda", [1.0], "--g") == (0.25, "cuda")
+    for asked, device, nodes, words in [(2.0, "auto", [1.0, 1.0], "--g 2: no node of this cluster has that many"),
+                                        (None, "cuda", [], "needs --g above 0"),
+                                        (0.0, "cuda:1", [4.0], "Ray hides the GPUs"),
                                         (1.0, "cpu", [4.0], "a GPU it does not use")]:
         with pytest.raises(EvopruneError, match=words):
-            run_gpus(asked, device, nodes)
+            gpu_share(asked, device, nodes, "--g")
 
 
 def test_a_gpu_share_this_cluster_cannot_give_is_refused_before_any_work(ray_session, tmp_path, capsys):

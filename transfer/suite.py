@@ -262,34 +262,12 @@ def near_chance_cases(rows: list[dict]) -> list[str]:
     return out
 
 
-def run_gpus(asked: float | None, device: str, node_gpus: list[float]) -> tuple[float, str]:
-    """The GPUs each Ray run asks for and the device it runs on, given the GPUs of each node.
-    Ray hides the GPUs from a task that asks for none (CUDA_VISIBLE_DEVICES=""), so on a GPU
-    cluster a run must ask for one to use it: `asked` None means one GPU where the cluster has
-    any (and the device is not cpu), else none."""
-    most = max(node_gpus, default=0.0)
-    if asked is None:
-        asked = 1.0 if most > 0 and device != "cpu" else 0.0
-    if asked and device == "cpu":
-        raise EvopruneError(f"--gpus-per-run {asked:g} with --device cpu: a run would hold a GPU it does not use")
-    if not asked and device == "cuda":
-        raise EvopruneError("--device cuda on Ray workers needs --gpus-per-run above 0 (Ray hides the GPUs from a "
-                            "run that asks for none)" + ("" if most else "; and this cluster has no GPU"))
-    if asked > most:
-        raise EvopruneError(f"--gpus-per-run {asked:g}: no node of this cluster has that many GPUs (at most "
-                            f"{most:g}); a run would wait for one forever")
-    return asked, "cuda" if asked else "cpu"
-
-
 def _ray_for_runs(address: str | None, asked: float | None, device: str) -> tuple[float, str]:
     """Join (or start) Ray and size each run's GPU share, before anything is written."""
-    import ray
-
-    from evoprune.workers.evaluator import init_ray
+    from evoprune.workers.evaluator import gpu_share, init_ray, node_gpus
 
     init_ray(address)
-    nodes = [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    return run_gpus(asked, device, nodes)
+    return gpu_share(asked, device, node_gpus(), "--gpus-per-run")
 
 
 def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root=None, cache_dir=None,

@@ -172,6 +172,32 @@ class _Actor:
         return [r.to_dict() for r in evaluate_jobs(self.contexts, jobs, worker=self.name)]
 
 
+def node_gpus() -> list[float]:
+    """The GPUs of each live node of the Ray this process has joined."""
+    import ray
+
+    return [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+
+
+def gpu_share(asked: float | None, device: str, node_gpus: list[float], option: str) -> tuple[float, str]:
+    """The GPUs each Ray task or actor asks for and the device it runs on, given the GPUs of each
+    node. Ray hides the GPUs from a task that asks for none (CUDA_VISIBLE_DEVICES=""), so on a
+    GPU cluster one must ask for a share to use it: `asked` None means one GPU where the cluster
+    has any (and the device is not cpu), else none. `option` names the setting in messages."""
+    most = max(node_gpus, default=0.0)
+    if asked is None:
+        asked = 1.0 if most > 0 and device != "cpu" else 0.0
+    if asked and device == "cpu":
+        raise EvopruneError(f"{option} {asked:g} with device cpu: each worker would hold a GPU it does not use")
+    if not asked and device.startswith("cuda"):
+        raise EvopruneError(f"device cuda on Ray workers needs {option} above 0 (Ray hides the GPUs from a worker "
+                            "that asks for none)" + ("" if most else "; and this cluster has no GPU"))
+    if asked > most:
+        raise EvopruneError(f"{option} {asked:g}: no node of this cluster has that many GPUs (at most {most:g}); "
+                            "a worker would wait for one forever")
+    return asked, "cuda" if asked else "cpu"
+
+
 def users_error(e: BaseException) -> EvopruneError | None:
     """The user's own mistake a Ray task or actor raised (`RayTaskError.cause`), else None: a
     crash or a lost node, which another worker may get past."""
