@@ -189,7 +189,8 @@ def main():
                     help="digits search: [run] threads, torch's threads for the in-process proxy runs (0: torch's "
                          "default; 1 leaves a core of 2 to a simplify helper, as a GPU search's proxy leaves the CPU)")
     ap.add_argument("--gpus-per-worker", type=float, default=0.0,
-                    help="digits search on a Ray pool: [run] gpus_per_worker (0: CPU actors)")
+                    help="digits search on a Ray pool: [run] gpus_per_worker (0: one GPU each where there are "
+                         "GPUs and --device is not cpu, else CPU actors)")
     ap.add_argument("--workers", type=int, default=1,
                     help="also time N concurrent one-thread workers (a search's Ray actors; CPU)")
     args = ap.parse_args()
