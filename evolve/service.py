@@ -114,12 +114,22 @@ def _workers(requested: int, gpus_per_worker: float, device: str) -> tuple[int, 
     return max(1, int(ray.cluster_resources().get("CPU", 2)) - 1), 0.0
 
 
+def driver_device(run) -> str:
+    """The device of the driver's own work (pretraining a missing model). With Ray workers,
+    `[run] device` is theirs (checked against the cluster's GPUs by `gpu_share`): a CPU head
+    node of a GPU cluster is the usual layout, so the driver then takes a GPU only where it has
+    one, unless told cpu."""
+    if run.workers and run.device != "cpu":
+        return str(pick_device("auto"))
+    return str(pick_device(run.device))
+
+
 def check_inputs(cfg: Config) -> None:
     """What can be checked without running anything: the tasks exist and their data sets load,
     the device exists. Called before the database is touched."""
     from evoprune.tasks import get_task
 
-    pick_device(cfg.run.device)
+    driver_device(cfg.run)
     for name in cfg.proxy.tasks:
         task = get_task(name, cfg.run.tasks_file or None)
         data = task.data(cfg.run.data_root or None)  # cached: the search reads it again for free
@@ -202,7 +212,7 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
         stored = Config.from_dict(store.claim_run(engine, resume, generations).config, f"run {resume}")
         cfg = replace(stored, run=cfg.run)
         check_inputs(cfg)
-    device = str(pick_device(cfg.run.device))
+    device = driver_device(cfg.run)
     on_progress = on_progress or (lambda kind, info: None)
     on_progress("config", {"config": cfg})  # a resumed run's settings are the stored ones
     simplifier = Simplifier(cfg.run.simplify_processes)  # its helpers start while the tasks load

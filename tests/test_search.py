@@ -498,5 +498,11 @@ def test_a_gpu_share_no_node_can_give_is_refused_before_a_run_is_stored(ray_sess
     rc, _, err = run(capsys, "evolve", "--config", cfg, "--db", db)
     assert rc == 2 and "[run] gpus_per_worker 1: no node of this cluster has that many GPUs" in err, err
     assert err.count("error:") == 1 and "Traceback" not in err
+    # --device cuda names the workers' device: a CPU driver (a GPU cluster's usual head node) is no
+    # reason to refuse it; a cluster without a GPU is (here: Ray hides GPUs from a share of 0)
+    cfg.write_text(cfg.read_text().replace("gpus_per_worker = 1\n", ""))
+    rc, _, err = run(capsys, "evolve", "--config", cfg, "--db", db, "--device", "cuda")
+    assert rc == 2 and "no CUDA device is visible" not in err, err
+    assert "device cuda on Ray workers needs [run] gpus_per_worker above 0" in err and "no GPU" in err, err
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT count(*) FROM runs").fetchone() == (0,)
