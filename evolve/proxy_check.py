@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 from evoprune.evolve.config import Config
 from evoprune.masks import TaskMasks, UnusableMetric, mask_hash
@@ -203,15 +203,17 @@ def _maskers(cfg: Config, proxy: ProxyConfig, stats: list[str], device: str) -> 
 
 
 def score_metrics(cfg: Config, proxy: ProxyConfig, metrics: list[tuple[str, str, bool]],
-                  device: str, best: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
+                  device: str, best: dict[str, float] | None = None, pool=None) -> dict[str, tuple[float, float]]:
     """(fitness, geometric mean of the tasks' accuracies) of every metric's full proxy under
     `proxy` (its own data order); zeros for a metric that cannot rank a task's filters. `best`,
-    when given, is raised to each task's highest accuracy among these runs."""
+    when given, is raised to each task's highest accuracy among these runs. `pool`: Ray workers
+    whose proxy is `proxy` but for its data order, which each job then names; else this process."""
     r = cfg.run
     maskers = _maskers(cfg, proxy, sorted({s for _, e, _ in metrics for s in parse(e).stats()}), device)
-    evaluator = InProcessEvaluator(WorkerSpec(proxy=proxy, data_root=r.data_root or None,
-                                              cache_dir=r.cache_dir or None, tasks_file=r.tasks_file or None,
-                                              device=device))
+    evaluator = pool or InProcessEvaluator(WorkerSpec(proxy=proxy, data_root=r.data_root or None,
+                                                      cache_dir=r.cache_dir or None, tasks_file=r.tasks_file or None,
+                                                      device=device, threads=r.threads))
+    order = proxy.data_seed if pool is not None else None
     out, jobs, by_key = {}, [], {}
     for name, expression, _ in metrics:
         node = parse(expression)
@@ -223,7 +225,7 @@ def score_metrics(cfg: Config, proxy: ProxyConfig, metrics: list[tuple[str, str,
         key = ",".join(mask_hash(masks[t]) for t in proxy.tasks)
         if key not in by_key:  # two metrics with the same masks: trained once
             by_key[key] = []
-            jobs.append(Job(key, expression, "full", masks))
+            jobs.append(Job(key, expression, "full", masks, data_seed=order))
         by_key[key].append(name)
     for job, rec in evaluator.run(jobs):
         if best is not None:
@@ -237,11 +239,11 @@ def score_metrics(cfg: Config, proxy: ProxyConfig, metrics: list[tuple[str, str,
 def check_proxy(cfg: Config, *, orders: int = 5, n_random: int = 6, reference_factor: int = 10,
                 reference_seeds: int = 3, seed: int = 0,
                 on_progress: Callable[[str, int, int], None] | None = None) -> ProxyCheck:
-    from evoprune.train import pick_device
+    from evoprune.evolve.service import driver_device
 
     t0 = time.perf_counter()
     on_progress = on_progress or (lambda label, done, total: None)
-    device = str(pick_device(cfg.run.device))
+    device = driver_device(cfg.run)
     base = replace(cfg.proxy, screen=False)
     first = _maskers(cfg, base, cfg.search.stat_names, device)
 
@@ -259,11 +261,24 @@ def check_proxy(cfg: Config, *, orders: int = 5, n_random: int = 6, reference_fa
             for j in range(reference_seeds)]
     results = {n: {k: [] for k in ("proxy", "reference", "proxy_acc", "reference_acc")} for n, _, _ in metrics}
     best: dict[str, float] = {}  # each task's best accuracy over the proxy's (not the reference's) runs
-    for i, (kind, proxy) in enumerate(runs):
-        on_progress(kind, i, len(runs))
-        for name, (f, acc) in score_metrics(cfg, proxy, metrics, device, best if kind == "proxy" else None).items():
-            results[name][kind].append(f)
-            results[name][kind + "_acc"].append(acc)
+    pools: dict[int, Any] = {}  # on Ray: one pool per fine-tune length, its jobs naming their data order
+    try:
+        for i, (kind, proxy) in enumerate(runs):
+            on_progress(kind, i, len(runs))
+            pool = None
+            if cfg.run.workers:
+                if proxy.finetune_steps not in pools:
+                    for old in pools.values():  # the proxy's orders are done: its workers make way
+                        old.close()
+                    pools = {proxy.finetune_steps: _pool(cfg, replace(proxy, data_seed=base.data_seed), device)}
+                pool = pools[proxy.finetune_steps]
+            for name, (f, acc) in score_metrics(cfg, proxy, metrics, device, best if kind == "proxy" else None,
+                                                pool).items():
+                results[name][kind].append(f)
+                results[name][kind + "_acc"].append(acc)
+    finally:
+        for pool in pools.values():
+            pool.close()
     on_progress("done", len(runs), len(runs))
     rows = [MetricScores(n, e, b, results[n]["proxy"], results[n]["reference"], results[n]["reference_acc"],
                          results[n]["proxy_acc"]) for n, e, b in metrics]
@@ -275,6 +290,21 @@ def check_proxy(cfg: Config, *, orders: int = 5, n_random: int = 6, reference_fa
                               f"({', '.join(cfg.proxy.tasks)}): a statistic some network lacks, such as BN "
                               "scale without BN, or a formula constant within a layer")
     return check
+
+
+def _pool(cfg: Config, proxy: ProxyConfig, device: str):
+    """Ray workers for `proxy`, started as the search starts them, shipped the driver's models
+    and data."""
+    from evoprune.evolve.service import start_pool
+    from evoprune.pretrain import pretrained
+    from evoprune.tasks import get_task
+    from evoprune.workers.evaluator import init_ray
+
+    r = cfg.run
+    init_ray(r.address or None)
+    pre = {t: pretrained(get_task(t, r.tasks_file or None), data_root=r.data_root or None,
+                         cache_dir=r.cache_dir or None, device=device) for t in proxy.tasks}
+    return start_pool(replace(cfg, proxy=proxy), pre)
 
 
 def _floors(cfg: Config, device: str) -> dict[str, Floor]:

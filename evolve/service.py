@@ -96,7 +96,7 @@ def _spec(cfg: Config, device: str, pretrained: dict) -> WorkerSpec:
                       tasks_file=r.tasks_file or None, device=device, threads=r.threads, pretrained=pretrained)
 
 
-def _workers(requested: int, gpus_per_worker: float, device: str) -> tuple[int, float]:
+def ray_workers(requested: int, gpus_per_worker: float, device: str) -> tuple[int, float]:
     """The actors and each one's GPU share: `gpus_per_worker`, else (0) one GPU where the
     cluster has any and the device is not cpu (Ray hides the GPUs from an actor that asks for
     none); -1 actors: one per share the cluster offers, else one per CPU left after the
@@ -150,20 +150,26 @@ def _setup(cfg: Config, device: str, on_progress: Callable[[str, dict], None]) -
                                             seed=p.data_seed) for t in p.tasks}
     floors = {t: Floor.of(pre[t]) for t in p.tasks}
     _some_statistic_ranks(maskers, cfg.search.stat_names)
-    if r.workers:
-        n, gpus = _workers(r.workers, r.gpus_per_worker, r.device)
-        on_progress("status", {"text": f"starting {n} Ray workers, {gpus:g} GPU each"})
-        pool = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
-                            placement_timeout_s=r.placement_timeout_s,
-                            on_status=lambda text: on_progress("status", {"text": text}))
-        try:  # the search's clock starts with a worker to run its jobs
-            ready = pool.wait_ready()
-        except BaseException:
-            pool.close()
-            raise
-        on_progress("status", {"text": f"{ready} of {n} Ray workers ready, {gpus:g} GPU each"})
-        return maskers, pool, floors
+    if r.workers:  # the search's clock starts with a worker to run its jobs
+        return maskers, start_pool(cfg, pre, lambda text: on_progress("status", {"text": text})), floors
     return maskers, InProcessEvaluator(_spec(cfg, device, pre)), floors
+
+
+def start_pool(cfg: Config, pre: dict, on_status: Callable[[str], None] = lambda text: None) -> RayEvaluator:
+    """`[run] workers` Ray actors for `cfg.proxy` (`ray_workers`: how many, their GPU share),
+    shipped the driver's models and data `pre`; returns once one of them is up."""
+    r = cfg.run
+    n, gpus = ray_workers(r.workers, r.gpus_per_worker, r.device)
+    on_status(f"starting {n} Ray workers, {gpus:g} GPU each")
+    pool = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
+                        placement_timeout_s=r.placement_timeout_s, on_status=on_status)
+    try:
+        ready = pool.wait_ready()
+    except BaseException:
+        pool.close()
+        raise
+    on_status(f"{ready} of {n} Ray workers ready, {gpus:g} GPU each")
+    return pool
 
 
 def _some_statistic_ranks(maskers: dict[str, TaskMasks], stats: list[str]) -> None:

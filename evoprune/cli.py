@@ -218,6 +218,18 @@ def pretrain(task: Annotated[str, typer.Argument(help="Task name (see `evoprune 
               f"  checkpoint {p.path}  (cache {resolve_cache_dir(cache_dir).resolve()})")
 
 
+def _workers_flag(workers: str | None, address: str | None, cfg) -> int | None:
+    """--workers N | auto as [run] workers (auto: -1); a cluster named with --address and no
+    workers asked for anywhere: all it offers. None: the config's."""
+    if workers is not None:
+        if workers != "auto" and not workers.isdigit():
+            raise EvopruneError(f"--workers takes a number or 'auto', got {workers!r}")
+        return -1 if workers == "auto" else int(workers)
+    if address is not None and not cfg.run.workers:
+        return -1  # a cluster asked for: one worker per CPU (or GPU) it offers
+    return None
+
+
 @app.command()
 def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Search config (TOML); "
                                                           "defaults: two digits tasks, 12 generations x 32.")] = None,
@@ -253,12 +265,7 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
         duration_s(time_limit, "--time-limit")
     if generations is not None and not 0 <= generations <= 100_000:
         raise EvopruneError(f"--generations must be in [0, 100000], got {generations}")
-    if workers is not None:
-        if workers != "auto" and not workers.isdigit():
-            raise EvopruneError(f"--workers takes a number or 'auto', got {workers!r}")
-        workers = -1 if workers == "auto" else int(workers)
-    if address is not None and workers is None and not cfg.run.workers:
-        workers = -1  # a cluster asked for: one worker per CPU (or GPU) it offers
+    workers = _workers_flag(workers, address, cfg)
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
                  dict(workers=workers, data_root=data_root, cache_dir=cache_dir, device=device,
                       address=address, tasks_file=tasks_file, time_limit=time_limit).items() if v is not None}
@@ -287,8 +294,14 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
                                                                   "default proxy-check.png.")] = None,
                 as_json: Json = False, data_root: DataRoot = None, cache_dir: CacheDir = None,
                 tasks_file: TasksFile = None,
-                device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None):
-    """Measure the proxy's noise over data orders and its fidelity to a long fine-tune."""
+                device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
+                workers: Annotated[Optional[str], typer.Option("--workers", help="Ray workers: N or auto "
+                                                               "(else [run] workers; 0: this process).")] = None,
+                address: Annotated[Optional[str], typer.Option("--address", help="The Ray cluster to join (else "
+                                                               "[run] address, $RAY_ADDRESS, a `ray start` on this "
+                                                               "machine); implies Ray workers.")] = None):
+    """Measure the proxy's noise over data orders and its fidelity to a long fine-tune (on Ray
+    workers as the search, with [run] workers or --workers: the same figures)."""
     from dataclasses import replace
 
     from evoprune.evolve.config import load_config
@@ -298,8 +311,8 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
 
     cfg = load_config(config)
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in
-                 dict(data_root=data_root, cache_dir=cache_dir, device=device, tasks_file=tasks_file).items()
-                 if v is not None}
+                 dict(data_root=data_root, cache_dir=cache_dir, device=device, tasks_file=tasks_file,
+                      workers=_workers_flag(workers, address, cfg), address=address).items() if v is not None}
     cfg = replace(cfg, run=replace(cfg.run, **overrides))
     check_inputs(cfg)
     with progress("proxy check", orders + reference_seeds, Console(stderr=True), not as_json,

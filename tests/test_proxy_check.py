@@ -77,3 +77,20 @@ def test_fewer_than_five_orders_are_read_as_rough():
                    noise=0.001, spread=0.05, gap=0.05, tau=0.8, tau_ci=(0.5, 1.0), seconds=1.0)
     assert verdict(c).startswith("The proxy tells metrics apart") and "3 data orders are too few" in verdict(c)
     assert "too few" not in verdict(ProxyCheck(**{**c.__dict__, "orders": 5}))
+
+
+def test_the_check_on_ray_workers_gives_the_figures_of_this_process(ray_session, digits_pretrained, cache_dir,
+                                                                     tmp_path, capsys):
+    """[run] workers used to be ignored by the check (the CIFAR config's took 66 minutes in one
+    process): it now runs on Ray workers as the search does, each data order named by its jobs,
+    and gives the same figures (one torch thread here, as the actors use)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(SMALL + "[run]\nthreads = 1\n")
+    got = {}
+    for workers in ("0", "2"):
+        rc, out, err = run(capsys, "proxy", "check", "--config", cfg, "--orders", "2", "--random", "1",
+                           "--reference-seeds", "1", "--reference-factor", "2", "--cache-dir", cache_dir,
+                           "--device", "cpu", "--json", "--plot", tmp_path / "p.png", "--workers", workers)
+        assert rc == 0, err
+        got[workers] = {m["name"]: (m["fitness"], m["reference"]) for m in json.loads(out)["metrics"]}
+    assert got["2"] == got["0"] and len(got["0"]) >= 12
