@@ -106,7 +106,8 @@ def ray_workers(requested: int, gpus_per_worker: float, device: str) -> tuple[in
     from evoprune.workers.evaluator import gpu_share, node_gpus
 
     gpus = node_gpus()
-    share, _ = gpu_share(gpus_per_worker or None, device, gpus, "[run] gpus_per_worker")
+    share, _ = gpu_share(gpus_per_worker or None, device, gpus, "[run] gpus_per_worker",
+                         requested if requested > 0 else None)
     if requested > 0:
         return requested, share
     if share:

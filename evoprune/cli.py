@@ -561,7 +561,8 @@ def validate(metrics: Annotated[list[str], typer.Argument(help="Metrics: candida
                                                   "cases in parallel (0: one at a time, here).")] = 0,
              gpus_per_run: Annotated[Optional[float], typer.Option("--gpus-per-run", min=0, max=8, help="GPUs each "
                                                                    "run on Ray asks for (default: 1 on a cluster "
-                                                                   "with GPUs, else 0).")] = None,
+                                                                   "with GPUs, an even share where --workers "
+                                                                   "outnumber them, else 0).")] = None,
              address: Annotated[Optional[str], typer.Option("--address", help="The Ray cluster for --workers "
                                                           "(else $RAY_ADDRESS, a `ray start` on this machine, "
                                                           "else a local Ray).")] = None,

@@ -379,6 +379,10 @@ def test_each_run_on_ray_asks_for_a_gpu_where_the_cluster_has_them():
     assert gpu_share(None, "auto", [0.0], "--g") == (0.0, "cpu")
     assert gpu_share(None, "cpu", [8.0], "--g") == (0.0, "cpu")
     assert gpu_share(0.25, "cuda", [1.0], "--g") == (0.25, "cuda")
+    # N at once on fewer GPUs: an even share, so that none waits for a GPU that never frees
+    assert gpu_share(None, "auto", [1.0], "--g", workers=2) == (0.5, "cuda")
+    assert gpu_share(None, "auto", [1.0, 0.0], "--g", workers=3) == (0.3333, "cuda")
+    assert gpu_share(None, "auto", [4.0, 4.0], "--g", workers=3) == (1.0, "cuda")
     for asked, device, nodes, words in [(2.0, "auto", [1.0, 1.0], "--g 2: no node of this cluster has that many"),
                                         (None, "cuda", [], "needs --g above 0"),
                                         (0.0, "cuda:1", [4.0], "Ray hides the GPUs"),

@@ -262,12 +262,12 @@ def near_chance_cases(rows: list[dict]) -> list[str]:
     return out
 
 
-def _ray_for_runs(address: str | None, asked: float | None, device: str) -> tuple[float, str]:
+def _ray_for_runs(address: str | None, asked: float | None, device: str, workers: int) -> tuple[float, str]:
     """Join (or start) Ray and size each run's GPU share, before anything is written."""
     from evoprune.workers.evaluator import gpu_share, init_ray, node_gpus
 
     init_ray(address)
-    return gpu_share(asked, device, node_gpus(), "--gpus-per-run")
+    return gpu_share(asked, device, node_gpus(), "--gpus-per-run", workers)
 
 
 def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root=None, cache_dir=None,
@@ -284,7 +284,7 @@ def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root
     plan = configs(suite, metrics, tasks_file=tasks_file, db=db, data_root=data_root)
     gpus = 0.0
     if workers:
-        gpus, device = _ray_for_runs(address, gpus_per_run, device)
+        gpus, device = _ray_for_runs(address, gpus_per_run, device, workers)
     _claim_folder(out, suite, metrics)
     results = out / "results.jsonl"
     rows = _read_rows(results)

@@ -17,6 +17,7 @@ resumed, and nothing of the unfinished generation is stored.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import socket
 import time
@@ -179,14 +180,19 @@ def node_gpus() -> list[float]:
     return [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
 
 
-def gpu_share(asked: float | None, device: str, node_gpus: list[float], option: str) -> tuple[float, str]:
+def gpu_share(asked: float | None, device: str, node_gpus: list[float], option: str,
+              workers: int | None = None) -> tuple[float, str]:
     """The GPUs each Ray task or actor asks for and the device it runs on, given the GPUs of each
     node. Ray hides the GPUs from a task that asks for none (CUDA_VISIBLE_DEVICES=""), so on a
     GPU cluster one must ask for a share to use it: `asked` None means one GPU where the cluster
-    has any (and the device is not cpu), else none. `option` names the setting in messages."""
+    has any (and the device is not cpu), else none; with `workers` of them wanted at once and
+    fewer GPUs, an even share of the GPUs there are (2 on one GPU: half each), so that none waits
+    for a GPU that never frees. `option` names the setting in messages."""
     most = max(node_gpus, default=0.0)
     if asked is None:
-        asked = 1.0 if most > 0 and device != "cpu" else 0.0
+        asked = 0.0
+        if most > 0 and device != "cpu":
+            asked = min(1.0, math.floor(sum(node_gpus) / workers * 1e4) / 1e4) if workers else 1.0
     if asked and device == "cpu":
         raise EvopruneError(f"{option} {asked:g} with device cpu: each worker would hold a GPU it does not use")
     if not asked and device.startswith("cuda"):
