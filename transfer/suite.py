@@ -278,7 +278,7 @@ def run_suite(suite: Suite, metrics: list[str], *, out: Path, db=None, data_root
     """Run (or continue) the suite; returns one row per run. `on_plan` sees every run's
     (Run, PruneConfig) by key before the first one starts. With `workers`, the runs go to Ray
     (`address`, else the Ray this machine runs, else a local one), each asking for
-    `gpus_per_run` GPUs (`run_gpus`)."""
+    `gpus_per_run` GPUs (`evoprune.workers.evaluator.gpu_share`)."""
     out = Path(out)
     metrics = metric_list(suite, metrics, db)
     plan = configs(suite, metrics, tasks_file=tasks_file, db=db, data_root=data_root)
