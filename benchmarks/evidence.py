@@ -122,7 +122,16 @@ def _validation(val, cid: int) -> dict | None:
 # --------------------------------------------------------------------------- 2. the suite
 def run_validation(budget: str, args, state: dict, db_url: str) -> list[dict]:
     from evoprune.progress import progress
-    from evoprune.transfer.suite import metric_list, not_applicable, plot, run_suite, shown, usable
+    from evoprune.transfer.suite import (
+        metric_list,
+        mixed_pretrained,
+        near_chance_cases,
+        not_applicable,
+        plot,
+        run_suite,
+        shown,
+        usable,
+    )
 
     suite = _suite(budget)
     metrics = [str(e["id"]) for s in state["searches"].values() for e in s["evolved"]]
@@ -136,7 +145,8 @@ def run_validation(budget: str, args, state: dict, db_url: str) -> list[dict]:
                          on_result=lambda row, done, total: update(done, last=f"{row['key']} {shown(row)}"))
     state["suite"] = {"name": suite.name, "seeds": suite.seeds, "cases": [c.label for c in suite.cases],
                       "baselines": suite.baselines, "seconds_this_call": time.perf_counter() - t0,
-                      "runs": len(usable(rows)), "not_applicable": not_applicable(rows)}
+                      "runs": len(usable(rows)), "not_applicable": not_applicable(rows),
+                      "warnings": near_chance_cases(rows) + mixed_pretrained(rows)}
     rows = usable(rows)  # a metric a case's network cannot use (BN scale, no BN) has no result there
     drawn = {f"baseline:{b}" for b in ("l1", "bn_scale", "fpgm")} | set(metrics)
     plot([r for r in rows if r["metric"] in drawn], args.out / "suite.png")
@@ -281,6 +291,8 @@ def tables(state: dict) -> str:
     for n in suite.get("not_applicable", []):
         lines.append(f"\nn/a: case {n['case'] + 1} ({n['case_label']}), {n['metric']}: {n['reason']}; its mean "
                      "above is over the other cases, and it is compared on those alone.")
+    for w in suite.get("warnings", []):  # as validate says them: near-chance cases, mixed pretrained models
+        lines.append(f"\nwarning: {w}")
     lines += ["", "Proxy fidelity: Kendall's tau between each search's proxy ranking of these metrics (its own data "
               "order, full proxy) and the suite's ranking (bootstrap 95% CI over the metrics):", "",
               "| search | metrics | tau | 95% CI |", "|---|---|---|---|"]

@@ -65,7 +65,9 @@ def test_a_baseline_a_case_cannot_use_is_not_the_yardstick_and_reads_na():
     state = {"machine": "m", "date": "d", "budget": "smoke", "searches": {}, "comparison": c,
              "suite": {"name": "s", "seeds": 2, "cases": ["no BN", "BN"], "baselines": ["l1", "bn_scale"],
                        "not_applicable": [{"case": 0, "case_label": "no BN", "metric": "baseline:bn_scale",
-                                           "reason": "constant scores"}]}}
+                                           "reason": "constant scores"}],
+                       "warnings": ["case 2 (BN): its runs started from 2 different pretrained models"]}}
     text = ev.tables(state)
     assert "| no BN | 52.50% +- 0.71% (+) | 50.50% +- 0.71% | n/a |" in text, text
     assert "n/a: case 1 (no BN), baseline:bn_scale: constant scores" in text
+    assert "warning: case 2 (BN): its runs started from 2 different pretrained models" in text
