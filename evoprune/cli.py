@@ -52,6 +52,12 @@ Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 Csv = Annotated[bool, typer.Option("--csv", help="Print CSV.")]
 TasksFile = Annotated[Optional[Path], typer.Option("--tasks-file", help="A TOML file of extra tasks "
                       "(else $EVOPRUNE_TASKS).", show_default=False)]
+# evolve's and proxy check's Ray options (validate's --workers counts runs at once, not actors)
+RayWorkers = Annotated[Optional[str], typer.Option("--workers", help="Ray actors: N, or auto for every GPU (else "
+                                                   "CPU) of the cluster; 0 evaluates in this process.")]
+RayAddress = Annotated[Optional[str], typer.Option("--address", help="The Ray cluster to join (else [run] address, "
+                                                   "$RAY_ADDRESS, a `ray start` on this machine); implies Ray "
+                                                   "workers.")]
 
 
 def parse_id(value: str) -> int:
@@ -237,9 +243,7 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
                                                          "from its last completed generation.")] = None,
            db: Annotated[Optional[str], typer.Option("--db", help="Database URL or SQLite path (else "
                                                      "$EVOPRUNE_DB, else the config, else ./evoprune.db).")] = None,
-           workers: Annotated[Optional[str], typer.Option("--workers", help="Ray actors: N, or auto for "
-                                                          "every GPU (else CPU) of the cluster; 0 evaluates "
-                                                          "in this process.")] = None,
+           workers: RayWorkers = None,
            generations: Annotated[Optional[int], typer.Option("--generations", help="Override [search] "
                                                               "generations; with "
                                                               "--resume, the run's new number (more extends a "
@@ -248,9 +252,7 @@ def evolve(config: Annotated[Optional[Path], typer.Option("--config", help="Sear
                                                              "would likely end past this (90m, 2h, 1h30m); the "
                                                              "summary follows, --resume continues ([run] "
                                                              "time_limit).")] = None,
-           address: Annotated[Optional[str], typer.Option("--address", help="The Ray cluster to join (else "
-                                                          "[run] address, $RAY_ADDRESS, a `ray start` on this "
-                                                          "machine); implies Ray workers.")] = None,
+           address: RayAddress = None,
            data_root: DataRoot = None, cache_dir: CacheDir = None, tasks_file: TasksFile = None,
            device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None):
     """Search for a pruning metric (the default search runs on the digits task)."""
@@ -295,11 +297,7 @@ def proxy_check(config: Annotated[Optional[Path], typer.Option("--config", help=
                 as_json: Json = False, data_root: DataRoot = None, cache_dir: CacheDir = None,
                 tasks_file: TasksFile = None,
                 device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
-                workers: Annotated[Optional[str], typer.Option("--workers", help="Ray workers: N or auto "
-                                                               "(else [run] workers; 0: this process).")] = None,
-                address: Annotated[Optional[str], typer.Option("--address", help="The Ray cluster to join (else "
-                                                               "[run] address, $RAY_ADDRESS, a `ray start` on this "
-                                                               "machine); implies Ray workers.")] = None):
+                workers: RayWorkers = None, address: RayAddress = None):
     """Measure the proxy's noise over data orders and its fidelity to a long fine-tune (on Ray
     workers as the search, with [run] workers or --workers: the same figures)."""
     from dataclasses import replace
