@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Callable
 
 from evoprune.evolve.config import Config
 from evoprune.masks import TaskMasks, UnusableMetric, mask_hash
@@ -261,23 +261,21 @@ def check_proxy(cfg: Config, *, orders: int = 5, n_random: int = 6, reference_fa
             for j in range(reference_seeds)]
     results = {n: {k: [] for k in ("proxy", "reference", "proxy_acc", "reference_acc")} for n, _, _ in metrics}
     best: dict[str, float] = {}  # each task's best accuracy over the proxy's (not the reference's) runs
-    pools: dict[int, Any] = {}  # on Ray: one pool per fine-tune length, its jobs naming their data order
+    pool, steps = None, None  # on Ray: a pool per fine-tune length in turn, its jobs naming their data order
     try:
         for i, (kind, proxy) in enumerate(runs):
             on_progress(kind, i, len(runs))
-            pool = None
-            if cfg.run.workers:
-                if proxy.finetune_steps not in pools:
-                    for old in pools.values():  # the proxy's orders are done: its workers make way
-                        old.close()
-                    pools = {proxy.finetune_steps: _pool(cfg, replace(proxy, data_seed=base.data_seed), device)}
-                pool = pools[proxy.finetune_steps]
+            if cfg.run.workers and proxy.finetune_steps != steps:
+                if pool is not None:  # the proxy's orders are done: its workers make way
+                    pool.close()
+                    pool = None
+                pool, steps = _pool(cfg, replace(proxy, data_seed=base.data_seed), device), proxy.finetune_steps
             for name, (f, acc) in score_metrics(cfg, proxy, metrics, device, best if kind == "proxy" else None,
                                                 pool).items():
                 results[name][kind].append(f)
                 results[name][kind + "_acc"].append(acc)
     finally:
-        for pool in pools.values():
+        if pool is not None:
             pool.close()
     on_progress("done", len(runs), len(runs))
     rows = [MetricScores(n, e, b, results[n]["proxy"], results[n]["reference"], results[n]["reference_acc"],
@@ -298,10 +296,8 @@ def _pool(cfg: Config, proxy: ProxyConfig, device: str):
     from evoprune.evolve.service import start_pool
     from evoprune.pretrain import pretrained
     from evoprune.tasks import get_task
-    from evoprune.workers.evaluator import init_ray
 
     r = cfg.run
-    init_ray(r.address or None)
     pre = {t: pretrained(get_task(t, r.tasks_file or None), data_root=r.data_root or None,
                          cache_dir=r.cache_dir or None, device=device) for t in proxy.tasks}
     return start_pool(replace(cfg, proxy=proxy), pre)

@@ -160,6 +160,7 @@ def start_pool(cfg: Config, pre: dict, on_status: Callable[[str], None] = lambda
     """`[run] workers` Ray actors for `cfg.proxy` (`ray_workers`: how many, their GPU share),
     shipped the driver's models and data `pre`; returns once one of them is up."""
     r = cfg.run
+    init_ray(r.address or None)  # how many and their share depend on the cluster joined
     n, gpus = ray_workers(r.workers, r.gpus_per_worker, r.device)
     on_status(f"starting {n} Ray workers, {gpus:g} GPU each")
     pool = RayEvaluator(_spec(cfg, "cuda" if gpus else "cpu", pre), n, gpus, address=r.address or None,
