@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from evoprune.errors import EvopruneError
+from evoprune.primitives.layers import InputsFrom
 
 ALLOCATORS = ("uniform", "global", "flops", "pfp", "spectral")
 TARGETS = ("ratio", "flops", "tau")
@@ -122,10 +123,11 @@ def global_(scores: dict[str, Tensor], ratio: float) -> Masks:
 
 
 # --------------------------------------------------------------------------- costs
-def kept_share(masks: Masks, cost: dict[str, int], inputs_from: dict[str, str],
+def kept_share(masks: Masks, cost: dict[str, int], inputs_from: InputsFrom,
                layers: Iterable[str] | None = None) -> float:
     """Share of the layers' cost (MACs or parameters) left: a layer's cost scales with its kept
-    filters and with the kept filters of the layer feeding it (when exactly one does).
+    filters and with the kept filters of the layer feeding it (when exactly one does), or of the
+    layers whose channels its input concatenates (`Structure.inputs_from`).
     `layers`: the layers to count (default: the masked ones; pass every layer to see what a
     mask also saves in the layers that consume its channels)."""
     names = list(masks if layers is None else layers)
@@ -133,13 +135,17 @@ def kept_share(masks: Masks, cost: dict[str, int], inputs_from: dict[str, str],
     for n in names:
         share = masks[n].float().mean().item() if n in masks else 1.0
         src = inputs_from.get(n)
-        if src in masks:
+        if isinstance(src, tuple):
+            channels, parts = src
+            share *= 1 - sum(int((~masks[p]).sum()) for p in parts if p in masks) / channels
+        elif src in masks:
             share *= masks[src].float().mean().item()
         left += cost[n] * share
     return left / max(sum(cost[n] for n in names), 1)
 
 
-def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int], inputs_from: dict[str, str],
+def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int],
+          inputs_from: InputsFrom,
           expand: Callable[[Masks], Masks] | None = None, layers: Iterable[str] | None = None,
           by: Callable[[dict[str, Tensor], float], Masks] | None = None) -> Masks:
     """The smallest ratio whose masks remove at least `reduction` of the MACs (bisection), the
@@ -276,7 +282,7 @@ def budgets(scores: dict[str, Tensor], allocation: Allocation, data: dict[str, L
 
 
 def allocate(scores: dict[str, Tensor], allocation: Allocation, *, macs: dict[str, int],
-             inputs_from: dict[str, str], expand: Callable[[Masks], Masks] | None = None,
+             inputs_from: InputsFrom, expand: Callable[[Masks], Masks] | None = None,
              layers: Iterable[str] | None = None, data: dict[str, LayerBudgetData] | None = None) -> Masks:
     """Per-layer keep masks for `scores` (one tensor per layer, or per channel group whose
     members `expand` lists); `layers`: the layers whose MACs a FLOPs target counts; `data`:

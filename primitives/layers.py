@@ -3,8 +3,10 @@
 One forward pass with hooks finds, for every conv (groups = 1) and hidden linear layer:
 its batch norm (the BN whose input *is* the layer's output), the layers that consume its
 channels (found by walking the autograd graph back from each layer's input until another
-layer's output is met: this sees through ReLUs, pools, flatten and residual additions), and
-its FLOPs. The model's output layer (nothing consumes it) is not prunable.
+layer's output is met: this sees through ReLUs, pools, flatten, residual additions and
+concatenations on the channel axis, where the layer's channels are a slice of the consumer's
+input: Inception branches, DenseNet layers), and its FLOPs. The model's output layer (nothing
+consumes it) is not prunable.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 WEIGHTED = (nn.Conv2d, nn.Linear)
 
@@ -35,10 +38,29 @@ class LayerInfo:
     # where our input comes from several layers at once (a residual sum, a squeeze-excitation product),
     # those layers, past followers: our input keeps what they keep when they are pruned as one group
     inputs_among: list[str] = field(default_factory=list)
+    # consumers that read our channels as a slice of a concatenation: name -> (offset, channels of
+    # the concatenation); a consumer not named here reads exactly our channels
+    slices: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # batch norms that normalize our channels as a slice of a concatenation (DenseNet's pre-activation
+    # BN over every earlier layer's output): name -> (offset, their channels); a pruned filter's
+    # channel must be zeroed there too (`Structure.with_followers`), as surgery cuts it there
+    slice_bns: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # where our input is a concatenation of prunable layers' channels (past followers): (its
+    # channels, those layers); what our cost keeps when they are pruned
+    concat_of: tuple[int, tuple[str, ...]] | None = None
+
+    def reads(self, consumer: str) -> tuple[int, int]:
+        """Where our channels are in `consumer`'s input: (offset, that input's channels)."""
+        return self.slices.get(consumer, (0, self.out_channels))
 
     def filters(self) -> Tensor:
         """The layer's filters flattened: [C_out, fan_in] (detached)."""
         return self.module.weight.detach().flatten(1)
+
+
+# per layer, what its input channels are made of: the one prunable layer whose channels they are,
+# or for a concatenation (its channels, the prunable layers writing parts of it)
+InputsFrom = dict[str, "str | tuple[int, tuple[str, ...]]"]
 
 
 @dataclass
@@ -46,7 +68,7 @@ class Structure:
     """Per prunable layer (by name): cost, BN and the single layer feeding it, for allocators."""
     macs: dict[str, int]
     params: dict[str, int]
-    inputs_from: dict[str, str]  # the one prunable layer whose channels are this layer's input (a follower's too)
+    inputs_from: InputsFrom  # of the prunable layers and their followers
     bn_of: dict[str, str | None]  # the BN module's name, or None
     out_channels: dict[str, int]
     # depthwise convs that follow a prunable layer's channels (not prunable themselves): their cost
@@ -57,8 +79,11 @@ class Structure:
     followers: dict[str, str] = field(default_factory=dict)  # depthwise conv -> the prunable layer it follows
     follower_bn: dict[str, str | None] = field(default_factory=dict)
     inputs_among: dict[str, list[str]] = field(default_factory=dict)  # LayerInfo.inputs_among, where known
+    # batch norms over a concatenation of prunable layers' channels: name -> (their channels,
+    # ((layer, offset), ...)); a pruned filter's channel is zeroed there too (`follower_masks`)
+    concat_bns: dict[str, tuple[int, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
 
-    def inputs_within(self, groups: list[list[str]]) -> dict[str, str]:
+    def inputs_within(self, groups: list[list[str]]) -> InputsFrom:
         """`inputs_from`, and for a layer whose input several layers make, all of them in one of
         `groups` (pruned with one mask), that group's first."""
         group_of = {n: i for i, g in enumerate(groups) for n in g}
@@ -67,20 +92,36 @@ class Structure:
                  and all(group_of.get(p) == group_of[ps[0]] for p in ps)}
         return {**self.inputs_from, **extra}
 
-    def follower_masks(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        """For each depthwise conv following a layer of `masks`, that layer's mask."""
-        return {f: masks[src] for f, src in self.followers.items() if src in masks}
+    def follower_masks(self, masks: dict[str, Tensor], cut: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """For each depthwise conv following a layer of `masks`, that layer's mask; for each batch
+        norm over a concatenation that a layer of `masks` writes into, the masks of its parts
+        (where layers `cut` by surgery write into it too, over the channels they left)."""
+        out = {f: masks[src] for f, src in self.followers.items() if src in masks}
+        for bn, (channels, parts) in self.concat_bns.items():
+            if not any(p in masks for p, _ in parts):
+                continue
+            keep, alive = torch.ones(channels, dtype=torch.bool), torch.ones(channels, dtype=torch.bool)
+            for p, offset in parts:
+                span = slice(offset, offset + self.out_channels[p])
+                if p in masks:
+                    keep[span] = masks[p].cpu()
+                if cut is not None and p in cut:
+                    alive[span] = cut[p].cpu()
+            if not keep.all():
+                out[bn] = keep[alive]
+        return out
 
     def with_followers(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         """`masks` and their `follower_masks`: what a masked network zeroes so that a pruned
-        channel is 0 all the way, as in the cut network (else the depthwise conv's BN turns the 0
-        into its shift, which reaches later layers)."""
+        channel is 0 all the way, as in the cut network (else the depthwise conv's BN, or the BN
+        that normalizes a concatenation, turns the 0 into its shift, which reaches later layers)."""
         return {**masks, **self.follower_masks(masks)}
 
     @property
     def all_bn_of(self) -> dict[str, str | None]:
-        """`bn_of` with the followers' BNs: what `with_followers` masks need."""
-        return {**self.bn_of, **self.follower_bn}
+        """`bn_of` with the followers' BNs: what `with_followers` masks need (a BN over a
+        concatenation is masked itself: its scale and shift are its weight and bias)."""
+        return {**self.bn_of, **self.follower_bn, **dict.fromkeys(self.concat_bns)}
 
     @property
     def cost_macs(self) -> dict[str, int]:
@@ -99,10 +140,13 @@ def structure(model: nn.Module, example: Tensor) -> Structure:
     for i in infos:
         for c in i.consumers:
             producers.setdefault(c, []).append(i.name)
-    inputs_from = {c: p[0] for c, p in producers.items() if len(p) == 1}
+    sliced = {c for i in infos for c in i.slices}
+    inputs_from: InputsFrom = {
+        c: p[0] for c, p in producers.items() if len(p) == 1 and c not in sliced}
     for i in infos:  # a depthwise conv, and what reads it, take their input channels from the layer it follows
         for c in [*i.followers, *i.through]:
             inputs_from.setdefault(c, i.name)
+    inputs_from.update({i.name: i.concat_of for i in infos if i.concat_of is not None})
     return Structure(macs={i.name: i.macs for i in infos}, params={i.name: i.module.weight.numel() for i in infos},
                      inputs_from=inputs_from,
                      bn_of={i.name: names[i.bn] if i.bn is not None else None for i in infos},
@@ -111,7 +155,18 @@ def structure(model: nn.Module, example: Tensor) -> Structure:
                      follower_params={d: c[1] for i in infos for d, c in i.followers.items()},
                      followers={d: i.name for i in infos for d in i.followers},
                      follower_bn={d: c[2] for i in infos for d, c in i.followers.items()},
-                     inputs_among={i.name: i.inputs_among for i in infos if i.inputs_among})
+                     inputs_among={i.name: i.inputs_among for i in infos if i.inputs_among},
+                     concat_bns=_concat_bns(infos))
+
+
+def _concat_bns(infos: list[LayerInfo]) -> dict[str, tuple[int, tuple[tuple[str, int], ...]]]:
+    parts: dict[str, list[tuple[str, int]]] = {}
+    channels: dict[str, int] = {}
+    for i in infos:
+        for bn, (offset, total) in i.slice_bns.items():
+            parts.setdefault(bn, []).append((i.name, offset))
+            channels[bn] = total
+    return {bn: (channels[bn], tuple(sorted(ps, key=lambda p: p[1]))) for bn, ps in parts.items()}
 
 
 def _prunable(m: nn.Module) -> bool:
@@ -126,6 +181,7 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
     outputs: dict[nn.Module, Tensor] = {}
     inputs: dict[nn.Module, Tensor] = {}
     bn_of: dict[nn.Module, nn.Module] = {}
+    bn_inputs: dict[nn.Module, Tensor] = {}
     by_output_id: dict[int, nn.Module] = {}
     hooks = []
 
@@ -136,6 +192,7 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
             by_output_id[id(out)] = m
 
     def on_bn(m, inp, out):
+        bn_inputs.setdefault(m, inp[0])
         producer = by_output_id.get(id(inp[0]))
         if producer is not None and outputs.get(producer) is inp[0] and producer not in bn_of \
                 and m.num_features == _out_width(producer) and _channel_axis(producer, inp[0]) == 1:
@@ -149,7 +206,8 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
     was_training = model.training
     model.eval()
     try:
-        model(example)
+        with _Concatenations() as cats:
+            model(example)
     finally:
         model.train(was_training)
         for h in hooks:
@@ -157,22 +215,35 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
 
     node_owner = {outputs[m].grad_fn: m for m in order if outputs[m].grad_fn is not None}
     consumers: dict[nn.Module, list[nn.Module]] = {m: [] for m in order}
-    producers = {m: _producers(inputs[m], node_owner) for m in order}
+    slices: dict[tuple[nn.Module, nn.Module], tuple[int, int]] = {}
+    reached = {m: _producers(inputs[m], node_owner, cats.found) for m in order}
+    producers = {m: list(reached[m]) for m in order}
     for m in order:
-        for producer in producers[m]:
-            if feeds_channelwise(producer, m, _channel_axis(producer, outputs[producer]) == 1):
+        for producer, at in reached[m].items():
+            if at is None and feeds_channelwise(producer, m, _channel_axis(producer, outputs[producer]) == 1):
                 consumers[producer].append(m)
+            elif at and _reads_slice(producer, m, at, outputs[producer]):
+                consumers[producer].append(m)
+                slices[producer, m] = at
     n_img = example.shape[0]
     infos = []
     for m in order:
         if not _prunable(m) or not consumers[m]:
             continue
+        reads = {c: slices.get((m, c), (0, _out_width(m))) for c in consumers[m]}
         infos.append(LayerInfo(name=names[m], module=m, index=len(infos), out_channels=_out_width(m),
                                bn=bn_of.get(m), consumers=[names[c] for c in consumers[m]],
                                macs=_macs(m, outputs[m], n_img),
-                               sites=max(_sites(c, outputs[c], n_img, _out_width(m)) for c in consumers[m]),
-                               channel_axis=_channel_axis(m, outputs[m])))
+                               sites=max(_sites(c, outputs[c], n_img, reads[c][1]) for c in consumers[m]),
+                               channel_axis=_channel_axis(m, outputs[m]),
+                               slices={names[c]: at for c, at in reads.items() if (m, c) in slices}))
     by_module = {i.module: i for i in infos}
+
+    def writer(p: nn.Module) -> nn.Module | None:
+        """The prunable layer whose channels `p`'s output carries: itself, or the one a depthwise conv follows."""
+        src = p if p in by_module else _source(p, producers, outputs)[0] if _follows(p) else None
+        return src if src in by_module else None
+
     for m in order:  # channels followed through depthwise convs
         source, passed = _source(m, producers, outputs)
         if passed and source in by_module:
@@ -186,7 +257,65 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
                        if feeds_channelwise(p, m, _channel_axis(p, outputs[p]) == 1)]
             if len(sources) == len(producers[m]) and all(src in by_module for src in sources):
                 by_module[m].inputs_among = list(dict.fromkeys(names[src] for src in sources))
+        if m in by_module:  # our input is a concatenation
+            parts = {p: at if (p, m) in slices else None for p, at in reached[m].items()}
+            if (total := _concatenation(parts)) is not None:
+                writers = [writer(p) for p in sorted(parts, key=lambda p: parts[p][0])]
+                by_module[m].concat_of = (total, tuple(dict.fromkeys(names[w] for w in writers if w is not None)))
+    own = set(bn_of.values())
+    for bn, x in bn_inputs.items():  # a BN over a concatenation: the channels of each part are its writer's
+        parts = {p: at if at and _channel_axis(p, outputs[p]) == 1 else None
+                 for p, at in _producers(x, node_owner, cats.found).items()}
+        if bn not in own and _concatenation(parts) == bn.num_features:
+            for p, at in parts.items():
+                if (w := writer(p)) is not None:
+                    by_module[w].slice_bns[names[bn]] = at
     return infos
+
+
+class _Concatenations(TorchFunctionMode):
+    """Notes each concatenation made while active: its autograd node -> (axis, the sizes of its
+    parts along it). The autograd graph alone does not keep the sizes."""
+
+    FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+
+    def __init__(self):
+        super().__init__()
+        self.found = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in self.FUNCTIONS and isinstance(out, Tensor) and out.grad_fn is not None and out.dim() > 0:
+            tensors = args[0] if args else kwargs.get("tensors", ())
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+            if isinstance(dim, int):
+                dim %= out.dim()
+                self.found[out.grad_fn] = (dim, [t.shape[dim] if t.dim() > dim else 0 for t in tensors])
+        return out
+
+
+def _concatenation(parts: dict) -> int | None:
+    """The channels of the concatenation of which each of `parts` (layer -> where its channels
+    are, as `_producers` gives it) writes a slice, no two the same channels; None where they do
+    not (two concatenations added together: a channel then leaves only with both)."""
+    if not parts or not all(isinstance(at, tuple) for at in parts.values()):
+        return None
+    totals = {at[1] for at in parts.values()}
+    spans = sorted((at[0], at[0] + _out_width(p)) for p, at in parts.items())
+    ok = len(totals) == 1 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    return totals.pop() if ok else None
+
+
+def _reads_slice(producer: nn.Module, consumer: nn.Module, at: tuple[int, int], out: Tensor) -> bool:
+    """Whether a consumer whose input is a channel concatenation of `at[1]` channels reads the
+    producer's channels as one slice of it: a conv (groups = 1) reading all of them, or a linear
+    layer reading them flattened from a channels-first map (or as they are)."""
+    if _channel_axis(producer, out) != 1:
+        return False
+    if isinstance(consumer, nn.Conv2d):
+        return consumer.groups == 1 and consumer.in_channels == at[1]
+    return isinstance(consumer, nn.Linear) and consumer.in_features % at[1] == 0
 
 
 def _follows(m: nn.Module) -> bool:
@@ -217,18 +346,34 @@ def _sites(consumer: nn.Module, out: Tensor, n_img: int, channels: int) -> int:
     return (positions + 1) * per_channel
 
 
-def _producers(x: Tensor, node_owner: dict) -> list[nn.Module]:
-    """Layers whose outputs reach `x` through non-weighted operations (BFS on the autograd graph)."""
-    found, seen, frontier = [], set(), [x.grad_fn] if x.grad_fn is not None else []
+def _producers(x: Tensor, node_owner: dict, cats: dict) -> dict[nn.Module, tuple[int, int] | None | bool]:
+    """Layers whose outputs reach `x` through non-weighted operations (a walk on the autograd
+    graph), each with where its channels are in `x`: None where no concatenation on the channel
+    axis lies between (they are `x`'s channels if the widths agree), (offset, channels of the
+    outermost concatenation) where they are a slice of one, False where they are neither (they
+    reach `x` at two places, or a concatenation's parts do not add up to what they feed)."""
+    found: dict[nn.Module, tuple[int, int] | None | bool] = {}
+    seen, frontier = set(), [(x.grad_fn, None)] if x.grad_fn is not None else []
     while frontier:
-        node = frontier.pop()
-        if node is None or node in seen:
+        node, at = frontier.pop()  # at: None, (offset, width of this part, total), or False
+        if node is None or (node, at) in seen:
             continue
-        seen.add(node)
+        seen.add((node, at))
         if node in node_owner:
-            found.append(node_owner[node])
+            m = node_owner[node]
+            here = at if at is None or at is False else (at[0], at[2]) if at[1] == _out_width(m) else False
+            found[m] = here if found.get(m, here) == here else False
             continue
-        frontier.extend(nf for nf, _ in node.next_functions)
+        nexts = [nf for nf, _ in node.next_functions]
+        if node in cats and cats[node][0] == 1 and at is not False:
+            sizes = cats[node][1]
+            if len(sizes) != len(nexts) or (at is not None and sum(sizes) != at[1]):
+                frontier.extend((nf, False) for nf in nexts)
+                continue
+            base, total = (0, sum(sizes)) if at is None else (at[0], at[2])
+            frontier.extend((nf, (base + sum(sizes[:i]), sizes[i], total)) for i, nf in enumerate(nexts))
+            continue
+        frontier.extend((nf, at) for nf in nexts)
     return found
 
 

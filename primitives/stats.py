@@ -149,8 +149,9 @@ statistic("w_std", "standard deviation of the filter's weights", Cost.WEIGHTS, n
 @statistic("w_out_l2", "L2 norm of the next layers' weights reading this channel", Cost.WEIGHTS, nonneg=True)
 def _w_out(d: LayerData) -> Tensor:
     sq = torch.zeros(d.info.out_channels)
-    for m in d.consumers:
-        sq += consumer_sq(m, d.info.out_channels).cpu()
+    for name, m in zip(d.info.consumers, d.consumers):
+        offset, channels = d.info.reads(name)
+        sq += consumer_sq(m, channels)[offset:offset + d.info.out_channels].cpu()
     return sq.sqrt()
 
 

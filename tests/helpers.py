@@ -44,3 +44,17 @@ def image_folder(root: Path, shared_data: Path, classes: int = 3, train: int = 2
             for i in (src.y == c).nonzero().flatten()[:n].tolist():
                 Image.fromarray(src.x[i].permute(1, 2, 0).numpy()).save(d / f"{i}.png")
     return root
+
+
+def measured_macs(model, layers: list[str], x) -> int:
+    """Multiply-accumulates of the named layers on `x`, per image, as their forward hooks see them."""
+    import torch
+
+    mods, total = dict(model.named_modules()), [0]
+    hooks = [mods[n].register_forward_hook(lambda mod, i, o: total.__setitem__(
+        0, total[0] + o.numel() // len(x) * mod.weight[0].numel())) for n in layers]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return total[0]

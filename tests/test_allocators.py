@@ -16,6 +16,8 @@ from evoprune.allocators import (
 )
 from evoprune.errors import EvopruneError
 
+from helpers import measured_macs
+
 
 def _scores(*widths, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -260,18 +262,8 @@ def test_flops_accounting_follows_channels_through_depthwise_convs():
              for e in expands}
     layers = list(s.cost_macs)
     predicted = kept_share(masks, s.cost_macs, s.inputs_from, layers)
-
-    def measured_macs(m) -> int:
-        mods, total = dict(m.named_modules()), [0]
-        hooks = [mods[n].register_forward_hook(lambda mod, i, o: total.__setitem__(
-            0, total[0] + o.numel() // len(x) * mod.weight[0].numel())) for n in layers]
-        with torch.no_grad():
-            m(x)
-        for h in hooks:
-            h.remove()
-        return total[0]
-
-    before = measured_macs(model)
+    before = measured_macs(model, layers, x)
     assert before == sum(s.cost_macs.values())
     surgery(model, masks, x)
-    assert predicted < 0.6 and measured_macs(model) / before == pytest.approx(predicted, rel=1e-6)  # float32 means
+    after = measured_macs(model, layers, x)
+    assert predicted < 0.6 and after / before == pytest.approx(predicted, rel=1e-6)  # float32 means

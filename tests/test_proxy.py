@@ -45,17 +45,25 @@ def test_pruned_and_masked_proxies_agree_on_a_cifar_resnet20(shared_data, tmp_pa
     _agree("r20", proxy, cache_dir=tmp_path / "cache", data_root=shared_data, tasks_file=tasks)
 
 
-@pytest.mark.parametrize("arch, trains", [("mobilenet_v2", "masked"), ("resnet18", "pruned"),
-                                          ("torchvision:regnet_x_400mf", "pruned"),  # grouped convs' feeders stay
-                                          ("torchvision:shufflenet_v2_x0_5", "masked")])  # Torch-Pruning refuses it
+@pytest.mark.parametrize("arch, trains, compared_after", [
+    ("mobilenet_v2", "masked", 2), ("resnet18", "pruned", 2),
+    ("torchvision:regnet_x_400mf", "pruned", 2),  # grouped convs' feeders stay
+    # the layers writing into concatenations are cut (DenseNet's BNs over them zero what was pruned)
+    ("torchvision:densenet121", "pruned", 0), ("torchvision:googlenet", "masked", 2),
+    ("torchvision:shufflenet_v2_x0_5", "masked", 2)])  # Torch-Pruning refuses it
 def test_proxy_runs_repeat_exactly_on_an_image_folder_and_the_pruned_proxy_checks_it_trains_alike(
-        arch, trains, shared_data, tmp_path):
+        arch, trains, compared_after, shared_data, tmp_path):
     """Torchvision models on an image folder: a run's random crops and dropout come from its seed, so
     the same masks give the same fitness twice. MobileNetV2's cut network does not train as its masked
     one does (its classifier's dropout draws a mask over fewer features), which the pruned proxy finds
-    out once per task and trains it masked; ResNet-18's does, and it is cut. RegNet is cut except
-    where a grouped conv reads the channels; ShuffleNetV2, whose channel shuffle Torch-Pruning cannot
-    trace, trains masked."""
+    out once per task and trains it masked (GoogLeNet's too: dropout reads its last concatenation);
+    ResNet-18's does, and it is cut. RegNet is cut except where a grouped conv reads the channels;
+    DenseNet, whose layers write slices of concatenations that BNs then normalize, is cut;
+    ShuffleNetV2, whose channel shuffle Torch-Pruning cannot trace, trains masked.
+    `compared_after`: fine-tune steps before the two proxies' scores are compared. DenseNet's float32
+    fine-tune at batch 8 is chaotic (its last block's BNs normalize 8 values of 1x1 maps: the masked
+    proxy alone moved by 0.03 between 1 and 2 threads), so its proxies are compared before training;
+    its training is compared by the float64 check behind `trains`."""
     folder = image_folder(tmp_path / "images", shared_data, classes=3, train=16, val=6)
     tasks = tmp_path / "tasks.toml"  # random weights: the equivalence does not need a trained network
     tasks.write_text(f'[t]\ndataset = "imagefolder:{folder}?size=32"\nmodel = "{arch}"\nrecipe = {{ epochs = 0 }}\n')
@@ -66,5 +74,8 @@ def test_proxy_runs_repeat_exactly_on_an_image_folder_and_the_pruned_proxy_check
     assert pruned.cfg.train == "pruned" and pruned.trains == trains
     a, b = pruned.run(masks, "full"), pruned.run(masks, "full")
     assert a.score == b.score and a.accuracy == b.accuracy
+    if compared_after != proxy.finetune_steps:
+        proxy = replace(proxy, finetune_steps=compared_after)
+        a = TaskContext("t", proxy, **kw).run(masks, "full")
     c = TaskContext("t", replace(proxy, train="masked"), **kw).run(masks, "full")
-    assert abs(a.score - c.score) <= (0 if trains == "masked" else 1e-3)
+    assert abs(a.score - c.score) <= (0 if trains == "masked" else 1e-3 if compared_after else 1e-5)

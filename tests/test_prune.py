@@ -337,6 +337,8 @@ def test_efficientnet_is_cut_with_its_squeeze_excitation_and_meets_a_flops_targe
 @pytest.mark.parametrize("arch,args,expect", [
     ("mobilenet_v3_small", (), "cut"),  # squeeze-excitation blocks, hardswish
     ("regnet_x_400mf", ("--scope", "coupled"), "cut"),  # grouped convs: the layers feeding them stay whole
+    ("googlenet", (), "cut"),  # Inception branches: their last convs write slices of a concatenation
+    ("densenet121", (), "cut"),  # every layer's output is concatenated, then normalized with the others
     ("shufflenet_v2_x0_5", (), "Torch-Pruning cannot trace"),  # channel shuffle
     ("vit_b_16", (), "cannot run on"),  # needs 224x224 images
     ("efficientnet_b99", (), "unknown torchvision classification model 'efficientnet_b99'"),
@@ -351,6 +353,8 @@ def test_any_torchvision_model_by_name_is_cut_or_refused_in_one_line(arch, args,
     rep = json.loads((out / "report.json").read_text())
     # float32 rounding relative to the outputs' size (a briefly trained RegNet's logits reach 1e4)
     assert rep["macs_kept"] < 0.8 and rep["equivalence_max_diff"] < 1e-5 * max(1, rep["equivalence_output_scale"])
+    if arch in ("googlenet", "densenet121"):  # masked = cut as they are: DenseNet's BNs over the
+        assert rep["bn_recalibrated"] is False  # concatenations zero the pruned channels too
     if arch.startswith("regnet"):  # the grouped convs keep every channel they read
 
         def grouped(model):

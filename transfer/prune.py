@@ -421,7 +421,7 @@ def regularize(run: PruneRun, state: PruneState, ck: dict | None) -> None:
     cfg, tpp = run.cfg, run.cfg.tpp
     s = run.structure
     reg = TPPRegularizer(run.model, run.masks, s.bn_of, tpp,
-                         followers={f: (m, s.follower_bn[f]) for f, m in s.follower_masks(run.masks).items()})
+                         followers={f: (m, s.all_bn_of[f]) for f, m in s.follower_masks(run.masks).items()})
     opt = torch.optim.SGD(run.model.parameters(), lr=tpp.lr, momentum=0.9, weight_decay=5e-4)
     if ck is not None:
         opt.load_state_dict(ck["opt"])

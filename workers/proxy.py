@@ -197,7 +197,7 @@ class TaskContext:
         cut = {n: m for n, m in masks.items() if n in self.independent and not m.all()}
         surgery(model, {n: m.to(self.device) for n, m in cut.items()}, self.example)
         tied = {n: m for n, m in masks.items() if n not in cut}
-        follow = self.structure.follower_masks(tied)  # their channels were not cut
+        follow = self.structure.follower_masks(tied, cut=cut)  # their channels were not cut
         if self.narrows:
             for n in narrow_tied(model, tied, self.bn_of):
                 del tied[n]
