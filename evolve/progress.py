@@ -105,8 +105,11 @@ class SearchDisplay:
         c.print(t)
         if result.baselines:
             b = result.baselines[0]
+            seeded = set(self.cfg.search.seed_formulas())  # a formula the search bred that is a baseline's
+            bred = [f.baseline for f in result.baselines if f.expression not in seeded]  # counts as that baseline
             c.print(f"best baseline on the same proxy: {b.baseline} ({b.expression}) fitness {b.record.fitness:.4f}; "
-                    f"{counted(len(result.baselines), 'baseline')} seeded", highlight=False)
+                    f"{counted(len(result.baselines) - len(bred), 'baseline')} seeded"
+                    + (f", {', '.join(bred)} bred by the search" if bred else ""), highlight=False)
         if result.validation is not None:
             self._validation(result)
         k = result.counters
