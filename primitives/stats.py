@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from evoprune.errors import EvopruneError
 from evoprune.primitives.layers import LayerInfo, consumer_sq
 
 NORM_FLOOR = 1e-12  # smallest norm divided by (cosines, spectral tolerance)
@@ -202,6 +203,10 @@ def class_moments(d: LayerData) -> dict[str, Tensor]:
     """Moments of the per-image channel responses r [N, C] for class k (in) and the rest (out)."""
     r = torch.cat(d.need_act().responses)
     y = d.labels
+    if len(r) != len(y):  # e.g. a layer applied to two views of each image, concatenated on the batch axis
+        raise EvopruneError(f"layer {d.info.name} sees {len(r)} inputs for {len(y)} images: class-conditional "
+                            "statistics (cls_*) need one response per image; leave them out of this model's "
+                            "search ([search] stats) or metric")
     rows = {k: [] for k in ("mean_in", "mean_out", "var_in", "var_out", "n_in", "n_out")}
     for k in torch.unique(y):
         inside = y == k

@@ -15,6 +15,7 @@ from torch import nn
 
 from evoprune.allocators import kept_share
 from evoprune.data import iterate, load_dataset
+from evoprune.errors import EvopruneError
 from evoprune.export import MetricSource, export
 from evoprune.primitives.collect import collect_stats
 from evoprune.primitives.expr import evaluate, parse, scores_by_layer
@@ -162,3 +163,28 @@ def test_the_python_export_scores_the_layers_of_a_concatenation_as_the_engine(ba
     assert list(got) == list(want) == ["stem.0", "a.0", "b.0", "post.0"]
     for layer in want:
         assert torch.equal(got[layer], want[layer]), layer
+
+
+class TwoViews(nn.Module):
+    """One conv applied to two views of each image, concatenated on the batch axis (a siamese net)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Sequential(*_cbr(3, 6)), nn.Sequential(*_cbr(3, 6)),
+                                  nn.Sequential(*_cbr(6, 8, 3)))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.c(torch.cat([self.a(x), self.b(x)], 0))
+        return self.fc((y[:len(x)] + y[len(x):]).mean((2, 3)))
+
+
+def test_a_concatenation_on_the_batch_axis_is_not_a_slice_and_class_statistics_say_why_they_cannot(batch):
+    x, y = batch
+    model = TwoViews().eval()
+    infos = {i.name: i for i in discover(model, x[:2])}
+    assert infos["a.0"].consumers == ["c.0"] and infos["a.0"].slices == {}  # the channels are c's own
+    table = collect_stats(model, [(x, y)], ["w_out_l2", "act_mean", "taylor_act"])
+    assert all(torch.isfinite(v).all() for s in table.values.values() for v in s.values())
+    with pytest.raises(EvopruneError, match="c.0 sees 64 inputs for 32 images: class-conditional"):
+        collect_stats(model, [(x, y)], ["cls_mean_in"])
