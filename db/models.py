@@ -14,7 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from evoprune.records import RunStatus, mask_key_of
 
-SCHEMA_HEAD = "0005"  # the newest Alembic revision (db/migrations/versions); create_all builds this schema
+SCHEMA_HEAD = "0006"  # the newest Alembic revision (db/migrations/versions); create_all builds this schema
 
 intpk = Annotated[int, mapped_column(primary_key=True)]
 expression = Annotated[str, mapped_column(Text)]
@@ -109,6 +109,8 @@ class Evaluation(Base):
     score: Mapped[Optional[float]]  # what the fitness used, when not the accuracy ([proxy] score)
     seed: Mapped[Optional[int]]  # the data order (validation) or retraining seed (transfer), when it varies
     diverged: Mapped[Optional[bool]]  # some validation outputs were not finite (NULL before revision 0005)
+    # made by the run's summary, not by its generations (NULL before revision 0006: not known)
+    summary: Mapped[Optional[bool]]
     kept_flops: Mapped[float]
     kept_params: Mapped[float]
     seconds: Mapped[float]

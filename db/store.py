@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable
 
-from sqlalchemy import create_engine, event, inspect, select
+from sqlalchemy import create_engine, delete, event, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import Session
@@ -15,7 +15,15 @@ from sqlalchemy.orm import Session
 from evoprune.db.models import Base, Candidate, Evaluation, Generation, Meta, Run, utcnow
 from evoprune.errors import EvopruneError
 from evoprune.progress import counted
-from evoprune.records import CandidateRecord, FitnessRecord, GenerationRecord, RunStatus, TaskResult, TransferRecord
+from evoprune.records import (
+    CandidateRecord,
+    FitnessRecord,
+    GenerationRecord,
+    RunStatus,
+    TaskResult,
+    TransferRecord,
+    geometric_mean,
+)
 
 DEFAULT_URL = "sqlite:///evoprune.db"
 
@@ -228,11 +236,14 @@ def get_run(engine: Engine, run_id: int) -> Run:
 
 
 # --------------------------------------------------------------------------- writes
-def record_candidates(engine: Engine, run_id: int, rows: Iterable[CandidateRecord]) -> None:
+def record_candidates(engine: Engine, run_id: int, rows: Iterable[CandidateRecord], summary: bool = False) -> None:
     """Insert new candidates with their evaluations; a known formula gets the new evaluations
     and its fitness raised to the best stage seen (a screen result never replaces a full one).
     One transaction: the known ones found by one query per 500 (not one each, which flushed
-    every row on its own), the new rows inserted together."""
+    every row on its own), the new rows inserted together. `summary`: the evaluations are the
+    final round's (an extended run's generations do not see them: `candidate_records`); a
+    generation's result for a stage the summary already ran (the same masks and data order:
+    the same numbers) replaces the summary's rows."""
     rows = list(rows)
     with Session(engine) as s, s.begin():
         hashes = list(dict.fromkeys(row.canonical_hash for row in rows))
@@ -251,11 +262,14 @@ def record_candidates(engine: Engine, run_id: int, rows: Iterable[CandidateRecor
                 s.add(cand)
             elif rec.stage != "full" and cand.stage == "full":
                 continue
+            elif not summary and cand.stage == rec.stage:
+                s.execute(delete(Evaluation).where(Evaluation.candidate_id == cand.id, Evaluation.stage == rec.stage,
+                                                   Evaluation.summary.is_(True)))
             cand.fitness, cand.stage, cand.valid, cand.reason = rec.fitness, rec.stage, rec.valid, rec.reason
             for task, r in rec.tasks.items():  # by the candidate's side: its stored evaluations are not loaded
                 s.add(Evaluation(candidate=cand, task=task, stage=rec.stage, accuracy=r.accuracy, score=r.score,
                                  kept_flops=r.kept_flops, kept_params=r.kept_params, seconds=r.seconds,
-                                 mask=r.mask, worker=rec.worker, diverged=r.diverged))
+                                 mask=r.mask, worker=rec.worker, diverged=r.diverged, summary=summary))
 
 
 def record_generation(engine: Engine, run_id: int, g: GenerationRecord) -> None:
@@ -278,8 +292,6 @@ def record_validation(engine: Engine, candidate_id: int, seed: int, rec: Fitness
 def validation_scores(engine: Engine, run_id: int) -> dict[int, dict[int, float]]:
     """Candidate ID -> {data order: fitness} of the run's validation evaluations (the geometric
     mean over tasks of what the fitness used)."""
-    from evoprune.records import geometric_mean
-
     with Session(engine) as s:
         rows = s.execute(select(Evaluation.candidate_id, Evaluation.seed, Evaluation.task, Evaluation.accuracy,
                                 Evaluation.score).join(Candidate)
@@ -326,16 +338,25 @@ def candidates(engine: Engine, run_id: int) -> list[Candidate]:
         return list(rows)
 
 
-def candidate_records(engine: Engine, run_id: int) -> list[CandidateRecord]:
-    """A run's candidates as typed records, each with the result of its best stage."""
-    return [_candidate_record(c) for c in candidates(engine, run_id)]
+def candidate_records(engine: Engine, run_id: int, generations_only: bool = False) -> list[CandidateRecord]:
+    """A run's candidates as typed records, each with the result of its best stage.
+    `generations_only`: of the best stage its generations ran, without what the run's summary
+    added (a finished run's summary fine-tunes candidates its generations only screened): what
+    the caches of a run that goes on must hold, so that it goes on as an uninterrupted run would."""
+    return [_candidate_record(c, generations_only) for c in candidates(engine, run_id)]
 
 
-def _candidate_record(c: Candidate) -> CandidateRecord:
-    evals = [e for e in c.evaluations if e.stage == c.stage]
+def _candidate_record(c: Candidate, generations_only: bool = False) -> CandidateRecord:
+    stage, fitness = c.stage, c.fitness
+    evals = [e for e in c.evaluations if e.stage == stage]
+    if generations_only and evals and all(e.summary for e in evals):
+        ran = [e for e in c.evaluations if e.stage in ("screen", "full") and not e.summary]
+        stage = "full" if any(e.stage == "full" for e in ran) else "screen"
+        evals = sorted((e for e in ran if e.stage == stage), key=lambda e: e.id)  # in the tasks' order
+        fitness = geometric_mean([e.accuracy if e.score is None else e.score for e in evals])  # as the proxy's
     tasks = {e.task: TaskResult(e.accuracy, e.kept_flops, e.kept_params, e.seconds, e.mask, e.score,
                                 bool(e.diverged)) for e in evals}
-    rec = FitnessRecord(c.expression, c.stage, c.fitness, c.valid, c.reason, tasks, sum(e.seconds for e in evals),
+    rec = FitnessRecord(c.expression, stage, fitness, c.valid, c.reason, tasks, sum(e.seconds for e in evals),
                         evals[0].worker if evals else "")
     return CandidateRecord(c.expression, c.canonical, c.canonical_hash, c.size, c.depth, tuple(c.parents),
                            c.birth_generation, rec, c.is_baseline, c.id)

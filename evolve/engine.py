@@ -51,7 +51,8 @@ def _types():
 class Recorder(Protocol):
     """Where a search's results go (the service stores them in the database)."""
 
-    def candidates(self, rows: list[CandidateRecord]) -> None: ...
+    def candidates(self, rows: list[CandidateRecord], summary: bool = False) -> None:
+        """`summary`: the results of the final round, not of a generation."""
 
     def generation(self, record: GenerationRecord) -> None: ...
 
@@ -61,7 +62,7 @@ class Recorder(Protocol):
 class NullRecorder:
     """A recorder that keeps nothing (tests, experiments in a notebook)."""
 
-    def candidates(self, rows: list[CandidateRecord]) -> None:
+    def candidates(self, rows: list[CandidateRecord], summary: bool = False) -> None:
         pass
 
     def generation(self, record: GenerationRecord) -> None:
@@ -392,7 +393,7 @@ class Search:
                 h = self._canonical(text)[1]
                 self.records[h] = rec
                 rows.append(self._candidate(self._from_expression(text), h, -1))
-            self.recorder.candidates(rows)
+            self.recorder.candidates(rows, summary=True)
         return out
 
     def _assign(self, ind) -> None:

@@ -80,8 +80,8 @@ class StoreRecorder:
     def new_run(cls, engine, cfg: Config) -> "StoreRecorder":
         return cls(engine, store.create_run(engine, json.loads(cfg.to_json()), cfg.search.seed, __version__))
 
-    def candidates(self, rows: list[CandidateRecord]) -> None:
-        store.record_candidates(self.engine, self.run_id, rows)
+    def candidates(self, rows: list[CandidateRecord], summary: bool = False) -> None:
+        store.record_candidates(self.engine, self.run_id, rows, summary)
 
     def generation(self, record: GenerationRecord) -> None:
         store.record_generation(self.engine, self.run_id, record)
@@ -234,7 +234,8 @@ def run_search(cfg: Config, *, db_url: str | None = None, resume: int | None = N
             recorder, point = StoreRecorder.new_run(engine, cfg), None
         else:
             recorder = StoreRecorder(engine, resume)
-            point = ResumePoint(store.candidate_records(engine, resume), store.last_generation(engine, resume))
+            point = ResumePoint(store.candidate_records(engine, resume, generations_only=True),
+                                store.last_generation(engine, resume))
         warned = False
 
         def progress(kind: str, info: dict) -> None:
@@ -321,14 +322,18 @@ def _final_round(search: Search, engine, run_id: int, top: int,
                  record: bool = True) -> tuple[list[Finalist], list[Finalist]]:
     """Full-proxy results for the best formulas and the seeded baselines (racing may have only
     screened some of them), so the summary compares like with like; stored unless `record` is
-    false."""
-    cands = store.candidate_records(engine, run_id)
+    false. They are picked from what the generations made: an extended run's first summary
+    fine-tuned some candidates already, whose results are reused where they are needed (the
+    same masks and data order: the same numbers) and left out where they are not, so the
+    summary is that of a run started with as many generations."""
+    cands = store.candidate_records(engine, run_id, generations_only=True)
+    done = {c.expression: c.record for c in store.candidate_records(engine, run_id) if c.record.stage == "full"}
     seeds = [c for c in cands if c.baseline]
     need = {c.expression for c in _ranked(cands)[: top * 2] + seeds if c.record.stage != "full" and c.record.valid}
-    if need:
-        got = search.rescore(sorted(need), "full", record=record)
-        cands = store.candidate_records(engine, run_id) if record else \
-            [replace(c, record=got[c.expression]) if c.expression in got else c for c in cands]
+    got = {e: done[e] for e in need if e in done}
+    if need - set(got):
+        got.update(search.rescore(sorted(need - set(got)), "full", record=record))
+    cands = [replace(c, record=got[c.expression]) if c.expression in got else c for c in cands]
     distinct, seen = [], set()
     for c in _ranked(cands):  # one formula per set of masks: the others prune exactly the same filters
         if c.record.stage == "full" and c.mask_key() not in seen:

@@ -424,6 +424,20 @@ def test_a_resumed_run_makes_the_cache_decisions_of_an_uninterrupted_one(digits_
     assert _generation_rows(tmp_path / "timed.db") == straight
     with sqlite3.connect(tmp_path / "timed.db") as c:
         assert c.execute("SELECT status FROM runs").fetchone()[0] == "finished"
+    # a finished run extended (--resume --generations) is the run started with that many: its first
+    # summary fine-tuned candidates its generations only screened, which the generations that follow
+    # do not see (they once did: a formula bred again got its full fitness, not its screen fitness)
+    short = replace(cfg, search=replace(cfg.search, generations=1, validation_orders=0))
+    run_search(short, db_url=str(tmp_path / "extended.db"))
+    with sqlite3.connect(tmp_path / "extended.db") as c:
+        summary = c.execute("SELECT COUNT(*) FROM evaluations WHERE summary").fetchone()[0]
+    assert summary > 0  # the summary fine-tuned some
+    extended = run_search(short, db_url=str(tmp_path / "extended.db"), resume=1, generations=3)
+    assert _generation_rows(tmp_path / "extended.db") == straight
+    whole = run_search(replace(cfg, search=replace(cfg.search, validation_orders=0)),
+                       db_url=str(tmp_path / "whole.db"))
+    assert [(f.canonical, f.record.fitness) for f in extended.finalists + extended.baselines] == \
+        [(f.canonical, f.record.fitness) for f in whole.finalists + whole.baselines]
 
 
 def test_resume_takes_generations_and_extends_a_finished_run(digits_pretrained, cache_dir, tmp_path, capsys):
