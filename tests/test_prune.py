@@ -288,6 +288,22 @@ def _prune_on_image_folder(model: str, shared_data, tmp_path, capsys, *args, epo
     return rc, text, err, out
 
 
+def test_a_group_norm_over_pruned_channels_is_named_in_the_refusal_and_skip_keeps_its_writers_whole(
+        shared_data, tmp_path, capsys):
+    """A GroupNorm over a concatenation of two pruned convs computes other group statistics once
+    their pruned channels are cut: surgery is not masking, which is refused in one line that names
+    the GroupNorm and `--skip`; skipping its writers prunes the rest exactly."""
+    model = "import:user_nets:group_norm_over_branches"
+    rc, text, err, out = _prune_on_image_folder(model, shared_data, tmp_path, capsys)
+    assert rc == 2 and "surgery changed the model's outputs" in err and "(gn: a GroupNorm" in err \
+        and "--skip GLOB" in err and "Traceback" not in err, err
+    rc, text, err, out = _prune_on_image_folder(model, shared_data, tmp_path / "skip", capsys, "--skip", "a",
+                                                "--skip", "b")
+    assert rc == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert sorted(rep["layers"]) == ["c", "d"] and rep["equivalence_max_diff"] < 1e-5
+
+
 @pytest.mark.parametrize("args", [(), ("--allocator", "global")])
 def test_mobilenet_v2_is_cut_exactly(args, shared_data, tmp_path, capsys):
     """MobileNetV2: a pruned expand channel goes through a depthwise conv, which surgery cuts with

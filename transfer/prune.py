@@ -265,8 +265,13 @@ def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor, recalibr
         diff = (pruned(x) - masked_out).abs().max().item()
     if not diff <= CHECK_TOL * max(1.0, masked_out.abs().max().item()):
         also = ", also with BN statistics re-estimated" if recalibrated else ""
-        raise EvopruneError(f"surgery changed the model's outputs (max |diff| {diff:.3g}){also}: Torch-Pruning did "
-                            "not follow this model's structure; nothing was retrained")
+        mixers = [n for n, m in pruned.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
+        why = (f"a layer that normalizes channels together ({', '.join(mixers[:3])}{', ...' if len(mixers) > 3 else ''}"
+               ": a GroupNorm or LayerNorm computes other statistics without the pruned channels) may read the pruned "
+               "channels, or Torch-Pruning did not follow this model's structure; keep the layers feeding it whole "
+               "with --skip GLOB") if mixers else "Torch-Pruning did not follow this model's structure"
+        raise EvopruneError(f"surgery changed the model's outputs (max |diff| {diff:.3g}){also}: {why}; nothing "
+                            "was retrained")
     return diff
 
 

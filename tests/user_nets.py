@@ -1,0 +1,25 @@
+"""Networks of a user's own, for `import:user_nets:NAME` tasks in the tests (this folder is on sys.path)."""
+import torch
+from torch import nn
+
+
+class GroupNormOverBranches(nn.Module):
+    """Two branches concatenated and normalized together by a GroupNorm: a pruned channel changes
+    the statistics of the kept channels in its group, so cutting it is not masking it."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        self.a = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.b = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.d = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        y = torch.relu(self.gn(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.fc(torch.relu(self.d(torch.relu(self.c(y)))).mean((2, 3)))
+
+
+def group_norm_over_branches(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return GroupNormOverBranches(num_classes, in_channels)
