@@ -304,6 +304,18 @@ def test_a_group_norm_over_pruned_channels_is_named_in_the_refusal_and_skip_keep
     assert sorted(rep["layers"]) == ["c", "d"] and rep["equivalence_max_diff"] < 1e-5
 
 
+
+def test_a_cut_that_is_not_the_masked_model_is_refused_before_tpp_trains(shared_data, tmp_path, capsys, monkeypatch):
+    """TPP runs for hours before surgery: the cut is checked on a copy first, so a model it would
+    refuse after TPP is refused before TPP starts."""
+    import evoprune.transfer.prune as prune_mod
+
+    monkeypatch.setattr(prune_mod, "regularize", lambda *a: pytest.fail("TPP started"))
+    rc, text, err, out = _prune_on_image_folder("import:user_nets:group_norm_over_branches", shared_data, tmp_path,
+                                                capsys, "--tpp")
+    assert rc == 2 and err.startswith("error: surgery before TPP changed the model's outputs") and "(gn:" in err, err
+
+
 @pytest.mark.parametrize("args", [(), ("--allocator", "global")])
 def test_mobilenet_v2_is_cut_exactly(args, shared_data, tmp_path, capsys):
     """MobileNetV2: a pruned expand channel goes through a depthwise conv, which surgery cuts with

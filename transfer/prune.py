@@ -259,7 +259,8 @@ def full_precision():
 
 
 @torch.no_grad()
-def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor, recalibrated: bool = False) -> float:
+def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor, recalibrated: bool = False,
+                      before: str = "") -> float:
     pruned.eval()
     with full_precision():
         diff = (pruned(x) - masked_out).abs().max().item()
@@ -270,8 +271,8 @@ def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor, recalibr
                ": a GroupNorm or LayerNorm computes other statistics without the pruned channels) may read the pruned "
                "channels, or Torch-Pruning did not follow this model's structure; keep the layers feeding it whole "
                "with --skip GLOB") if mixers else "Torch-Pruning did not follow this model's structure"
-        raise EvopruneError(f"surgery changed the model's outputs (max |diff| {diff:.3g}){also}: {why}; nothing "
-                            "was retrained")
+        raise EvopruneError(f"surgery {before}changed the model's outputs (max |diff| {diff:.3g}){also}: {why}; "
+                            "nothing was retrained")
     return diff
 
 
@@ -475,28 +476,44 @@ def regularize(run: PruneRun, state: PruneState, ck: dict | None) -> None:
     state.after_tpp_test = run.test()  # before the pruned filters are hard-zeroed
 
 
-def _cut(run: PruneRun) -> None:
-    surgery(run.model, {n: m.to(run.device) for n, m in run.masks.items()}, run.example,
-            coupled=run.cfg.scope == "coupled")
+def _cut(run: PruneRun, model: nn.Module | None = None) -> None:
+    surgery(run.model if model is None else model, {n: m.to(run.device) for n, m in run.masks.items()},
+            run.example, coupled=run.cfg.scope == "coupled")
+
+
+def check_before_tpp(run: PruneRun) -> None:
+    """The cut made on a copy of the model before TPP trains it for hours: a model whose cut
+    does not compute what its masked self does (a GroupNorm over pruned channels) is refused
+    now, not after TPP. The cut after TPP is checked again (`cut_and_check`)."""
+    _checked_cut(run, PruneState(), copy.deepcopy(run.model), before="before TPP ")
 
 
 def cut_and_check(run: PruneRun, state: PruneState) -> None:
     """Phase 4: zero the pruned filters, remove them, check the smaller model computes what the
     masked one did, measure it; then the checkpoint moves to the retraining phase (a later
     kill resumes there, not before TPP)."""
-    zero_pruned(run.model, run.structure.with_followers(run.masks), run.structure.all_bn_of)
-    run.model.eval()
+    _checked_cut(run, state, run.model)
+    state.pruned_test = run.test()
+    state.phase, state.epoch = "retrain", 0
+    run.save(state, None)
+
+
+def _checked_cut(run: PruneRun, state: PruneState, model: nn.Module, before: str = "") -> None:
+    """Zero `model`'s pruned filters, cut them out in place, and check it computes what it did
+    masked (`state` gets the figures); raises EvopruneError where it does not."""
+    zero_pruned(model, run.structure.with_followers(run.masks), run.structure.all_bn_of)
+    model.eval()
     check_x = next(iterate(run.data, run.data.val, batch_size=64, device=run.device))[0]
     with torch.no_grad(), full_precision():
-        masked_out = run.model(check_x).float()
+        masked_out = model(check_x).float()
     if not masked_out.isfinite().all():
         raise Diverged("the model's outputs on validation images are inf or nan before anything was cut, so "
                        "surgery cannot be checked: a model that diverged, or one that computes nan on real images")
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.model.modules())
-    masked = copy.deepcopy(run.model) if has_bn else None
-    _cut(run)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    masked = copy.deepcopy(model) if has_bn else None
+    _cut(run, model)
     try:
-        state.equivalence_max_diff = check_equivalence(masked_out, run.model, check_x)
+        state.equivalence_max_diff = check_equivalence(masked_out, model, check_x, before=before)
         state.equivalence_output_scale = masked_out.abs().max().item()
     except EvopruneError:
         if masked is None:
@@ -507,26 +524,24 @@ def cut_and_check(run: PruneRun, state: PruneState) -> None:
         # model computes what the masked one does (MobileNetV2's inverted residuals). Checked in float64:
         # in float32 that cancellation loses digits (a constant much larger than what a layer left with one
         # filter of 96 varies by), and over a dozen such layers the outputs part by 1e-3 (global + L1).
-        for m in (masked, run.model):
+        for m in (masked, model):
             recalibrate_bn(m, run.data, images=RECALIBRATE_IMAGES, seed=run.cfg.retrain.seed, device=run.device)
-        masked, cut = masked.double(), copy.deepcopy(run.model).double()
+        masked, cut = masked.double(), copy.deepcopy(model).double()
         for m in (masked, cut):
             recalibrate_bn(m, run.data, images=RECALIBRATE_IMAGES, seed=run.cfg.retrain.seed, device=run.device,
                            dtype=torch.float64)
         with torch.no_grad():
             masked_out = masked(check_x.double())
-        state.equivalence_max_diff = check_equivalence(masked_out, cut, check_x.double(), recalibrated=True)
+        state.equivalence_max_diff = check_equivalence(masked_out, cut, check_x.double(), recalibrated=True,
+                                                       before=before)
         state.equivalence_output_scale = masked_out.abs().max().item()
         del cut
         state.bn_recalibrated = True
-        if run.show:
+        if run.show and not before:
             run.console.print("surgery: the cut model computes what the masked one does once BN statistics are "
                               f"re-estimated on {RECALIBRATE_IMAGES} training images (a pruned channel reached "
                               "later layers as a BN shift); both were, and the cut model keeps them", highlight=False)
     del masked
-    state.pruned_test = run.test()
-    state.phase, state.epoch = "retrain", 0
-    run.save(state, None)
 
 
 def retrain(run: PruneRun, state: PruneState, ck: dict | None) -> TrainResult:
@@ -602,6 +617,8 @@ def prune(cfg: PruneConfig, *, out: Path, resume: bool = False, data_root=None, 
         if ck is not None:
             run.model.load_state_dict(ck["model"])
         if cfg.tpp is not None:
+            if ck is None:
+                check_before_tpp(run)
             regularize(run, state, ck)
         cut_and_check(run, state)
         ck = None
