@@ -158,7 +158,7 @@ def compare(rows: list[dict], evolved: list[str], baselines: list[str]) -> dict:
     such mean); each metric's paired difference to it over (case, seed), with a CI that holds
     for all evolved formulas together; per case, the verdict against it."""
     from evoprune.transfer.suite import one_image
-    from evoprune.uncertainty import estimate, family_level, paired, verdict
+    from evoprune.uncertainty import VERDICTS, estimate, family_level, paired, verdict
 
     by = {}
     for r in rows:
@@ -186,7 +186,7 @@ def compare(rows: list[dict], evolved: list[str], baselines: list[str]) -> dict:
                 mine = [tests[k] for k in ks]
                 dc, spread = paired(mine, [by[best][k] for k in ks], floor=step, bounds=(-1.0, 1.0)), estimate(mine)
                 v = verdict(dc)
-                wtl[{"beats": 0, "ties": 1, "loses to": 2}[v]] += 1
+                wtl[VERDICTS.index(v)] += 1
                 entry["per_case"][c] = {"mean": spread.mean, "std": spread.std, "diff": dc.mean,
                                         "low": dc.low, "high": dc.high, "verdict": v}
             entry["wins_ties_losses"] = wtl

@@ -57,6 +57,7 @@ def paired(a: list[float], b: list[float], level: float = 0.95, **kw) -> Estimat
 
 
 MARKS = {"beats": "+", "ties": "=", "loses to": "-"}  # a verdict in one character, for tables
+VERDICTS = tuple(MARKS)  # in the order of a count of wins, ties and losses
 
 
 def verdict(diff: Estimate) -> str:

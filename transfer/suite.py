@@ -30,7 +30,7 @@ from evoprune.masks import UnusableMetric
 from evoprune.metricref import resolve
 from evoprune.primitives.baselines import BASELINES
 from evoprune.tomlfiles import read_toml
-from evoprune.uncertainty import Estimate, estimate, family_level, paired, verdict
+from evoprune.uncertainty import VERDICTS, Estimate, estimate, family_level, paired, verdict
 
 CASE_KEYS = {"task", "ratio", "flops_reduction", "allocator", "tau", "scope", "skip", "tpp", "tpp_settings",
              "retrain", "stat_images"}
@@ -506,7 +506,7 @@ def summarize(rows: list[dict], baselines: list[str]) -> tuple[list[CaseResult],
                        bounds=(-1.0, 1.0))
             cr.diffs[b], cr.verdicts[b] = d, verdict(d)
             counts = wtl.setdefault(metric, {}).setdefault(b, [0, 0, 0])
-            counts[{"beats": 0, "ties": 1, "loses to": 2}[cr.verdicts[b]]] += 1
+            counts[VERDICTS.index(cr.verdicts[b])] += 1
         results.append(cr)
     return results, wtl
 
