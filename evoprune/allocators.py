@@ -144,8 +144,7 @@ def kept_share(masks: Masks, cost: dict[str, int], inputs_from: InputsFrom,
     return left / max(sum(cost[n] for n in names), 1)
 
 
-def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int],
-          inputs_from: InputsFrom,
+def flops(scores: dict[str, Tensor], reduction: float, macs: dict[str, int], inputs_from: InputsFrom,
           expand: Callable[[Masks], Masks] | None = None, layers: Iterable[str] | None = None,
           by: Callable[[dict[str, Tensor], float], Masks] | None = None) -> Masks:
     """The smallest ratio whose masks remove at least `reduction` of the MACs (bisection), the

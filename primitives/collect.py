@@ -205,16 +205,10 @@ def _run_batches(model, infos: list[LayerInfo], data: dict[str, LayerData], batc
         if want_grad:
             d.grad_w = info.module.weight.grad.detach().flatten(1).float().cpu() / n_batches
         if want_pfp:
-            d.pfp = torch.stack([_slice(pfp_sensitivity(modules[c], torch.cat(pfp_inputs[c]), info.reads(c)[1]),
-                                        info, c) for c in info.consumers]).amax(0).cpu()
+            d.pfp = torch.stack([info.ours(c, pfp_sensitivity(modules[c], torch.cat(pfp_inputs[c]), info.reads(c)[1]))
+                                 for c in info.consumers]).amax(0).cpu()
     if want_grad:
         model.zero_grad(set_to_none=True)
-
-
-def _slice(per_input_channel: Tensor, info: LayerInfo, consumer: str) -> Tensor:
-    """The entries of a consumer's input channels that are `info`'s channels."""
-    offset = info.reads(consumer)[0]
-    return per_input_channel[offset:offset + info.out_channels]
 
 
 @torch.no_grad()

@@ -53,6 +53,11 @@ class LayerInfo:
         """Where our channels are in `consumer`'s input: (offset, that input's channels)."""
         return self.slices.get(consumer, (0, self.out_channels))
 
+    def ours(self, consumer: str, per_input_channel: Tensor) -> Tensor:
+        """Of a value per input channel of `consumer` (`reads(consumer)[1]` of them), our channels'."""
+        offset = self.reads(consumer)[0]
+        return per_input_channel[offset:offset + self.out_channels]
+
     def filters(self) -> Tensor:
         """The layer's filters flattened: [C_out, fan_in] (detached)."""
         return self.module.weight.detach().flatten(1)
@@ -253,9 +258,8 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
             elif m in by_module:
                 by_module[source].through.append(names[m])
         if m in by_module and len(producers[m]) > 1:
-            sources = [_source(p, producers, outputs)[0] if _follows(p) else p for p in producers[m]
-                       if feeds_channelwise(p, m, _channel_axis(p, outputs[p]) == 1)]
-            if len(sources) == len(producers[m]) and all(src in by_module for src in sources):
+            sources = [writer(p) for p in producers[m] if feeds_channelwise(p, m, _channel_axis(p, outputs[p]) == 1)]
+            if len(sources) == len(producers[m]) and None not in sources:
                 by_module[m].inputs_among = list(dict.fromkeys(names[src] for src in sources))
         if m in by_module:  # our input is a concatenation
             parts = {p: at if (p, m) in slices else None for p, at in reached[m].items()}

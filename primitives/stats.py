@@ -151,8 +151,7 @@ statistic("w_std", "standard deviation of the filter's weights", Cost.WEIGHTS, n
 def _w_out(d: LayerData) -> Tensor:
     sq = torch.zeros(d.info.out_channels)
     for name, m in zip(d.info.consumers, d.consumers):
-        offset, channels = d.info.reads(name)
-        sq += consumer_sq(m, channels)[offset:offset + d.info.out_channels].cpu()
+        sq += d.info.ours(name, consumer_sq(m, d.info.reads(name)[1])).cpu()
     return sq.sqrt()
 
 
