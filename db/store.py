@@ -343,19 +343,22 @@ def candidate_records(engine: Engine, run_id: int, generations_only: bool = Fals
     `generations_only`: of the best stage its generations ran, without what the run's summary
     added (a finished run's summary fine-tunes candidates its generations only screened): what
     the caches of a run that goes on must hold, so that it goes on as an uninterrupted run would."""
-    return [_candidate_record(c, generations_only) for c in candidates(engine, run_id)]
+    return [candidate_record(c, generations_only) for c in candidates(engine, run_id)]
 
 
-def _candidate_record(c: Candidate, generations_only: bool = False) -> CandidateRecord:
+def candidate_record(c: Candidate, generations_only: bool = False) -> CandidateRecord:
+    """One loaded candidate (`candidates`) as `candidate_records` gives it."""
     stage, fitness = c.stage, c.fitness
     evals = [e for e in c.evaluations if e.stage == stage]
-    if generations_only and evals and all(e.summary for e in evals):
+    summary_made = generations_only and evals and all(e.summary for e in evals)
+    if summary_made:
         ran = [e for e in c.evaluations if e.stage in ("screen", "full") and not e.summary]
         stage = "full" if any(e.stage == "full" for e in ran) else "screen"
         evals = sorted((e for e in ran if e.stage == stage), key=lambda e: e.id)  # in the tasks' order
-        fitness = geometric_mean([e.accuracy if e.score is None else e.score for e in evals])  # as the proxy's
     tasks = {e.task: TaskResult(e.accuracy, e.kept_flops, e.kept_params, e.seconds, e.mask, e.score,
                                 bool(e.diverged)) for e in evals}
+    if summary_made:  # the fitness of the stage the generations left, as the proxy computes it
+        fitness = geometric_mean([t.fitness_score for t in tasks.values()])
     rec = FitnessRecord(c.expression, stage, fitness, c.valid, c.reason, tasks, sum(e.seconds for e in evals),
                         evals[0].worker if evals else "")
     return CandidateRecord(c.expression, c.canonical, c.canonical_hash, c.size, c.depth, tuple(c.parents),

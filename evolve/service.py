@@ -326,8 +326,9 @@ def _final_round(search: Search, engine, run_id: int, top: int,
     fine-tuned some candidates already, whose results are reused where they are needed (the
     same masks and data order: the same numbers) and left out where they are not, so the
     summary is that of a run started with as many generations."""
-    cands = store.candidate_records(engine, run_id, generations_only=True)
-    done = {c.expression: c.record for c in store.candidate_records(engine, run_id) if c.record.stage == "full"}
+    rows = store.candidates(engine, run_id)
+    cands = [store.candidate_record(c, generations_only=True) for c in rows]
+    done = {r.expression: r.record for r in map(store.candidate_record, rows) if r.record.stage == "full"}
     seeds = [c for c in cands if c.baseline]
     need = {c.expression for c in _ranked(cands)[: top * 2] + seeds if c.record.stage != "full" and c.record.valid}
     got = {e: done[e] for e in need if e in done}
