@@ -20,12 +20,14 @@ import torch_pruning as tp
 from torchvision.models import get_model
 
 from evoprune.allocators import Allocation, allocate
+from evoprune.masks import expander
 from evoprune.primitives.layers import structure
 from evoprune.transfer.surgery import channel_groups, independent_layers, surgery
 
 CASES = [("mobilenet_v2", "in-block"), ("mobilenet_v2", "coupled"), ("efficientnet_b0", "coupled"),
          ("mobilenet_v3_small", "coupled"), ("resnet18", "in-block"), ("resnet18", "coupled"),
-         ("mnasnet0_5", "in-block")]
+         ("mnasnet0_5", "in-block"), ("regnet_x_400mf", "in-block"), ("regnet_x_400mf", "coupled"),
+         ("resnext50_32x4d", "in-block"), ("regnet_y_400mf", "coupled")]
 
 
 def counted_macs(model, layers: list[str], x) -> int:
@@ -52,13 +54,9 @@ def one(arch: str, scope: str, reduction: float) -> dict:
     else:
         groups = [g for g in channel_groups(model, x, names) if all(n in names for n in g)
                   and len({s.out_channels[n] for n in g}) == 1]
-    members = {g[0]: g for g in groups}
     mods = dict(model.named_modules())
     scores = {g[0]: sum(mods[n].weight.detach().flatten(1).abs().sum(1) for n in g) for g in groups}
-
-    def expand(masks):
-        return {n: m for key, m in masks.items() for n in members[key]}
-
+    expand = expander(groups, scores, s)  # grouped convs (RegNet, ResNeXt): aligned positions
     layers = list(s.cost_macs)
     t0 = time.perf_counter()
     masks = allocate(scores, Allocation(kind="flops", flops_reduction=reduction), macs=s.cost_macs,

@@ -18,7 +18,8 @@ keeps at least one filter; a ratio target is met to the filter (pfp, spectral, g
 total kept is ceil((1 - ratio) * N), one more per layer that had to keep its last filter);
 a FLOPs target is met or exceeded by the least it can be, and `make_masks` refuses one the
 layers cannot reach. Ties keep the filter (or layer) that comes first, so the same scores give
-the same masks on every machine. The formulas, with the papers' notation: docs/allocators.md.
+the same masks on every machine. A grouped conv's layers are rounded to aligned positions
+afterwards (`evoprune.masks.aligned`). The formulas, with the papers' notation: docs/allocators.md.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class LayerBudgetData:
 
 
 # --------------------------------------------------------------------------- ranking within a layer
-def _keep_top(scores: Tensor, keep: int) -> Tensor:
+def keep_top(scores: Tensor, keep: int) -> Tensor:
     order = torch.argsort(-scores, stable=True)
     mask = torch.zeros(len(scores), dtype=torch.bool)
     mask[order[:keep]] = True
@@ -95,12 +96,12 @@ def _keep_top(scores: Tensor, keep: int) -> Tensor:
 
 def from_counts(scores: dict[str, Tensor], counts: dict[str, int]) -> Masks:
     """Each layer keeps its `counts` best filters by score."""
-    return {n: _keep_top(s, counts[n]) for n, s in scores.items()}
+    return {n: keep_top(s, counts[n]) for n, s in scores.items()}
 
 
 def uniform(scores: dict[str, Tensor], ratio: float) -> Masks:
     """Prune `ratio` of each layer's filters (rounded down: keep ceil((1 - ratio) * C), >= 1)."""
-    return {name: _keep_top(s, _keep_of(len(s), ratio)) for name, s in scores.items()}
+    return {name: keep_top(s, _keep_of(len(s), ratio)) for name, s in scores.items()}
 
 
 def _keep_of(width: int, ratio: float) -> int:
@@ -111,7 +112,7 @@ def global_(scores: dict[str, Tensor], ratio: float) -> Masks:
     """Prune the `ratio` lowest-scoring filters of the whole model; each layer keeps >= 1."""
     names = list(scores)
     flat = torch.cat([scores[n] for n in names])
-    keep = _keep_top(flat, max(len(names), _keep_of(len(flat), ratio)))
+    keep = keep_top(flat, max(len(names), _keep_of(len(flat), ratio)))
     masks, i = {}, 0
     for n in names:
         m = keep[i: i + len(scores[n])].clone()

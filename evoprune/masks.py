@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from evoprune.allocators import Allocation, LayerBudgetData, Masks, allocate, kept_share, spectral_rank
+from evoprune.allocators import Allocation, LayerBudgetData, Masks, allocate, keep_top, kept_share, spectral_rank
 from evoprune.errors import EvopruneError
 from evoprune.primitives.collect import StatTable
 from evoprune.primitives.expr import Node, check_scores, evaluate, scores_by_layer
@@ -55,15 +56,12 @@ def make_masks(node: Node, table: StatTable, allocation: Allocation, structure: 
         raise UnusableMetric(validity.reason)
     by_layer = scores_by_layer(scores, table)
     groups = groups if groups is not None else [[n] for n in table.layers]
-    members = {g[0]: g for g in groups}
-
-    def expand(masks: Masks) -> Masks:
-        return {n: m for key, m in masks.items() for n in members[key]}
-
+    scores = group_scores(groups, by_layer)
+    expand = expander(groups, scores, structure)
     macs = structure.cost_macs  # the prunable layers' and the depthwise convs' that follow their channels
     every = list(macs)
     inputs_from = structure.inputs_within(groups)
-    masks = allocate(group_scores(groups, by_layer), allocation, macs=macs,
+    masks = allocate(scores, allocation, macs=macs,
                      inputs_from=inputs_from, expand=expand, layers=every,
                      data=budget_data(groups, table, allocation))
     if allocation.target == "flops":
@@ -73,13 +71,42 @@ def make_masks(node: Node, table: StatTable, allocation: Allocation, structure: 
             raise EvopruneError(f"pruning {layers} removes at most {removed:.1%} of the prunable MACs, not "
                                 f"{allocation.flops_reduction:.0%}; ask for {math.floor(removed * 100)}% or less")
     elif allocation.target == "ratio" and allocation.kind in ("pfp", "spectral"):
-        kept, total = sum(int(masks[g[0]].sum()) for g in groups), sum(len(masks[g[0]]) for g in groups)
+        total = sum(len(masks[g[0]]) for g in groups)
+        least = sum(period(g, structure) for g in groups)  # a grouped layer keeps a position in each group
         want = max(1, math.ceil((1 - allocation.ratio) * total - 1e-9))
-        if kept > want:
-            raise EvopruneError(f"keeping one filter in each of {len(groups)} layers already keeps {kept} of {total}: "
+        if least > want:
+            raise EvopruneError(f"keeping one filter in each of {len(groups)} layers already keeps {least} of {total}: "
                                 f"a ratio of {allocation.ratio:g} (keep {want}) cannot be met; ask for at most "
-                                f"{1 - kept / total:.3f}")
+                                f"{1 - least / total:.3f}")
     return masks
+
+
+def period(group: list[str], structure: Structure) -> int:
+    """How many equal parts the mask of a group of layers (pruned as one) repeats over."""
+    return math.lcm(*(structure.periods.get(n, 1) for n in group))
+
+
+def expander(groups: list[list[str]], scores: dict[str, Tensor], structure: Structure) -> Callable[[Masks], Masks]:
+    """What turns an allocator's masks, one per group (keyed by its first layer, as `scores`),
+    into one per layer: each member gets its group's mask, in aligned positions where a grouped
+    conv needs them (`aligned`, with the group's `period`)."""
+    members = {g[0]: g for g in groups}
+    periods = {g[0]: p for g in groups if (p := period(g, structure)) > 1}
+
+    def expand(masks: Masks) -> Masks:
+        masks = {key: aligned(scores[key], int(m.sum()), periods[key]) if key in periods else m
+                 for key, m in masks.items()}
+        return {n: m for key, m in masks.items() for n in members[key]}
+
+    return expand
+
+
+def aligned(scores: Tensor, keep: int, period: int) -> Tensor:
+    """A mask keeping the same positions in each of `period` equal parts of the channels (what a
+    grouped conv needs: `Structure.periods`): the positions with the best mean score over the
+    parts, as many as make `keep` channels (rounded to the nearest whole position, at least one)."""
+    by_position = scores.double().reshape(period, -1).mean(0)
+    return keep_top(by_position, max(1, (keep + period // 2) // period)).repeat(period)
 
 
 def budget_data(groups: list[list[str]], table: StatTable, allocation: Allocation) -> dict[str, LayerBudgetData]:

@@ -133,7 +133,7 @@ def collect_stats(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], na
     meta = {"images": data[infos[0].name].act.n_images if cost >= Cost.FORWARD else 0,
             "spectral_tol": spectral_tol, "sites": {i.name: i.sites for i in infos}}
     if spectra:
-        meta["spectra"] = {i.name: torch.linalg.svdvals(data[i.name].w) for i in infos}
+        meta["spectra"] = {i.name: torch.linalg.svdvals(data[i.name].w_acting) for i in infos}
     return StatTable([i.name for i in infos], [i.out_channels for i in infos], values, meta)
 
 

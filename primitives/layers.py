@@ -1,15 +1,19 @@
 """Which layers have prunable filters, and how they connect.
 
-One forward pass with hooks finds, for every conv (groups = 1) and hidden linear layer:
+One forward pass with hooks finds, for every conv (depthwise convs aside: they follow the layer
+whose channels they carry) and hidden linear layer:
 its batch norm (the BN whose input *is* the layer's output), the layers that consume its
 channels (found by walking the autograd graph back from each layer's input until another
 layer's output is met: this sees through ReLUs, pools, flatten, residual additions and
 concatenations on the channel axis, where the layer's channels are a slice of the consumer's
 input: Inception branches, DenseNet layers), and its FLOPs. The model's output layer (nothing
-consumes it) is not prunable.
+consumes it) is not prunable. A grouped conv (ResNeXt, RegNet) keeps its groups equal only if a
+pruned position is pruned in every group: its filters, and the channels of the layers it reads,
+are pruned in aligned slots (`Structure.periods`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +91,10 @@ class Structure:
     # batch norms over a concatenation of prunable layers' channels: name -> (their channels,
     # ((layer, offset), ...)); a pruned filter's channel is zeroed there too (`follower_masks`)
     concat_bns: dict[str, tuple[int, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
+    # layers whose mask must keep the same positions in each of `g` equal parts of its channels:
+    # grouped convs (their filters) and the layers a grouped conv reads (its groups stay equal);
+    # name -> g (the least common multiple where several apply); a layer not named has g = 1
+    periods: dict[str, int] = field(default_factory=dict)
 
     def inputs_within(self, groups: list[list[str]]) -> InputsFrom:
         """`inputs_from`, and for a layer whose input several layers make, all of them in one of
@@ -141,6 +149,7 @@ class Structure:
 def structure(model: nn.Module, example: Tensor) -> Structure:
     infos = discover(model, example)
     names = {m: n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
     producers: dict[str, list[str]] = {}
     for i in infos:
         for c in i.consumers:
@@ -161,7 +170,21 @@ def structure(model: nn.Module, example: Tensor) -> Structure:
                      followers={d: i.name for i in infos for d in i.followers},
                      follower_bn={d: c[2] for i in infos for d, c in i.followers.items()},
                      inputs_among={i.name: i.inputs_among for i in infos if i.inputs_among},
-                     concat_bns=_concat_bns(infos))
+                     concat_bns=_concat_bns(infos),
+                     periods={i.name: p for i in infos
+                              if (p := _period(i.module, [modules[c] for c in [*i.consumers, *i.through]])) > 1})
+
+
+def _grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): it reads channel c only in the
+    group c belongs to, and each group's filters are a contiguous block of its outputs."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _follows(m)
+
+
+def _period(m: nn.Module, readers: list[nn.Module]) -> int:
+    """How many equal parts `m`'s mask must repeat over: `m`'s groups if it is a grouped conv, and
+    the groups of each grouped conv reading its channels (their least common multiple)."""
+    return math.lcm(*(x.groups for x in [m, *readers] if _grouped(x)), 1)
 
 
 def _concat_bns(infos: list[LayerInfo]) -> dict[str, tuple[int, tuple[tuple[str, int], ...]]]:
@@ -175,7 +198,7 @@ def _concat_bns(infos: list[LayerInfo]) -> dict[str, tuple[int, tuple[tuple[str,
 
 
 def _prunable(m: nn.Module) -> bool:
-    return isinstance(m, WEIGHTED) and (not isinstance(m, nn.Conv2d) or m.groups == 1)
+    return isinstance(m, WEIGHTED) and not _follows(m)
 
 
 @torch.enable_grad()

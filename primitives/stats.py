@@ -99,8 +99,18 @@ class LayerData:
         return self.info.filters().float().cpu()
 
     @cached_property
+    def w_acting(self) -> Tensor:
+        """The filters as they act on the layer's whole input, [C_out, C_in x kh x kw]: `w`, but a
+        grouped conv's filter is placed at its group's input channels, zero elsewhere (filters of
+        two groups read disjoint inputs: orthogonal). What relations between filters read."""
+        m = self.info.module
+        if not isinstance(m, nn.Conv2d) or m.groups == 1:
+            return self.w
+        return torch.block_diag(*self.w.chunk(m.groups))
+
+    @cached_property
     def gram(self) -> Tensor:
-        return self.w @ self.w.T
+        return self.w_acting @ self.w_acting.T
 
     @cached_property
     def cos(self) -> Tensor:
@@ -112,7 +122,7 @@ class LayerData:
     def svd(self) -> tuple[Tensor, Tensor, int]:
         """U [C, q], Vh [q, F] and the kept rank r at tolerance tau: the smallest r with
         ||sigma[r:]||_2 < tau * ||sigma||_2 (Tucker-DLRT's truncation rule)."""
-        u, s, vh = torch.linalg.svd(self.w, full_matrices=False)
+        u, s, vh = torch.linalg.svd(self.w_acting, full_matrices=False)
         tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s ** 2, [0]), 0), [0]))  # tail[r] = ||s[r:]||
         ok = torch.nonzero(tail < self.spectral_tol * tail[0].clamp_min(NORM_FLOOR)).flatten()
         r = int(ok[0]) if len(ok) else len(s)
@@ -165,7 +175,7 @@ statistic("cos_mean", "mean |cosine similarity| to the layer's other filters", C
 statistic("cos_max", "largest |cosine similarity| to another filter", Cost.WEIGHTS, nonneg=True)(
     lambda d: d.cos.amax(1))
 statistic("fpgm_dist", "FPGM: sum of L2 distances to the other filters (small = near the geometric median)",
-          Cost.WEIGHTS, nonneg=True)(lambda d: torch.cdist(d.w[None], d.w[None])[0].sum(1))
+          Cost.WEIGHTS, nonneg=True)(lambda d: torch.cdist(d.w_acting[None], d.w_acting[None])[0].sum(1))
 
 # --------------------------------------------------------------------------- batch norm
 statistic("bn_gamma", "BN scale gamma (1 without BN)", Cost.WEIGHTS)(lambda d: d.bn_param("weight", 1.0))
@@ -258,7 +268,8 @@ def _leverage(d):
 def _residual(d):
     _, vh, r = d.svd
     v = vh[:r]
-    return (d.w - (d.w @ v.T) @ v).norm(dim=1)
+    w = d.w_acting
+    return (w - (w @ v.T) @ v).norm(dim=1)
 
 
 # --------------------------------------------------------------------------- layer level

@@ -17,6 +17,16 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cifar_batch(shared_data):
+    """32 real CIFAR-10 training images and their labels folded into 4 classes."""
+    from evoprune.data import iterate, load_dataset
+
+    ds = load_dataset("cifar10", shared_data)
+    x, y = next(iterate(ds, ds.train, batch_size=32, shuffle=True, seed=3))
+    return x, y % 4
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One pretraining cache for the whole session: each task is trained at most once."""
     return tmp_path_factory.mktemp("cache")

@@ -30,6 +30,20 @@ def wait_for(db, sql: str, timeout: float = 300) -> None:
     raise AssertionError(f"timed out waiting for {sql}")
 
 
+def randomize_bn(model):
+    """BN statistics and affine parameters that are not the identity (so a pruned channel's shift
+    or scale would show), in eval mode: `model`."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
 def image_folder(root: Path, shared_data: Path, classes: int = 3, train: int = 24, val: int = 8) -> Path:
     """An ImageNet-style tree of real CIFAR-10 images: ROOT/train/classC/*.png, ROOT/val/..."""
     from PIL import Image

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from evoprune.allocators import kept_share
-from evoprune.data import iterate, load_dataset
 from evoprune.errors import EvopruneError
 from evoprune.export import MetricSource, export
 from evoprune.primitives.collect import collect_stats
@@ -22,7 +21,7 @@ from evoprune.primitives.expr import evaluate, parse, scores_by_layer
 from evoprune.primitives.layers import discover, structure
 from evoprune.transfer.surgery import independent_layers, surgery, zero_pruned
 
-from helpers import measured_macs
+from helpers import measured_macs, randomize_bn
 
 
 def _cbr(cin, cout, k=1):
@@ -57,24 +56,8 @@ class Branches(nn.Module):
         return self.fc(torch.cat([self.pool(y), self.pool_stem(x)], dim=1).flatten(1))
 
 
-def _randomize_bn(model):
-    with torch.no_grad():  # BN statistics that are not the identity
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def batch(shared_data):
-    ds = load_dataset("cifar10", shared_data)
-    x, y = next(iterate(ds, ds.train, batch_size=32, shuffle=True, seed=3))
-    return x, y % 4
-
-
-def test_the_layers_writing_a_concatenation_are_found_with_their_slices(batch):
-    x, _ = batch
+def test_the_layers_writing_a_concatenation_are_found_with_their_slices(cifar_batch):
+    x, _ = cifar_batch
     torch.manual_seed(0)
     infos = {i.name: i for i in discover(Branches().eval(), x[:2])}
     assert list(infos) == ["stem.0", "a.0", "b.0", "post.0"]  # the depthwise conv follows b.0
@@ -97,13 +80,13 @@ def test_the_layers_writing_a_concatenation_are_found_with_their_slices(batch):
     torch.testing.assert_close(table.values["w_out_l2"]["post.0"], w[:, :12].pow(2).sum((0, 2)).sqrt())
 
 
-def test_a_slice_gives_the_statistics_of_the_same_filters_in_one_layer(batch):
+def test_a_slice_gives_the_statistics_of_the_same_filters_in_one_layer(cifar_batch):
     """Two 1x1 branches concatenated are one 1x1 conv of their filters stacked: every statistic of
     a single filter (its weights, BN, activations, gradients, the next layer's weights reading it,
     its PFP sensitivity) is the same either way, and so are those of the layers around them."""
-    x, y = batch
+    x, y = cifar_batch
     torch.manual_seed(0)
-    split = _randomize_bn(Branches(depthwise=False))
+    split = randomize_bn(Branches(depthwise=False))
     fused = Branches(fused=True).eval()
     fused.load_state_dict({k: v for k, v in split.state_dict().items() if not k.startswith(("a.", "b."))},
                           strict=False)
@@ -124,10 +107,10 @@ def test_a_slice_gives_the_statistics_of_the_same_filters_in_one_layer(batch):
             torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-5, msg=lambda m, s=s: f"{s}: {m}")
 
 
-def test_the_masked_network_is_the_cut_one_and_the_flops_count_what_surgery_removes(batch):
-    x, _ = batch
+def test_the_masked_network_is_the_cut_one_and_the_flops_count_what_surgery_removes(cifar_batch):
+    x, _ = cifar_batch
     torch.manual_seed(0)
-    model = _randomize_bn(Branches())
+    model = randomize_bn(Branches())
     s = structure(model, x[:2])
     gen = torch.Generator().manual_seed(1)
     masks = {n: (torch.rand(s.out_channels[n], generator=gen) < 0.5).index_fill(0, torch.tensor([0]), True)
@@ -145,10 +128,10 @@ def test_the_masked_network_is_the_cut_one_and_the_flops_count_what_surgery_remo
     assert kept_share(masks, s.cost_macs, s.inputs_from, layers) == pytest.approx(measured, rel=1e-6)
 
 
-def test_the_python_export_scores_the_layers_of_a_concatenation_as_the_engine(batch, tmp_path):
-    x, y = batch
+def test_the_python_export_scores_the_layers_of_a_concatenation_as_the_engine(cifar_batch, tmp_path):
+    x, y = cifar_batch
     torch.manual_seed(0)
-    model = _randomize_bn(Branches())
+    model = randomize_bn(Branches())
     expr = "add(pfp_sens, mul(0.1, w_out_l2))"
     path = tmp_path / "concat_metric.py"
     path.write_text(export(MetricSource("c", expr, "test"), "python", max_images=32))
@@ -179,8 +162,8 @@ class TwoViews(nn.Module):
         return self.fc((y[:len(x)] + y[len(x):]).mean((2, 3)))
 
 
-def test_a_concatenation_on_the_batch_axis_is_not_a_slice_and_class_statistics_say_why_they_cannot(batch):
-    x, y = batch
+def test_a_concatenation_on_the_batch_axis_is_not_a_slice_and_class_statistics_say_why_they_cannot(cifar_batch):
+    x, y = cifar_batch
     model = TwoViews().eval()
     infos = {i.name: i for i in discover(model, x[:2])}
     assert infos["a.0"].consumers == ["c.0"] and infos["a.0"].slices == {}  # the channels are c's own

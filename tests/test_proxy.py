@@ -47,7 +47,7 @@ def test_pruned_and_masked_proxies_agree_on_a_cifar_resnet20(shared_data, tmp_pa
 
 @pytest.mark.parametrize("arch, trains, compared_after", [
     ("mobilenet_v2", "masked", 2), ("resnet18", "pruned", 2),
-    ("torchvision:regnet_x_400mf", "pruned", 2),  # grouped convs' feeders stay
+    ("torchvision:regnet_x_400mf", "pruned", 2),  # grouped convs: cut in aligned positions
     # the layers writing into concatenations are cut (DenseNet's BNs over them zero what was pruned)
     ("torchvision:densenet121", "pruned", 0), ("torchvision:googlenet", "masked", 2),
     ("torchvision:shufflenet_v2_x0_5", "masked", 2)])  # Torch-Pruning refuses it
@@ -57,7 +57,7 @@ def test_proxy_runs_repeat_exactly_on_an_image_folder_and_the_pruned_proxy_check
     the same masks give the same fitness twice. MobileNetV2's cut network does not train as its masked
     one does (its classifier's dropout draws a mask over fewer features), which the pruned proxy finds
     out once per task and trains it masked (GoogLeNet's too: dropout reads its last concatenation);
-    ResNet-18's does, and it is cut. RegNet is cut except where a grouped conv reads the channels;
+    ResNet-18's does, and it is cut. RegNet is cut, its grouped convs in aligned positions;
     DenseNet, whose layers write slices of concatenations that BNs then normalize, is cut;
     ShuffleNetV2, whose channel shuffle Torch-Pruning cannot trace, trains masked.
     `compared_after`: fine-tune steps before the two proxies' scores are compared. DenseNet's float32

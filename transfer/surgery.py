@@ -44,19 +44,13 @@ def _graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
         model.train(was)
 
 
-def _grouped(m: nn.Module) -> bool:
-    """A grouped conv that is not depthwise (ResNeXt, RegNet): it reads its input in groups of
-    channels, so a channel can only leave it with the same positions in every group."""
-    return isinstance(m, nn.Conv2d) and 1 < m.groups != m.in_channels
-
-
 def channel_groups(model: nn.Module, example: Tensor, names: list[str],
                    dg: tp.DependencyGraph | None = None) -> list[list[str]]:
     """`names` partitioned into groups of layers whose output channels are tied together (by
     residual additions, concatenations): each group must be pruned with one mask. A group may
-    name layers outside `names`; they are included, in model order. A grouped conv reading the
-    channels is named in their group too: per-filter masks cannot keep its groups equal, so
-    such a group is never cut (`independent_layers` leaves it out; a coupled scope skips it)."""
+    name layers outside `names`; they are included, in model order. A grouped conv reading a
+    group's channels does not tie it: its masks keep aligned positions (`Structure.periods`,
+    checked by `surgery`)."""
     dg = dg or _graph(model, example)
     modules = dict(model.named_modules())
     name_of = {m: n for n, m in modules.items()}
@@ -67,9 +61,8 @@ def channel_groups(model: nn.Module, example: Tensor, names: list[str],
             continue
         m = modules[n]
         group = dg.get_pruning_group(m, _prune_fn(m), idxs=[0])
-        members = sorted({name_of[item.dep.target.module] for item in group
-                          if item.dep.handler in _OUT.values() or _grouped(item.dep.target.module)} | {n},
-                         key=order.__getitem__)
+        members = sorted({name_of[item.dep.target.module] for item in group if item.dep.handler in _OUT.values()}
+                         | {n}, key=order.__getitem__)
         seen.update(members)
         groups.append(members)
     return groups
@@ -99,6 +92,7 @@ def surgery(model: nn.Module, masks: dict[str, Tensor], example: Tensor, *, coup
     if unknown := [n for n in masks if n not in modules]:
         raise EvopruneError(f"no layers named {unknown} in the model")
     dg = _graph(model, example)
+    name_of = {m: n for n, m in modules.items()}
     groups = channel_groups(model, example, list(masks), dg)
     for members in groups:
         if len(members) > 1 and not coupled:
@@ -117,10 +111,27 @@ def surgery(model: nn.Module, masks: dict[str, Tensor], example: Tensor, *, coup
             raise EvopruneError(f"mask of {members[0]} drops every channel")
         m = modules[members[0]]
         group = dg.get_pruning_group(m, _prune_fn(m), idxs=drop)
+        _check_aligned(members[0], keep, [item.dep.target.module for item in group], name_of)
         if not dg.check_pruning_group(group):
             raise EvopruneError(f"Torch-Pruning refused to prune {members}")
         group.prune()
     return model
+
+
+def _grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): Torch-Pruning keeps its groups equal
+    only if its filters, and the channels it reads, lose the same positions in every group."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups and not m.groups == m.in_channels == m.out_channels
+
+
+def _check_aligned(name: str, keep: Tensor, touched: list[nn.Module], name_of: dict[nn.Module, str]) -> None:
+    """Refuse a mask that a grouped conv among the modules its pruning group `touches` (reading
+    the channels, or the layer itself) cannot take: it must repeat over the conv's groups."""
+    for conv in dict.fromkeys(m for m in touched if _grouped(m)):
+        parts = keep.reshape(conv.groups, -1)
+        if not (parts == parts[0]).all():
+            raise EvopruneError(f"the mask of {name} must keep the same positions in each of the {conv.groups} "
+                                f"groups of the grouped conv {name_of[conv]}")
 
 
 class Widen(nn.Module):

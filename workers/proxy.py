@@ -132,7 +132,7 @@ class TaskContext:
         s = structure(self.base, self.example)
         self.macs, self.bn_of = s.macs, s.bn_of
         self.structure = s
-        self.out_channels = s.out_channels
+        self.out_channels, self.periods = s.out_channels, s.periods
         self._independent: set[str] | None = None
         self._narrows: bool | None = None
         self._trains_alike: bool | None = None
@@ -274,10 +274,15 @@ class TaskContext:
 
     def _random_masks(self, seed: int, names: list[str]) -> Masks:
         """Masks keeping each filter of the layers `names` with probability 1/2 (the first always,
-        so no layer loses them all), drawn from `seed`: what the per-task checks prune."""
+        so no layer loses them all), drawn from `seed`: what the per-task checks prune. A layer with
+        a period (a grouped conv's) keeps the same positions in each of its parts."""
         gen = torch.Generator().manual_seed(seed)
-        return {n: (torch.rand(self.out_channels[n], generator=gen) < 0.5).index_fill(0, torch.tensor([0]), True)
-                for n in names}
+        out = {}
+        for n in names:
+            p = self.periods.get(n, 1)
+            keep = (torch.rand(self.out_channels[n] // p, generator=gen) < 0.5).index_fill(0, torch.tensor([0]), True)
+            out[n] = keep.repeat(p)
+        return out
 
     def _zeroer(self, model: nn.Module, masks: Masks):
         """A function that (re)sets the pruned filters, their biases and BN scale/shift to 0."""
