@@ -716,6 +716,9 @@ def prune_cmd(
                                        "together.")] = "in-block",
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Glob of layer names to leave whole "
                                                       "(repeatable).")] = None,
+    approximate_cut: Annotated[bool, typer.Option("--approximate-cut", help="Accept a cut that is not the masked "
+                                                  "model (a GroupNorm or LayerNorm over pruned channels): the "
+                                                  "difference is reported, retraining repairs it.")] = False,
     tpp: Annotated[bool, typer.Option("--tpp/--no-tpp", help="TPP regularization before surgery.")] = True,
     reg_step: Annotated[Optional[float], typer.Option("--reg-step", help="TPP: reg increment (default: the "
                                                       "task's; the paper's 1e-4 for CIFAR).")] = None,
@@ -754,7 +757,8 @@ def prune_cmd(
 
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     cfg = prune_config(task=task, metric=metric, ratio=ratio, flops_reduction=flops_reduction, allocator=allocator,
-                       tau=tau, scope=scope, skip=tuple(skip or ()), stat_images=stat_images,
+                       tau=tau, scope=scope, skip=tuple(skip or ()), approximate_cut=approximate_cut,
+                       stat_images=stat_images,
                        latency_batch=latency_batch,
                        tpp=given(reg_step=reg_step, update_every=update_every, reg_ceiling=reg_ceiling,
                                  gram_weight=gram_weight, stabilize_iters=stabilize_iters, lr=tpp_lr) if tpp else None,

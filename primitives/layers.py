@@ -21,6 +21,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 WEIGHTED = (nn.Conv2d, nn.Linear)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)  # a GroupNorm's cut is not its masked self: see prune
+
+
+def _norm_width(m: nn.Module) -> int:
+    return m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features
 
 
 @dataclass
@@ -29,7 +34,7 @@ class LayerInfo:
     module: nn.Module
     index: int  # execution order among prunable layers
     out_channels: int
-    bn: nn.BatchNorm2d | nn.BatchNorm1d | None = None
+    bn: nn.BatchNorm2d | nn.BatchNorm1d | nn.GroupNorm | None = None  # a GroupNorm: its scale and shift
     consumers: list[str] = field(default_factory=list)  # layers whose inputs carry our channels
     macs: int = 0  # multiply-accumulates for one input image
     sites: int = 1  # PFP's eta: max over consumers of (output positions + 1) x the inputs each channel feeds
@@ -52,6 +57,9 @@ class LayerInfo:
     # where our input is a concatenation of prunable layers' channels (past followers): (its
     # channels, those layers); what our cost keeps when they are pruned
     concat_of: tuple[int, tuple[str, ...]] | None = None
+    # the groups of the GroupNorms that normalize our channels (their least common multiple): a cut
+    # keeps their groups equal only if our mask repeats over them (`Structure.periods`)
+    norm_groups: int = 1
 
     def reads(self, consumer: str) -> tuple[int, int]:
         """Where our channels are in `consumer`'s input: (offset, that input's channels)."""
@@ -172,7 +180,8 @@ def structure(model: nn.Module, example: Tensor) -> Structure:
                      inputs_among={i.name: i.inputs_among for i in infos if i.inputs_among},
                      concat_bns=_concat_bns(infos),
                      periods={i.name: p for i in infos
-                              if (p := _period(i.module, [modules[c] for c in [*i.consumers, *i.through]])) > 1})
+                              if (p := math.lcm(_period(i.module, [modules[c] for c in [*i.consumers, *i.through]]),
+                                                i.norm_groups)) > 1})
 
 
 def _grouped(m: nn.Module) -> bool:
@@ -223,13 +232,13 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
         bn_inputs.setdefault(m, inp[0])
         producer = by_output_id.get(id(inp[0]))
         if producer is not None and outputs.get(producer) is inp[0] and producer not in bn_of \
-                and m.num_features == _out_width(producer) and _channel_axis(producer, inp[0]) == 1:
+                and _norm_width(m) == _out_width(producer) and _channel_axis(producer, inp[0]) == 1:
             bn_of[producer] = m
 
     for m in model.modules():
         if isinstance(m, WEIGHTED):
             hooks.append(m.register_forward_hook(on_weighted))
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        elif isinstance(m, NORMS):
             hooks.append(m.register_forward_hook(on_bn))
     was_training = model.training
     model.eval()
@@ -291,9 +300,14 @@ def discover(model: nn.Module, example: Tensor) -> list[LayerInfo]:
                 by_module[m].concat_of = (total, tuple(dict.fromkeys(names[w] for w in writers if w is not None)))
     own = set(bn_of.values())
     for bn, x in bn_inputs.items():  # a BN over a concatenation: the channels of each part are its writer's
-        parts = {p: at if at and _channel_axis(p, outputs[p]) == 1 else None
-                 for p, at in _producers(x, node_owner, cats.found).items()}
-        if bn not in own and _concatenation(parts) == bn.num_features:
+        reached_bn = _producers(x, node_owner, cats.found)
+        parts = {p: at if at and _channel_axis(p, outputs[p]) == 1 else None for p, at in reached_bn.items()}
+        if isinstance(bn, nn.GroupNorm):  # its groups stay equal where its writers' masks repeat over them
+            for p, at in reached_bn.items():
+                if at is None and _channel_axis(p, outputs[p]) == 1 and _out_width(p) == bn.num_channels \
+                        and (w := writer(p)) is not None:
+                    by_module[w].norm_groups = math.lcm(by_module[w].norm_groups, bn.num_groups)
+        elif bn not in own and _concatenation(parts) == bn.num_features:
             for p, at in parts.items():
                 if (w := writer(p)) is not None:
                     by_module[w].slice_bns[names[bn]] = at

@@ -121,3 +121,32 @@ def test_a_mask_that_would_make_a_grouped_conv_s_groups_unequal_is_refused(cifar
     with pytest.raises(EvopruneError, match="the mask of blocks.0.b.0 must keep .* 4 groups of the grouped conv "
                                             "blocks.0.b.0"):
         surgery(copy.deepcopy(model), {"blocks.0.b.0": torch.arange(16) != 3}, x[:2])
+
+
+def test_a_group_norm_is_its_layer_s_norm_and_its_groups_set_the_period(cifar_batch):
+    """A GroupNorm after a conv is masked with it (its scale and shift zeroed: the pruned channel
+    is 0 after it, as in the cut network) and its groups make the conv's mask aligned, so the cut
+    GroupNorm keeps equal groups; a GroupNorm over a concatenation cannot (refused by surgery)."""
+    from user_nets import gn_resnet, group_norm_over_branches
+
+    x, y = cifar_batch
+    torch.manual_seed(0)
+    model = gn_resnet(4).eval()
+    s = structure(model, x[:2])
+    assert s.bn_of["blocks.0.conv1"] == "blocks.0.gn1" and s.periods["blocks.0.conv1"] == 4
+    table = collect_stats(model, [(x, y)], ["w_l1"])
+    masks = make_masks(parse("w_l1"), table, Allocation(kind="uniform", ratio=0.5), s, [["blocks.0.conv1"]])
+    keep = masks["blocks.0.conv1"]
+    assert _aligned(keep, 4) and int(keep.sum()) == 8
+    zero_pruned(model, s.with_followers(masks), s.all_bn_of)
+    seen = {}
+    hook = model.blocks[0].gn1.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    assert seen["out"][:, ~keep].abs().max() == 0 and seen["out"][:, keep].abs().max() > 0
+    cut = surgery(copy.deepcopy(model), masks, x[:2])
+    assert (cut.blocks[0].gn1.num_groups, cut.blocks[0].gn1.num_channels) == (4, 8)
+    branches = group_norm_over_branches(4).eval()
+    with pytest.raises(EvopruneError, match="the GroupNorm gn reads the channels of a with others"):
+        surgery(branches, {"a": torch.arange(8) % 2 == 0}, x[:2])

@@ -100,6 +100,9 @@ def test_resume_after_kill_mid_retraining_matches_an_uninterrupted_run(digits_pr
         time.sleep(0.02)
     assert p.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-retraining"
     assert not (out / "report.json").exists()
+    config = json.loads((out / "config.json").read_text())  # as a run started before this setting existed
+    del config["approximate_cut"]
+    (out / "config.json").write_text(json.dumps(config))
     resumed = cli(*args, "--out", str(out), "--resume", env=env)
     log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, log
@@ -290,18 +293,40 @@ def _prune_on_image_folder(model: str, shared_data, tmp_path, capsys, *args, epo
 
 def test_a_group_norm_over_pruned_channels_is_named_in_the_refusal_and_skip_keeps_its_writers_whole(
         shared_data, tmp_path, capsys):
-    """A GroupNorm over a concatenation of two pruned convs computes other group statistics once
-    their pruned channels are cut: surgery is not masking, which is refused in one line that names
-    the GroupNorm and `--skip`; skipping its writers prunes the rest exactly."""
+    """A GroupNorm over a concatenation of two pruned convs: its groups would lose channels unevenly
+    (and their statistics change), which is refused in one line that names the GroupNorm and
+    `--skip`; skipping its writers prunes the rest exactly."""
     model = "import:user_nets:group_norm_over_branches"
     rc, text, err, out = _prune_on_image_folder(model, shared_data, tmp_path, capsys)
-    assert rc == 2 and "surgery changed the model's outputs" in err and "(gn: a GroupNorm" in err \
+    assert rc == 2 and "the GroupNorm gn reads the channels of a with others (a concatenation)" in err \
         and "--skip GLOB" in err and "Traceback" not in err, err
     rc, text, err, out = _prune_on_image_folder(model, shared_data, tmp_path / "skip", capsys, "--skip", "a",
                                                 "--skip", "b")
     assert rc == 0, err
     rep = json.loads((out / "report.json").read_text())
-    assert sorted(rep["layers"]) == ["c", "d"] and rep["equivalence_max_diff"] < 1e-5
+    assert sorted(rep["layers"]) == ["c", "d"] and rep["equivalence_max_diff"] < 1e-5 and rep["exact_cut"]
+    # nor can an approximate cut: the GroupNorm's groups cannot be kept equal across the two convs it reads
+    rc, text, err, out = _prune_on_image_folder(model, shared_data, tmp_path / "approx", capsys, "--approximate-cut")
+    assert rc == 2 and "the GroupNorm gn reads the channels of a with others (a concatenation)" in err, err
+
+
+def test_a_group_norm_network_is_cut_only_approximately_and_with_its_groups_kept_equal(shared_data, tmp_path, capsys):
+    """A ResNet with a GroupNorm (4 groups) after every conv: no cut is its masked self, so it is
+    refused unless `--approximate-cut`, which prunes each group alike (the GroupNorms keep their 4
+    groups, of 2 channels fewer each), reports how far the cut model's outputs moved and retrains."""
+    model = "import:user_nets:gn_resnet"
+    rc, text, err, out = _prune_on_image_folder(model, shared_data, tmp_path, capsys)
+    assert rc == 2 and "blocks.0.gn1" in err and "--approximate-cut" in err, err
+    rc, text, err, out = _prune_on_image_folder(model, shared_data, tmp_path / "approx", capsys, "--approximate-cut")
+    assert rc == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["exact_cut"] is False and rep["equivalence_max_diff"] > 1e-4
+    assert "an approximate cut (--approximate-cut)" in text + err
+    assert rep["layers"] == {"blocks.0.conv1": [8, 16], "blocks.1.conv1": [8, 16]}
+    pruned = torch.load(out / "pruned_model.pt", weights_only=False)
+    assert [(m.num_groups, m.num_channels) for m in (pruned.blocks[0].gn1, pruned.blocks[1].gn1)] == [(4, 8), (4, 8)]
+    for block in pruned.blocks:  # aligned: each group of 4 channels kept the same 2 positions
+        assert block.conv2.in_channels == 8
 
 
 
@@ -311,9 +336,9 @@ def test_a_cut_that_is_not_the_masked_model_is_refused_before_tpp_trains(shared_
     import evoprune.transfer.prune as prune_mod
 
     monkeypatch.setattr(prune_mod, "regularize", lambda *a: pytest.fail("TPP started"))
-    rc, text, err, out = _prune_on_image_folder("import:user_nets:group_norm_over_branches", shared_data, tmp_path,
-                                                capsys, "--tpp")
-    assert rc == 2 and err.startswith("error: surgery before TPP changed the model's outputs") and "(gn:" in err, err
+    rc, text, err, out = _prune_on_image_folder("import:user_nets:gn_resnet", shared_data, tmp_path, capsys, "--tpp")
+    assert rc == 2 and err.startswith("error: surgery before TPP changed the model's outputs") \
+        and "(stem.1, blocks.0.gn1" in err, err
 
 
 @pytest.mark.parametrize("args", [(), ("--allocator", "global")])

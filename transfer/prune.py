@@ -75,6 +75,9 @@ class PruneConfig:
     tau: float = 0.01  # spectral: share of each layer's spectral energy it may lose
     scope: str = "in-block"  # in-block (TPP's scripts) | coupled (tied channels pruned together)
     skip: tuple[str, ...] = ()  # glob patterns of layer names left whole
+    # accept a cut that is not the masked model (a GroupNorm or LayerNorm over pruned channels
+    # normalizes fewer of them): the difference is measured and reported, retraining repairs it
+    approximate_cut: bool = False
     stat_images: int = 256  # training images the metric's statistics are collected on
     tpp: TPPConfig | None = field(default_factory=TPPConfig)  # None: prune without regularization
     retrain: Recipe = RETRAIN
@@ -87,6 +90,7 @@ class PruneConfig:
             raise EvopruneError(f"prune: {e}") from None
         checks = [(self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}"),
                   (self.stat_images >= 1, "stat images must be >= 1"),
+                  (isinstance(self.approximate_cut, bool), "approximate_cut must be true or false"),
                   (self.latency_batch >= 1, "latency batch must be >= 1")]
         for ok, msg in checks:
             if not ok:
@@ -163,6 +167,7 @@ class PruneState:
     pruned_test: float | None = None  # right after surgery, before retraining
     equivalence_max_diff: float | None = None
     equivalence_output_scale: float | None = None  # max |output| of the masked model there: what the diff is of
+    exact_cut: bool = True  # False: the cut model is not the masked one (approximate_cut accepted the difference)
     tpp_norms: list[float] | None = None  # after TPP: mean L2 of pruned filters, |gamma|+|beta| of their BN, kept
     bn_recalibrated: bool = False  # surgery's check needed BN statistics re-estimated on both models
 
@@ -270,7 +275,8 @@ def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor, recalibr
         why = (f"a layer that normalizes channels together ({', '.join(mixers[:3])}{', ...' if len(mixers) > 3 else ''}"
                ": a GroupNorm or LayerNorm computes other statistics without the pruned channels) may read the pruned "
                "channels, or Torch-Pruning did not follow this model's structure; keep the layers feeding it whole "
-               "with --skip GLOB") if mixers else "Torch-Pruning did not follow this model's structure"
+               "with --skip GLOB, or accept a cut that retraining repairs with --approximate-cut") if mixers \
+            else "Torch-Pruning did not follow this model's structure"
         raise EvopruneError(f"surgery {before}changed the model's outputs (max |diff| {diff:.3g}){also}: {why}; "
                             "nothing was retrained")
     return diff
@@ -310,7 +316,8 @@ def _prepare_out(out: Path, cfg: PruneConfig, resume: bool) -> None:
     if not isinstance(old, dict):
         raise EvopruneError(f"--resume: {cfg_path} does not hold a prune configuration")
     new = cfg.to_dict()
-    if diff := sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)):
+    added = {f.name: f.default for f in fields(PruneConfig) if f.name not in old}  # settings newer than the run
+    if diff := sorted(k for k in set(old) | set(new) if old.get(k, added.get(k)) != new.get(k)):
         raise EvopruneError(f"--resume: {out} was started with other settings ({', '.join(diff)} differ); "
                             "repeat the original command with --resume")
     if (out / "report.json").exists():
@@ -500,7 +507,8 @@ def cut_and_check(run: PruneRun, state: PruneState) -> None:
 
 def _checked_cut(run: PruneRun, state: PruneState, model: nn.Module, before: str = "") -> None:
     """Zero `model`'s pruned filters, cut them out in place, and check it computes what it did
-    masked (`state` gets the figures); raises EvopruneError where it does not."""
+    masked (`state` gets the figures); raises EvopruneError where it does not, unless the run
+    accepts an approximate cut (`PruneConfig.approximate_cut`: the difference is reported)."""
     zero_pruned(model, run.structure.with_followers(run.masks), run.structure.all_bn_of)
     model.eval()
     check_x = next(iterate(run.data, run.data.val, batch_size=64, device=run.device))[0]
@@ -512,6 +520,27 @@ def _checked_cut(run: PruneRun, state: PruneState, model: nn.Module, before: str
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     masked = copy.deepcopy(model) if has_bn else None
     _cut(run, model)
+    try:
+        _compare(run, state, model, masked, masked_out, check_x, before)
+    except EvopruneError:
+        if not run.cfg.approximate_cut:
+            raise
+        with torch.no_grad(), full_precision():  # the cut as it is, its BN statistics re-estimated if it has BNs
+            diff = (model.eval()(check_x).float() - masked_out).abs().max().item()
+        state.equivalence_max_diff, state.equivalence_output_scale = diff, masked_out.abs().max().item()
+        state.exact_cut, state.bn_recalibrated = False, masked is not None
+        if run.show and not before:
+            run.console.print(f"surgery: an approximate cut (--approximate-cut): the cut model's outputs differ from "
+                              f"the masked one's by up to {diff:.3g} (its outputs reach {masked_out.abs().max():.3g}"
+                              f"{'; its BN statistics re-estimated' if masked is not None else ''}); retraining "
+                              "starts from the cut model", highlight=False)
+
+
+def _compare(run: PruneRun, state: PruneState, model: nn.Module, masked: nn.Module | None, masked_out: Tensor,
+             check_x: Tensor, before: str) -> None:
+    """Whether the cut `model` computes `masked_out`, the masked model's outputs on `check_x`
+    (`state` gets the figures); where it does not, and `masked` (the masked model, None without
+    BNs) does once both models' BN statistics are re-estimated, the cut model keeps them."""
     try:
         state.equivalence_max_diff = check_equivalence(masked_out, model, check_x, before=before)
         state.equivalence_output_scale = masked_out.abs().max().item()
@@ -582,7 +611,7 @@ def report(run: PruneRun, state: PruneState, result: TrainResult, seconds: dict[
         "measured_speedup": base.latency_ms / max(latency1, 1e-9),
         "test_acc": {k: v for k, v in tests.items() if v is not None},
         "val_acc": result.val_acc, "equivalence_max_diff": state.equivalence_max_diff,
-        "equivalence_output_scale": state.equivalence_output_scale,
+        "equivalence_output_scale": state.equivalence_output_scale, "exact_cut": state.exact_cut,
         "bn_recalibrated": state.bn_recalibrated,
         "tpp_norms": None if state.tpp_norms is None else dict(zip(("pruned", "pruned_bn", "kept"), state.tpp_norms)),
         "pretrained_sha256": run.pre.meta.get("sha256"),  # which pretrained model: a suite's runs must share one

@@ -32,8 +32,8 @@ from evoprune.primitives.baselines import BASELINES
 from evoprune.tomlfiles import read_toml
 from evoprune.uncertainty import VERDICTS, Estimate, estimate, family_level, paired, verdict
 
-CASE_KEYS = {"task", "ratio", "flops_reduction", "allocator", "tau", "scope", "skip", "tpp", "tpp_settings",
-             "retrain", "stat_images"}
+CASE_KEYS = {"task", "ratio", "flops_reduction", "allocator", "tau", "scope", "skip", "approximate_cut", "tpp",
+             "tpp_settings", "retrain", "stat_images"}
 SUITE_KEYS = {"name", "seeds", "baselines", "defaults", "case", "description"}
 
 
@@ -144,7 +144,7 @@ def configs(suite: Suite, metrics: list[str], *, tasks_file=None, db=None, data_
                         tpp=dict(s.get("tpp_settings", {})) if s.get("tpp", True) else None,
                         retrain={**s.get("retrain", {}), "seed": seed}, tasks_file=tasks_file, db=db,
                         scope=s.get("scope", "in-block"), skip=tuple(s.get("skip", ())),
-                        stat_images=s.get("stat_images", 256)))
+                        approximate_cut=s.get("approximate_cut", False), stat_images=s.get("stat_images", 256)))
                 except (EvopruneError, TypeError) as e:
                     raise EvopruneError(f"suite case {case.index + 1} ({case.label}), metric {metric}: {e}") from None
     return out

@@ -111,7 +111,8 @@ def surgery(model: nn.Module, masks: dict[str, Tensor], example: Tensor, *, coup
             raise EvopruneError(f"mask of {members[0]} drops every channel")
         m = modules[members[0]]
         group = dg.get_pruning_group(m, _prune_fn(m), idxs=drop)
-        _check_aligned(members[0], keep, [item.dep.target.module for item in group], name_of)
+        _check_aligned(members[0], keep, [(item.dep.target.module, item.dep.handler in _OUT.values())
+                                          for item in group], name_of)
         if not dg.check_pruning_group(group):
             raise EvopruneError(f"Torch-Pruning refused to prune {members}")
         group.prune()
@@ -124,14 +125,22 @@ def _grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and 1 < m.groups and not m.groups == m.in_channels == m.out_channels
 
 
-def _check_aligned(name: str, keep: Tensor, touched: list[nn.Module], name_of: dict[nn.Module, str]) -> None:
-    """Refuse a mask that a grouped conv among the modules its pruning group `touches` (reading
-    the channels, or the layer itself) cannot take: it must repeat over the conv's groups."""
-    for conv in dict.fromkeys(m for m in touched if _grouped(m)):
-        parts = keep.reshape(conv.groups, -1)
+def _check_aligned(name: str, keep: Tensor, touched: list[tuple[nn.Module, bool]],
+                   name_of: dict[nn.Module, str]) -> None:
+    """Refuse a mask that a grouped conv or a GroupNorm among the modules its pruning group
+    `touches` ((module, whether its outputs are cut): reading the channels, or writing them)
+    cannot take: it must repeat over their groups (Torch-Pruning keeps their number of groups)."""
+    for m, out in dict.fromkeys((m, out) for m, out in touched if _grouped(m) or isinstance(m, nn.GroupNorm)):
+        groups, kind = (m.groups, "grouped conv") if _grouped(m) else (m.num_groups, "GroupNorm")
+        width = m.num_channels if kind == "GroupNorm" else m.out_channels if out else m.in_channels
+        if width != len(keep):
+            raise EvopruneError(f"the {kind} {name_of[m]} reads the channels of {name} with others (a concatenation): "
+                                f"its {groups} groups cannot be kept equal; leave the layers writing into it whole "
+                                "(--skip GLOB)")
+        parts = keep.reshape(groups, -1)
         if not (parts == parts[0]).all():
-            raise EvopruneError(f"the mask of {name} must keep the same positions in each of the {conv.groups} "
-                                f"groups of the grouped conv {name_of[conv]}")
+            raise EvopruneError(f"the mask of {name} must keep the same positions in each of the {groups} "
+                                f"groups of the {kind} {name_of[m]}")
 
 
 class Widen(nn.Module):
@@ -167,9 +176,11 @@ def narrow_tied(model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str
         conv, keep = modules.get(name), keep.cpu()
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or keep.all() or not keep.any():
             continue
+        bn = bn_of.get(name)
+        if bn and not isinstance(modules[bn], nn.modules.batchnorm._BatchNorm):
+            continue  # a GroupNorm: its statistics are over the whole group, the pruned channels' zeros included
         drop = torch.nonzero(~keep).flatten().tolist()
         tp.prune_conv_out_channels(conv, idxs=drop)
-        bn = bn_of.get(name)
         if bn:
             tp.prune_batchnorm_out_channels(modules[bn], idxs=drop)
         model.set_submodule(bn or name, Widen(modules[bn or name], keep).to(conv.weight.device))
