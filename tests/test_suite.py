@@ -129,6 +129,7 @@ def test_a_killed_suite_resumes_to_the_table_of_an_uninterrupted_one(digits_pret
     (TINY.format(ratio=0.5).replace("[[case]]", "[[cases]]"), [], "unknown keys ['cases']"),
     ('name = "x"\n', [], "no [[case]] tables"),
     (TINY.format(ratio=0.5) + "tpp = 3\n", [], "tpp must be true or false"),
+    (TINY.format(ratio=0.5) + 'approximate_cut = "yes"\n', [], "approximate_cut must be true or false"),
     (TINY.format(ratio=0.5).replace("ratio = 0.5", "ratio = 0.5\nflops_reduction = 0.5"), [], "exactly one of"),
 ])
 def test_bad_suites_are_refused_in_one_line_before_any_work(text, args, words, tmp_path, capsys):
@@ -398,3 +399,14 @@ def test_a_gpu_share_this_cluster_cannot_give_is_refused_before_any_work(ray_ses
                          "--no-record", *extra)
         assert rc == 2 and words in err and err.count("error:") == 1, err
         assert not (tmp_path / "o").exists()
+
+
+def test_a_case_may_accept_an_approximate_cut_and_its_label_says_so(tmp_path):
+    from evoprune.transfer.suite import configs, load_suite
+
+    suite = load_suite(_suite(tmp_path, text=TINY.format(ratio=0.5) + "approximate_cut = true\n"))
+    plan = configs(suite, ["expr:w_l1"])
+    assert plan and all(cfg.approximate_cut for _, cfg in plan.values())
+    assert suite.cases[0].label.endswith("no-TPP approximate cut")
+    plain = configs(load_suite(_suite(tmp_path, text=TINY.format(ratio=0.5))), ["expr:w_l1"])
+    assert not any(cfg.approximate_cut for _, cfg in plain.values())

@@ -49,7 +49,8 @@ class Case:
         target = f"ratio {s['ratio']:g}" if s.get("ratio") is not None else \
             f"-{s['flops_reduction']:.0%} MACs" if s.get("flops_reduction") is not None else f"tau {s.get('tau')}"
         alloc = s.get("allocator") or ""
-        return f"{self.task} {target}{' ' + alloc if alloc else ''}{'' if s.get('tpp', True) else ' no-TPP'}"
+        return (f"{self.task} {target}{' ' + alloc if alloc else ''}{'' if s.get('tpp', True) else ' no-TPP'}"
+                f"{' approximate cut' if s.get('approximate_cut') else ''}")
 
 
 @dataclass
@@ -71,8 +72,9 @@ def _check_case(d: dict, where: str) -> dict:
         v = d.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1):
             raise EvopruneError(f"{where}: {k} must be a number in (0, 1), got {v!r}")
-    if "tpp" in d and not isinstance(d["tpp"], bool):
-        raise EvopruneError(f"{where}: tpp must be true or false")
+    for k in ("tpp", "approximate_cut"):
+        if k in d and not isinstance(d[k], bool):
+            raise EvopruneError(f"{where}: {k} must be true or false")
     for k in ("tpp_settings", "retrain"):
         if not isinstance(d.get(k, {}), dict):
             raise EvopruneError(f"{where}: {k} must be a table")
