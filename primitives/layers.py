@@ -100,8 +100,9 @@ class Structure:
     # ((layer, offset), ...)); a pruned filter's channel is zeroed there too (`follower_masks`)
     concat_bns: dict[str, tuple[int, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
     # layers whose mask must keep the same positions in each of `g` equal parts of its channels:
-    # grouped convs (their filters) and the layers a grouped conv reads (its groups stay equal);
-    # name -> g (the least common multiple where several apply); a layer not named has g = 1
+    # grouped convs (their filters), the layers a grouped conv reads and those a GroupNorm
+    # normalizes (their groups stay equal); name -> g (the least common multiple where several
+    # apply); a layer not named has g = 1
     periods: dict[str, int] = field(default_factory=dict)
 
     def inputs_within(self, groups: list[list[str]]) -> InputsFrom:
@@ -184,7 +185,7 @@ def structure(model: nn.Module, example: Tensor) -> Structure:
                                                 i.norm_groups)) > 1})
 
 
-def _grouped(m: nn.Module) -> bool:
+def grouped_conv(m: nn.Module) -> bool:
     """A grouped conv that is not depthwise (ResNeXt, RegNet): it reads channel c only in the
     group c belongs to, and each group's filters are a contiguous block of its outputs."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not _follows(m)
@@ -193,7 +194,7 @@ def _grouped(m: nn.Module) -> bool:
 def _period(m: nn.Module, readers: list[nn.Module]) -> int:
     """How many equal parts `m`'s mask must repeat over: `m`'s groups if it is a grouped conv, and
     the groups of each grouped conv reading its channels (their least common multiple)."""
-    return math.lcm(*(x.groups for x in [m, *readers] if _grouped(x)), 1)
+    return math.lcm(*(x.groups for x in [m, *readers] if grouped_conv(x)), 1)
 
 
 def _concat_bns(infos: list[LayerInfo]) -> dict[str, tuple[int, tuple[tuple[str, int], ...]]]:

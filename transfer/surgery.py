@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from evoprune.errors import EvopruneError, one_line
 from evoprune.masks import mask_targets
+from evoprune.primitives.layers import grouped_conv
 
 _OUT = {nn.Conv2d: tp.prune_conv_out_channels, nn.Linear: tp.prune_linear_out_channels}
 
@@ -119,19 +120,13 @@ def surgery(model: nn.Module, masks: dict[str, Tensor], example: Tensor, *, coup
     return model
 
 
-def _grouped(m: nn.Module) -> bool:
-    """A grouped conv that is not depthwise (ResNeXt, RegNet): Torch-Pruning keeps its groups equal
-    only if its filters, and the channels it reads, lose the same positions in every group."""
-    return isinstance(m, nn.Conv2d) and 1 < m.groups and not m.groups == m.in_channels == m.out_channels
-
-
 def _check_aligned(name: str, keep: Tensor, touched: list[tuple[nn.Module, bool]],
                    name_of: dict[nn.Module, str]) -> None:
     """Refuse a mask that a grouped conv or a GroupNorm among the modules its pruning group
     `touches` ((module, whether its outputs are cut): reading the channels, or writing them)
     cannot take: it must repeat over their groups (Torch-Pruning keeps their number of groups)."""
-    for m, out in dict.fromkeys((m, out) for m, out in touched if _grouped(m) or isinstance(m, nn.GroupNorm)):
-        groups, kind = (m.groups, "grouped conv") if _grouped(m) else (m.num_groups, "GroupNorm")
+    for m, out in dict.fromkeys((m, out) for m, out in touched if grouped_conv(m) or isinstance(m, nn.GroupNorm)):
+        groups, kind = (m.groups, "grouped conv") if grouped_conv(m) else (m.num_groups, "GroupNorm")
         width = m.num_channels if kind == "GroupNorm" else m.out_channels if out else m.in_channels
         if width != len(keep):
             raise EvopruneError(f"the {kind} {name_of[m]} reads the channels of {name} with others (a concatenation): "
