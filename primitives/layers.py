@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 WEIGHTED = (nn.Conv2d, nn.Linear)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)  # a GroupNorm's cut is not its masked self: see prune
+# the norms a layer's output may go through, masked with its filters; an InstanceNorm gives a zeroed
+# channel its shift alone, as a BN does; a GroupNorm's cut is not its masked self (see prune)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm)
 
 
 def _norm_width(m: nn.Module) -> int:
@@ -34,7 +36,7 @@ class LayerInfo:
     module: nn.Module
     index: int  # execution order among prunable layers
     out_channels: int
-    bn: nn.BatchNorm2d | nn.BatchNorm1d | nn.GroupNorm | None = None  # a GroupNorm: its scale and shift
+    bn: nn.Module | None = None  # one of NORMS: its scale and shift are the filter's too
     consumers: list[str] = field(default_factory=list)  # layers whose inputs carry our channels
     macs: int = 0  # multiply-accumulates for one input image
     sites: int = 1  # PFP's eta: max over consumers of (output positions + 1) x the inputs each channel feeds

@@ -173,3 +173,31 @@ def test_tpp_drives_the_bias_of_a_pruned_filter_without_bn_to_zero():
     assert (model[2].bias.grad == 0).all()  # not a pruned layer
     # the report's second norm: with no BN, the pruned filters' bias (what they still output)
     assert reg.pruned_norms()[1] == pytest.approx(model[0].bias.data[~keep].abs().mean().item())
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_an_instance_norm_is_masked_with_its_conv_and_the_cut_is_exact(affine, cifar_batch):
+    """An InstanceNorm after a conv normalizes each channel alone: a zeroed filter leaves its
+    channel 0 after it once its shift is zeroed too (it is the conv's norm), so the cut network is
+    the masked one. Before InstanceNorms were norms, the masked channel kept the shift."""
+    from torch import nn
+
+    from evoprune.primitives.layers import structure
+
+    x, _ = cifar_batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=affine), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1), nn.InstanceNorm2d(6, affine=affine), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    if affine:
+        with torch.no_grad():
+            for m in (model[1], model[4]):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    s = structure(model, x[:2])
+    assert s.bn_of == {"0": "1", "3": "4"}
+    masks = {"0": torch.arange(8) % 2 == 0, "3": torch.arange(6) < 4}
+    masked = copy.deepcopy(model)
+    zero_pruned(masked, s.with_followers(masks), s.all_bn_of)
+    cut = surgery(copy.deepcopy(masked), masks, x[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(masked(x), cut(x), rtol=1e-5, atol=1e-6)
