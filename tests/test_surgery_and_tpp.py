@@ -201,3 +201,5 @@ def test_an_instance_norm_is_masked_with_its_conv_and_the_cut_is_exact(affine, c
     cut = surgery(copy.deepcopy(masked), masks, x[:2])
     with torch.no_grad():
         torch.testing.assert_close(masked(x), cut(x), rtol=1e-5, atol=1e-6)
+    pruned, norm, kept = TPPRegularizer(masked, masks, s.bn_of).pruned_norms()  # a norm without scale and shift
+    assert pruned == norm == 0 and kept > 0

@@ -116,9 +116,9 @@ class TPPRegularizer:
             norms = m.weight.flatten(1).norm(dim=1)
             pruned.append(norms[drop])
             kept.append(norms[~drop])
-            if bn is not None:
+            if bn is not None and bn.weight is not None:
                 bn_vals.append(bn.weight[drop].abs() + bn.bias[drop].abs())
-            elif m.bias is not None:
+            elif bn is None and m.bias is not None:
                 bn_vals.append(m.bias[drop].abs())
         cat = lambda xs: torch.cat(xs).mean().item() if xs else 0.0  # noqa: E731
         return cat(pruned), cat(bn_vals), cat(kept)
