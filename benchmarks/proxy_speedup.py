@@ -5,10 +5,11 @@ minute to minute falls on both alike; the speedup is the geometric mean of the p
 ratios masked seconds / pruned seconds, with its 95% CI (Student's t on the log ratios).
 
     python benchmarks/proxy_speedup.py --data-root ../shared/data [--cache-dir DIR] [--rounds 2]
-        [--candidates 6] [--stage full] [--threads N] [--device cpu]
+        [--candidates 6] [--stage full] [--threads N] [--device cpu] [--task T [--tasks-file F]]
 
-The CIFAR-10 ResNet-20 proxy of configs/cifar10.toml (prune 60%, 18 steps of 256), masks from the
-first `--candidates` baseline metrics, made outside the timing (they are the driver's work).
+The CIFAR-10 ResNet-20 proxy of configs/cifar10.toml (prune 60%, 18 steps of 256; `--task`: the
+same proxy on another task), masks from the first `--candidates` baseline metrics, made outside
+the timing (they are the driver's work).
 """
 from __future__ import annotations
 
@@ -41,21 +42,23 @@ def main():
     ap.add_argument("--candidates", type=int, default=6)
     ap.add_argument("--stage", default="full", choices=["screen", "full"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--task", default=TASK, help="the task whose proxy is timed")
+    ap.add_argument("--tasks-file", default=None, help="a TOML file of extra tasks")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    proxy = replace(load_config(args.config).proxy, tasks=(TASK,))
+    proxy = replace(load_config(args.config).proxy, tasks=(args.task,))
     print(f"device: {describe_device(args.device)}; torch {torch.__version__}; "
-          f"{time.strftime('%Y-%m-%d')}; {TASK}, {args.stage} proxy ({proxy.finetune_steps} steps of "
+          f"{time.strftime('%Y-%m-%d')}; {args.task}, {args.stage} proxy ({proxy.finetune_steps} steps of "
           f"{proxy.batch_size}, ratio {proxy.ratio})")
     names = list(BASELINES)[: args.candidates]
-    masker = TaskMasks.load(TASK, proxy.allocation, sorted({s for n in names for s in BASELINES[n].node.stats()}),
+    masker = TaskMasks.load(args.task, proxy.allocation, sorted({s for n in names for s in BASELINES[n].node.stats()}),
                             stat_images=proxy.stat_images, seed=proxy.data_seed, data_root=args.data_root,
-                            cache_dir=args.cache_dir, device=args.device)
+                            cache_dir=args.cache_dir, tasks_file=args.tasks_file, device=args.device)
     masks = {n: masker(parse(BASELINES[n].expression)) for n in names}
     kinds = ("masked", "pruned")
-    ctx = {k: TaskContext(TASK, replace(proxy, train=k), data_root=args.data_root, cache_dir=args.cache_dir,
-                          device=args.device) for k in kinds}
+    ctx = {k: TaskContext(args.task, replace(proxy, train=k), data_root=args.data_root, cache_dir=args.cache_dir,
+                          tasks_file=args.tasks_file, device=args.device) for k in kinds}
 
     def timed(kind: str, name: str) -> tuple[float, float]:
         if args.device.startswith("cuda"):
