@@ -8,8 +8,8 @@ ratios masked seconds / pruned seconds, with its 95% CI (Student's t on the log 
         [--candidates 6] [--stage full] [--threads N] [--device cpu] [--task T [--tasks-file F]]
 
 The CIFAR-10 ResNet-20 proxy of configs/cifar10.toml (prune 60%, 18 steps of 256; `--task`: the
-same proxy on another task), masks from the first `--candidates` baseline metrics, made outside
-the timing (they are the driver's work).
+same proxy on another task), masks from the first `--candidates` baseline metrics that can rank
+its filters, made outside the timing (they are the driver's work).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from evoprune.evolve.config import load_config
-from evoprune.masks import TaskMasks
+from evoprune.masks import TaskMasks, UnusableMetric
 from evoprune.primitives.baselines import BASELINES
 from evoprune.primitives.expr import parse
 from evoprune.train import describe_device
@@ -51,11 +51,18 @@ def main():
     print(f"device: {describe_device(args.device)}; torch {torch.__version__}; "
           f"{time.strftime('%Y-%m-%d')}; {args.task}, {args.stage} proxy ({proxy.finetune_steps} steps of "
           f"{proxy.batch_size}, ratio {proxy.ratio})")
-    names = list(BASELINES)[: args.candidates]
-    masker = TaskMasks.load(args.task, proxy.allocation, sorted({s for n in names for s in BASELINES[n].node.stats()}),
+    stats = sorted({s for b in BASELINES.values() for s in b.node.stats()})
+    masker = TaskMasks.load(args.task, proxy.allocation, stats,
                             stat_images=proxy.stat_images, seed=proxy.data_seed, data_root=args.data_root,
                             cache_dir=args.cache_dir, tasks_file=args.tasks_file, device=args.device)
-    masks = {n: masker(parse(BASELINES[n].expression)) for n in names}
+    masks = {}
+    for n, b in BASELINES.items():  # the first that can rank this model's filters (untrained: BN scales are 1)
+        if len(masks) < args.candidates:
+            try:
+                masks[n] = masker(parse(b.expression))
+            except UnusableMetric:
+                continue
+    names = list(masks)
     kinds = ("masked", "pruned")
     ctx = {k: TaskContext(args.task, replace(proxy, train=k), data_root=args.data_root, cache_dir=args.cache_dir,
                           tasks_file=args.tasks_file, device=args.device) for k in kinds}
