@@ -58,8 +58,8 @@ def test_killed_in_generation_0_resumes_from_the_start(digits_pretrained, cache_
     victim = _evolve("--config", cfg, "--db", db, cache_dir=cache_dir)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it once its run is stored, before generation 0 completes
-        try:
-            with sqlite3.connect(db) as c:
+        try:  # read-only: a poll must not create the file before the search does
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
                 runs = c.execute("SELECT count(*) FROM runs").fetchone()[0]
                 gens = c.execute("SELECT count(*) FROM generations").fetchone()[0]
         except sqlite3.OperationalError:
