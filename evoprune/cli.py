@@ -777,7 +777,8 @@ def prune_cmd(
               f"{acc['pretrained']:.2%}")
     if "after_tpp" in acc:
         t.add_row("after TPP", "", "", "", f"{acc['after_tpp']:.2%}")
-    t.add_row("after surgery", "", "", "", f"{acc['pruned']:.2%}")
+    t.add_row("after surgery" if rep.get("exact_cut", True) else "after an approximate cut", "", "", "",
+              f"{acc['pruned']:.2%}")
     t.add_row("retrained", f"{rep['params'][1]:,} ({rep['params_kept']:.0%})",
               f"{rep['macs'][1]:,} ({rep['speedup']:.2f}x fewer)",
               f"{rep['latency_ms'][1]:.2f} ms ({rep['measured_speedup']:.2f}x)", f"{acc['retrained']:.2%}")
