@@ -26,7 +26,7 @@ from evoprune.masks import make_masks
 from evoprune.primitives.collect import collect_stats
 from evoprune.primitives.expr import parse
 from evoprune.primitives.layers import structure
-from evoprune.transfer.surgery import channel_groups, independent_layers, surgery, zero_pruned
+from evoprune.transfer.surgery import scope_groups, surgery, zero_pruned
 
 ARCHS = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_x_400mf", "regnet_y_400mf",
          "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s", "mnasnet0_5",
@@ -65,9 +65,7 @@ def one(arch: str) -> str:
         s = structure(model, x[:2])
         table = collect_stats(model, [(x, y)], ["w_l1"])
         names = list(s.macs)
-        inside = [[n] for n in independent_layers(model, x[:2], names)]
-        coupled = [g for g in channel_groups(model, x[:2], names)
-                   if all(n in names for n in g) and len({s.out_channels[n] for n in g}) == 1]
+        inside, coupled = (scope_groups(model, x[:2], names, sc, s.out_channels) for sc in ("in-block", "coupled"))
     except EvopruneError as e:
         return f"| {arch} | {weighted} | | | | refused: {str(e)[:60]} | |"
     share = sum(s.macs[g[0]] for g in inside) / sum(s.macs.values())

@@ -22,7 +22,7 @@ from torchvision.models import get_model
 from evoprune.allocators import Allocation, allocate
 from evoprune.masks import expander
 from evoprune.primitives.layers import structure
-from evoprune.transfer.surgery import channel_groups, independent_layers, surgery
+from evoprune.transfer.surgery import scope_groups, surgery
 
 CASES = [("mobilenet_v2", "in-block"), ("mobilenet_v2", "coupled"), ("efficientnet_b0", "coupled"),
          ("mobilenet_v3_small", "coupled"), ("resnet18", "in-block"), ("resnet18", "coupled"),
@@ -49,11 +49,7 @@ def one(arch: str, scope: str, reduction: float) -> dict:
     x = torch.randn(2, 3, 32, 32)
     s = structure(model, x)
     names = list(s.macs)
-    if scope == "in-block":
-        groups = [[n] for n in independent_layers(model, x, names)]
-    else:
-        groups = [g for g in channel_groups(model, x, names) if all(n in names for n in g)
-                  and len({s.out_channels[n] for n in g}) == 1]
+    groups = scope_groups(model, x, names, scope, s.out_channels)
     mods = dict(model.named_modules())
     scores = {g[0]: sum(mods[n].weight.detach().flatten(1).abs().sum(1) for n in g) for g in groups}
     expand = expander(groups, scores, s)  # grouped convs (RegNet, ResNeXt): aligned positions

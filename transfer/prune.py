@@ -53,7 +53,7 @@ from evoprune.progress import epoch_progress, progress
 from evoprune.records import TransferRecord
 from evoprune.tasks import RETRAIN, Recipe, get_task
 from evoprune.train import TrainResult, accuracy, autocast, pick_device, recalibrate_bn, train
-from evoprune.transfer.surgery import channel_groups, independent_layers, surgery, zero_pruned
+from evoprune.transfer.surgery import scope_groups, surgery, zero_pruned
 from evoprune.transfer.tpp import TPPConfig, TPPRegularizer
 
 SCOPES = ("in-block", "coupled")
@@ -181,19 +181,7 @@ class PruneState:
 # --------------------------------------------------------------------------- masks
 def choose_groups(model: nn.Module, example: Tensor, s: Structure, cfg: PruneConfig) -> list[list[str]]:
     names = [n for n in s.macs if not any(fnmatch.fnmatchcase(n, p) for p in cfg.skip)]
-    if cfg.scope == "in-block":
-        groups = [[n] for n in independent_layers(model, example, names)]
-    else:
-        groups = []
-        for g in channel_groups(model, example, names):
-            if any(n not in names for n in g):
-                continue  # a tied layer is skipped (or not prunable): the whole group stays
-            widths = {s.out_channels[n] for n in g}
-            if len(widths) > 1:
-                raise EvopruneError(f"Torch-Pruning ties layers of different widths {sorted(widths)} ({g[0]}, ...): "
-                                    "it cannot follow this model's channel coupling (e.g. option-A zero-pad "
-                                    "shortcuts); use --scope in-block")
-            groups.append(g)
+    groups = scope_groups(model, example, names, cfg.scope, s.out_channels)
     if not groups:
         raise EvopruneError(f"no prunable layers left on {cfg.task} (scope {cfg.scope}, skip {list(cfg.skip)})")
     return groups
@@ -264,11 +252,17 @@ def full_precision():
 
 
 @torch.no_grad()
-def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor, recalibrated: bool = False,
-                      before: str = "") -> float:
+@torch.no_grad()
+def max_diff(masked_out: Tensor, pruned: nn.Module, x: Tensor) -> float:
+    """max |pruned(x) - masked_out|, in eval mode and full precision."""
     pruned.eval()
     with full_precision():
-        diff = (pruned(x) - masked_out).abs().max().item()
+        return (pruned(x) - masked_out).abs().max().item()
+
+
+def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor, recalibrated: bool = False,
+                      before: str = "") -> float:
+    diff = max_diff(masked_out, pruned, x)
     if not diff <= CHECK_TOL * max(1.0, masked_out.abs().max().item()):
         also = ", also with BN statistics re-estimated" if recalibrated else ""
         mixers = [n for n, m in pruned.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
@@ -282,7 +276,6 @@ def check_equivalence(masked_out: Tensor, pruned: nn.Module, x: Tensor, recalibr
     return diff
 
 
-# --------------------------------------------------------------------------- files
 # --------------------------------------------------------------------------- files
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -525,8 +518,7 @@ def _checked_cut(run: PruneRun, state: PruneState, model: nn.Module, before: str
     except EvopruneError:
         if not run.cfg.approximate_cut:
             raise
-        with torch.no_grad(), full_precision():  # the cut as it is, its BN statistics re-estimated if it has BNs
-            diff = (model.eval()(check_x).float() - masked_out).abs().max().item()
+        diff = max_diff(masked_out, model, check_x)  # the cut as it is (its BN statistics re-estimated if it has BNs)
         state.equivalence_max_diff, state.equivalence_output_scale = diff, masked_out.abs().max().item()
         state.exact_cut, state.bn_recalibrated = False, masked is not None
         if run.show and not before:

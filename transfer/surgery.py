@@ -75,6 +75,27 @@ def independent_layers(model: nn.Module, example: Tensor, names: list[str]) -> l
     return [g[0] for g in channel_groups(model, example, names) if len(g) == 1]
 
 
+def scope_groups(model: nn.Module, example: Tensor, names: list[str], scope: str,
+                 out_channels: dict[str, int]) -> list[list[str]]:
+    """The groups a scope prunes among `names`, each with one mask: in-block, the layers whose
+    channels no other layer shares (`independent_layers`), each alone; coupled, every channel
+    group whose layers are all among `names` (a group with one left out stays whole). Raises
+    EvopruneError where Torch-Pruning ties layers of different widths."""
+    if scope == "in-block":
+        return [[n] for n in independent_layers(model, example, names)]
+    groups = []
+    for g in channel_groups(model, example, names):
+        if any(n not in names for n in g):
+            continue  # a tied layer is skipped (or not prunable): the whole group stays
+        widths = {out_channels[n] for n in g}
+        if len(widths) > 1:
+            raise EvopruneError(f"Torch-Pruning ties layers of different widths {sorted(widths)} ({g[0]}, ...): "
+                                "it cannot follow this model's channel coupling (e.g. option-A zero-pad "
+                                "shortcuts); use --scope in-block")
+        groups.append(g)
+    return groups
+
+
 @torch.no_grad()
 def zero_pruned(model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str | None]) -> None:
     """Hard-zero the pruned filters, their biases and their BN scale and shift: each pruned
@@ -173,7 +194,7 @@ def narrow_tied(model: nn.Module, masks: dict[str, Tensor], bn_of: dict[str, str
             continue
         bn = bn_of.get(name)
         if bn and not isinstance(modules[bn], nn.modules.batchnorm._BatchNorm):
-            continue  # a GroupNorm: its statistics are over the whole group, the pruned channels' zeros included
+            continue  # a GroupNorm or InstanceNorm: left whole, as the BN pruner below cuts only BNs
         drop = torch.nonzero(~keep).flatten().tolist()
         tp.prune_conv_out_channels(conv, idxs=drop)
         if bn:

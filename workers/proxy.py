@@ -132,7 +132,7 @@ class TaskContext:
         s = structure(self.base, self.example)
         self.macs, self.bn_of = s.macs, s.bn_of
         self.structure = s
-        self.out_channels, self.periods = s.out_channels, s.periods
+        self.out_channels = s.out_channels
         self._independent: set[str] | None = None
         self._narrows: bool | None = None
         self._trains_alike: bool | None = None
@@ -279,7 +279,7 @@ class TaskContext:
         gen = torch.Generator().manual_seed(seed)
         out = {}
         for n in names:
-            p = self.periods.get(n, 1)
+            p = self.structure.periods.get(n, 1)
             keep = (torch.rand(self.out_channels[n] // p, generator=gen) < 0.5).index_fill(0, torch.tensor([0]), True)
             out[n] = keep.repeat(p)
         return out
